@@ -1,0 +1,49 @@
+"""Muon for PyTorch Lightning: one hybrid Muon/AdamW optimizer, a factory, and diagnostics.
+
+Example:
+    >>> import lightning as L
+    >>> from lightning_muon import configure_muon
+    >>> class Lit(L.LightningModule):
+    ...     def configure_optimizers(self):
+    ...         return configure_muon(self, lr=0.02, adjust_lr="original", adamw_lr=3e-4)
+"""
+
+from .factory import SCHEDULES, configure_muon, lr_lambda
+from .newton_schulz import METHODS, NS_PRESETS, NSPreset, ns_flops, orthogonalize, singular_value_band
+from .optimizer import ADJUST_LR, Muon, NonFiniteGradientError, adjusted_lr
+from .routing import (
+    DEFAULT_EMBEDDING_NAMES,
+    DEFAULT_HEAD_NAMES,
+    Route,
+    muon_param_groups,
+    route_named_parameters,
+    route_parameters,
+    routing_table,
+    why_not_muon,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ADJUST_LR",
+    "DEFAULT_EMBEDDING_NAMES",
+    "DEFAULT_HEAD_NAMES",
+    "METHODS",
+    "NS_PRESETS",
+    "NSPreset",
+    "Muon",
+    "NonFiniteGradientError",
+    "Route",
+    "SCHEDULES",
+    "adjusted_lr",
+    "configure_muon",
+    "lr_lambda",
+    "muon_param_groups",
+    "ns_flops",
+    "orthogonalize",
+    "route_named_parameters",
+    "route_parameters",
+    "routing_table",
+    "singular_value_band",
+    "why_not_muon",
+]

@@ -1,0 +1,1 @@
+"""Lightning callbacks over the spectral functions (see the diagnostics issue)."""

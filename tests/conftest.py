@@ -1,0 +1,20 @@
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # "no tests collected" (exit 5) must fail CI; pytest already exits non-zero, make it loud.
+    if session.testscollected == 0:
+        warnings.warn("pytest collected no tests")
