@@ -1,0 +1,50 @@
+"""What the example LightningModules share: the Muon/AdamW switch with one LR schedule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_muon import configure_muon, lr_lambda, muon_param_groups
+
+OPTIMIZERS = ("muon", "adamw")
+
+
+def configure_example_optimizer(
+    module: nn.Module,
+    *,
+    optimizer: str = "muon",
+    lr: float = 0.02,
+    adamw_lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    momentum: float = 0.95,
+    adjust_lr: str = "original",
+    ns_method: str = "polar_express",
+    betas: tuple[float, float] = (0.9, 0.95),
+    warmup_steps: int = 0,
+    schedule: str = "constant",
+    max_steps: int | None = None,
+) -> dict[str, Any] | torch.optim.Optimizer:
+    """Muon (hidden matrices at ``lr``, the rest AdamW at ``adamw_lr``) or AdamW everywhere at
+    ``adamw_lr``, under the same warmup and schedule, so a comparison changes one thing."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if optimizer == "muon":
+        return configure_muon(
+            module, lr=lr, adamw_lr=adamw_lr, weight_decay=weight_decay, momentum=momentum,
+            adjust_lr=adjust_lr, ns_method=ns_method, adamw_betas=betas,
+            warmup_steps=warmup_steps, schedule=schedule, max_steps=max_steps,
+        )
+    groups = muon_param_groups(module)  # same decay / no-decay split as the Muon run
+    for group in groups:
+        group.pop("use_muon")
+        group.setdefault("weight_decay", weight_decay)
+    opt = torch.optim.AdamW(groups, lr=adamw_lr, betas=betas)
+    if schedule == "constant" and warmup_steps == 0:
+        return opt
+    if max_steps is None and schedule != "constant":
+        max_steps = int(module.trainer.estimated_stepping_batches)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(schedule, warmup_steps, max_steps))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
