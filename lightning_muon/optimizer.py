@@ -140,15 +140,43 @@ class Muon(torch.optim.Optimizer):
             _validate(group, f"Muon param group {i} ({group['name']!r})", adamw=not group["use_muon"])
         super().__init__(groups, {"use_muon": True})
         for group in self.param_groups:
-            if group["use_muon"]:
-                names = group.get("param_names") or [None] * len(group["params"])
-                for name, p in zip(names, group["params"]):
-                    if reason := why_not_muon(p):
-                        label = repr(name) if name else f"of shape {tuple(p.shape)}"
+            _check_group_params(group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict saved by ``Muon``; check it fits before changing anything.
+
+        Raises ValueError (and loads nothing) for a state dict from another optimizer, a different
+        grouping, or state tensors whose shapes differ from the parameters' (a changed model).
+        """
+        groups = state_dict.get("param_groups", [])
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"Muon.load_state_dict: the state dict has {len(groups)} param groups, this optimizer "
+                f"{len(self.param_groups)}; was it saved for another model or routing?"
+            )
+        for i, (saved, own) in enumerate(zip(groups, self.param_groups)):
+            if "use_muon" not in saved:
+                raise ValueError(
+                    f"Muon.load_state_dict: param group {i} has no 'use_muon' key: this state dict was "
+                    "not saved by lightning_muon.Muon (another optimizer's state cannot be converted)"
+                )
+            if saved["use_muon"] != own["use_muon"] or len(saved["params"]) != len(own["params"]):
+                raise ValueError(
+                    f"Muon.load_state_dict: param group {i} ({own['name']!r}) does not match: saved "
+                    f"use_muon={saved['use_muon']} with {len(saved['params'])} params, here "
+                    f"use_muon={own['use_muon']} with {len(own['params'])}"
+                )
+            names = own.get("param_names") or [None] * len(own["params"])
+            for key, p, name in zip(saved["params"], own["params"], names):
+                for field, value in state_dict["state"].get(key, {}).items():
+                    if field != "step" and isinstance(value, Tensor) and value.shape != p.shape:
+                        label = name or f"#{key}"
                         raise ValueError(
-                            f"Muon: parameter {label} in Muon group {group['name']!r} cannot be "
-                            f"orthogonalised: {reason}. Put it in a group with use_muon=False."
+                            f"Muon.load_state_dict: state {field!r} of parameter {label} has shape "
+                            f"{tuple(value.shape)} but the parameter has {tuple(p.shape)}: the model "
+                            "changed since the checkpoint was saved"
                         )
+        super().load_state_dict(state_dict)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -158,7 +186,7 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._grads_finite():
+        if not self._check_grads():
             return loss
         for group in self.param_groups:
             if not group["use_muon"]:
@@ -166,10 +194,13 @@ class Muon(torch.optim.Optimizer):
         self._muon_groups([g for g in self.param_groups if g["use_muon"]])
         return loss
 
-    def _grads_finite(self) -> bool:
+    def _check_grads(self) -> bool:
+        """Validate every gradient before any update: False means skip the step."""
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
             return True
+        if any(g.is_sparse for g in grads):
+            raise ValueError("Muon: sparse gradients are not supported (use nn.Embedding(sparse=False))")
         norms = torch._foreach_norm([g.float() if g.dtype == torch.float16 else g for g in grads])
         if bool(torch.stack([n.float() for n in norms]).isfinite().all()):
             return True
@@ -194,8 +225,6 @@ class Muon(torch.optim.Optimizer):
         for p in group["params"]:
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise ValueError("Muon: sparse gradients are not supported (AdamW groups)")
             state = self.state[p]
             if not state:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -240,6 +269,29 @@ class Muon(torch.optim.Optimizer):
                 lr = group["lr"]
                 p.mul_(1 - lr * group["weight_decay"])
                 p.add_(o.view_as(p).to(p.dtype), alpha=-adjusted_lr(lr, p.shape, group["adjust_lr"]))
+
+
+def _check_group_params(group: dict) -> None:
+    """Tensors a group cannot train: non-matrices in Muon groups, fp16 with a too-small AdamW eps."""
+    names = group.get("param_names") or [None] * len(group["params"])
+    labels = [repr(n) if n else f"of shape {tuple(p.shape)}" for n, p in zip(names, group["params"])]
+    if group["use_muon"]:
+        for label, p in zip(labels, group["params"]):
+            if reason := why_not_muon(p):
+                raise ValueError(
+                    f"Muon: parameter {label} in Muon group {group['name']!r} cannot be "
+                    f"orthogonalised: {reason}. Put it in a group with use_muon=False."
+                )
+        return
+    tiny = torch.finfo(torch.float16).tiny
+    half = [label for label, p in zip(labels, group["params"]) if p.dtype == torch.float16]
+    if half and group["eps"] < tiny:
+        raise ValueError(
+            f"Muon: float16 parameters in AdamW group {group['name']!r} ({', '.join(half[:3])}) "
+            f"with adamw_eps={group['eps']}: eps underflows in float16 and a zero gradient gives "
+            "0/0 = NaN. Keep fp32 weights (precision='16-mixed'), use bfloat16, or set "
+            f"adamw_eps >= {tiny:.2g}."
+        )
 
 
 def _as_groups(params: Iterable[Any]) -> list[dict]:
