@@ -133,7 +133,8 @@ class CIFAR10DataModule(ImageDataModule):
 
     Args:
         root: folder holding ``cifar-10-batches-py`` (or where to put it with ``download=True``).
-        download: fetch the data set if it is missing (needs internet; off by default).
+        download: fetch the data set if it is missing (needs internet; off by default). Without
+            it, ``setup`` raises ``FileNotFoundError`` naming the folder when the data is absent.
     """
 
     image_size = 32
@@ -146,8 +147,6 @@ class CIFAR10DataModule(ImageDataModule):
         super().__init__(batch_size, num_workers)
         self.root = str(root)
         self.download = download
-        if not download:
-            self._check_present()
 
     def _check_present(self) -> None:
         if not (Path(self.root) / "cifar-10-batches-py").is_dir():
@@ -171,6 +170,7 @@ class CIFAR10DataModule(ImageDataModule):
         from torchvision import transforms as T
         from torchvision.datasets import CIFAR10
 
+        self._check_present()
         normalize = [T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
         train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), *normalize])
         self.train_set = CIFAR10(self.root, train=True, transform=train_tf)
