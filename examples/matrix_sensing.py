@@ -73,12 +73,13 @@ class Problem:
 
 @dataclass
 class Run:
-    """A trained solution and its history (``steps``, ``entropy``, ``residual`` logged together)."""
+    """A trained solution and its history (``steps``, ``entropy``, ``nuclear``, ``residual``)."""
 
     method: str
     W: Tensor
     steps: list[int] = field(default_factory=list)
     entropy: list[float] = field(default_factory=list)
+    nuclear: list[float] = field(default_factory=list)
     residual: list[float] = field(default_factory=list)
 
 
@@ -123,8 +124,9 @@ def train(
     init_scale: float = 1e-3,
     seed: int = 0,
     log_every: int = 10,
+    init: Tensor | None = None,
 ) -> Run:
-    """Train ``W`` from ``init_scale * N(0, 1/n)`` with one of :data:`METHODS`.
+    """Train ``W`` from ``init`` (default ``init_scale * N(0, 1/n)``) with one of :data:`METHODS`.
 
     ``lr`` is the initial step length of the Muon-type methods (decayed linearly to 0 over
     ``steps``); ``gd_lr`` is plain gradient descent's constant step size.
@@ -134,13 +136,19 @@ def train(
     if steps < 1 or log_every < 1:
         raise ValueError(f"train: steps and log_every must be >= 1, got steps={steps}, log_every={log_every}")
     n = problem.target.shape[0]
-    g = torch.Generator().manual_seed(seed + 1)
-    W = init_scale * torch.randn(n, n, generator=g, dtype=torch.float64) / math.sqrt(n)
+    if init is None:
+        g = torch.Generator().manual_seed(seed + 1)
+        W = init_scale * torch.randn(n, n, generator=g, dtype=torch.float64) / math.sqrt(n)
+    elif init.shape != (n, n):
+        raise ValueError(f"train: init must have shape {(n, n)}, got {tuple(init.shape)}")
+    else:
+        W = init.to(torch.float64).clone()
     run = Run(method, W)
 
     def log(t: int) -> None:
         run.steps.append(t)
         run.entropy.append(normalized_spectral_entropy(W))
+        run.nuclear.append(nuclear_norm(W))
         run.residual.append(problem.residual(W))
 
     log(0)
@@ -209,15 +217,19 @@ def _plot(runs: list[Run], X_min: Tensor, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_h, ax_r) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_h, ax_n, ax_r) = plt.subplots(1, 3, figsize=(15, 4))
     for r in runs:
-        ax_h.plot(r.steps, r.entropy, label=r.method)
-        ax_r.semilogy(r.steps, r.residual, label=r.method)
-    ax_h.axhline(normalized_spectral_entropy(X_min), color="k", ls="--", lw=1, label="min-nuclear interpolant")
-    ax_h.set(xlabel="step", ylabel="normalised spectral entropy H / ln n", title="Spectrum of W")
+        style = dict(label=r.method, ls=":" if r.method in ("muon_ns", "gd_rescaled") else "-")
+        ax_h.plot(r.steps, r.entropy, **style)
+        ax_n.plot(r.steps, r.nuclear, **style)
+        ax_r.semilogy(r.steps, r.residual, **style)
+    ax_n.axhline(nuclear_norm(X_min), color="k", ls="--", lw=1, label="min-nuclear interpolant")
+    ax_h.set(xlabel="step", ylabel="H / ln n", title="Normalised spectral entropy of W\n"
+             f"(min-nuclear interpolant: {normalized_spectral_entropy(X_min):.2f})")
+    ax_n.set(xlabel="step", ylabel="||W||_*", title="Nuclear norm")
     ax_r.set(xlabel="step", ylabel="||A(W) - y|| / ||y||", title="Measurement residual")
-    ax_h.legend()
-    ax_r.legend()
+    for ax in (ax_h, ax_n, ax_r):
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
