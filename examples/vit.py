@@ -30,7 +30,7 @@ import math
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -115,7 +115,7 @@ class LitViT(L.LightningModule):
         self.log("val/loss", self.val_loss, prog_bar=True)
         self.log("val/acc", self.val_acc, prog_bar=True)
 
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> dict | torch.optim.Optimizer:
         h = self.hparams
         return configure_example_optimizer(
             self, optimizer=h.optimizer, lr=h.lr, adamw_lr=h.adamw_lr, weight_decay=h.weight_decay,
@@ -127,7 +127,7 @@ class LitViT(L.LightningModule):
 class ViTCLI(LightningCLI):
     """LightningCLI that sizes the model from the data module's images."""
 
-    def add_arguments_to_parser(self, parser) -> None:
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for key in ("image_size", "num_channels", "num_classes"):
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
 
