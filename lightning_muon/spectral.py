@@ -103,15 +103,16 @@ def top_singular_value(W: Tensor, num_iters: int = 30, v0: Tensor | None = None)
 def top_frames(W: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top-``k`` left and right singular vectors ``(U (..., m, k), V (..., n, k))``.
 
-    ``svd_lowrank`` (oversampled, 4 subspace iterations) when ``k`` is small next to
-    ``min(m, n)``, otherwise the exact ``torch.linalg.svd``.
+    ``svd_lowrank`` (q = k + 8, 4 subspace iterations) when ``4 q <= min(m, n)``,
+    otherwise the exact ``torch.linalg.svd``. The randomized frames are accurate when the
+    spectrum has a gap after ``s_k`` (as the frames themselves are only then well defined).
     """
     X = _fp32(W, "top_frames")
     small = min(X.shape[-2:])
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= small:
         raise ValueError(f"top_frames: k must be an integer in [1, min(m, n) = {small}], got {k!r}")
     q = k + 8
-    if 2 * q > small:
+    if 4 * q > small:  # svd_lowrank only pays off for q well below min(m, n)
         U, _, Vh = torch.linalg.svd(X, full_matrices=False)
         return U[..., :k], Vh[..., :k, :].mT
     U, _, V = torch.svd_lowrank(X, q=q, niter=4)
