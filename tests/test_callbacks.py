@@ -7,6 +7,7 @@ uninterrupted run (for resume), and the TensorBoard event files read back.
 
 import copy
 import csv
+import faulthandler
 import math
 
 import lightning.pytorch as pl
@@ -16,7 +17,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_muon import Muon, configure_muon, noise_scale, orthogonalize, sin_theta
 from lightning_muon.callbacks import (
@@ -63,8 +64,9 @@ def _trainer(tmp_path, callbacks, logger="tb", **kw):
     if logger == "tb":
         logger = TensorBoardLogger(tmp_path, name="", version="run")
     kw.setdefault("max_steps", 3)
+    kw.setdefault("devices", 1)
     return pl.Trainer(
-        accelerator="cpu", devices=1, logger=logger, callbacks=callbacks, enable_checkpointing=False,
+        accelerator="cpu", logger=logger, callbacks=callbacks, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kw,
     )
 
@@ -242,3 +244,52 @@ def test_checkpoint_round_trip_resumes_like_an_uninterrupted_run(tmp_path):
     torch.testing.assert_close(resumed[1].ema_big, full[1].ema_big, rtol=1e-5, atol=0)
     for name in HIDDEN:
         torch.testing.assert_close(resumed[0].vectors[name].abs(), full[0].vectors[name].abs(), atol=1e-4, rtol=0)
+
+
+class ShardedMLP(TinyMLP):
+    """Each of the ranks gets every world_size-th example, unshuffled (a reproducible split)."""
+
+    def train_dataloader(self):
+        ds = TensorDataset(self.x, self.y)
+        sampler = DistributedSampler(ds, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False)
+        return DataLoader(ds, batch_size=MICRO, sampler=sampler)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_log_once_with_local_vs_reduced_noise_scale(tmp_path):
+    model = ShardedMLP()
+    ref = copy.deepcopy(model)
+    local_sq, grads = [], {}
+    for rank in range(2):  # rank r's first micro-batch: examples r, r + 2, ...
+        ref.zero_grad()
+        idx = torch.arange(rank, 2 * MICRO, 2)
+        nn.functional.mse_loss(ref(ref.x[idx]), ref.y[idx]).backward()
+        local_sq.append({n: p.grad.square().sum().item() for n, p in ref.named_parameters()})
+        for n, p in ref.named_parameters():
+            grads[n] = grads.get(n, 0) + p.grad.clone() / 2  # DDP averages over ranks
+    callbacks = [
+        SpectralEntropyMonitor(every_n_steps=2),
+        StableRankMonitor(every_n_steps=2),
+        PolarMisalignmentMonitor(every_n_steps=2, k=4),
+        CriticalBatchSizeMonitor(every_n_steps=2),
+    ]
+    faulthandler.dump_traceback_later(300, exit=True)  # a deadlock fails the run instead of hanging it
+    try:
+        _trainer(
+            tmp_path, callbacks, max_steps=3, devices=2, strategy="ddp_spawn", use_distributed_sampler=False,
+        ).fit(model)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    ea = _events(tmp_path / "run")
+    tags = ea.Tags()["scalars"]
+    for prefix in ("spectral_entropy/", "stable_rank/", "polar_misalignment/grad_delta_p/", "critical_batch_size/b_simple/"):
+        for name in HIDDEN:
+            assert [e.step for e in ea.Scalars(prefix + name)] == [0, 2]  # logged once per logging step
+    # Rank-local micro-batch gradients vs the all-reduced one, summed over the monitored layers.
+    small = sum(local_sq[r][n] for r in range(2) for n in HIDDEN) / 2
+    big = sum(grads[n].square().sum().item() for n in HIDDEN)
+    expect = noise_scale(small, big, MICRO, 2 * MICRO)
+    # Two unbiased pieces, logged raw; fp32 gradients on the same data split (rel 1e-4).
+    assert ea.Scalars("critical_batch_size/grad_sq")[0].value == pytest.approx(expect.grad_sq.item(), rel=1e-4)
+    assert ea.Scalars("critical_batch_size/trace_sigma")[0].value == pytest.approx(expect.trace_sigma.item(), rel=1e-4)
+    assert "critical_batch_size/b_simple" in tags

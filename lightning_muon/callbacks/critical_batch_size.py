@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
-from ..spectral import muon_critical_batch_size, noise_scale
+from ..spectral import NoiseScale, muon_critical_batch_size, noise_scale
 from ._base import SpectralMonitor, aggregates
 from ._cache import SpectralCache, step_cache
 
@@ -168,7 +168,9 @@ class CriticalBatchSizeMonitor(SpectralMonitor):
         p = self.prefix
         total = noise_scale(small.sum(), big.sum(), b, B)
         per_layer = noise_scale(small, big, b, B)
-        metrics = {f"{p}b_simple": _num(total.b_simple), f"{p}grad_sq": _num(total.grad_sq), f"{p}trace_sigma": _num(total.trace_sigma)}
+        metrics = {  # the two unbiased pieces as they are (either can be negative), the ratio if both > 0
+            f"{p}b_simple": _ratio(total), f"{p}grad_sq": float(total.grad_sq), f"{p}trace_sigma": float(total.trace_sigma),
+        }
         groups = {id(q): g for g in optimizer.param_groups for q in g["params"]}
         names = [n for n, q in params.items() if q.grad is not None]
         for n in names:
@@ -176,7 +178,7 @@ class CriticalBatchSizeMonitor(SpectralMonitor):
         spectra = cache.spectra("grad", names)
         b_crit: dict[str, float] = {}
         for i, n in enumerate(params):
-            metrics[f"{p}b_simple/{n}"] = _num(per_layer.b_simple[i])
+            metrics[f"{p}b_simple/{n}"] = _ratio(NoiseScale(*(x[i] for x in per_layer)))
             if n not in spectra:
                 continue
             G = cache.matrix("grad", n)
@@ -202,3 +204,10 @@ def _num(x: Tensor | float) -> float:
     """A float for the loggers; a negative estimate (noise-dominated difference) becomes NaN."""
     x = float(x)
     return x if math.isfinite(x) and x >= 0 else float("nan")
+
+
+def _ratio(est: NoiseScale) -> float:
+    """B_simple, or NaN while |G|^2 or tr(Sigma) is estimated <= 0 (noise-dominated)."""
+    if not (float(est.grad_sq) > 0 and float(est.trace_sigma) > 0):
+        return float("nan")
+    return float(est.b_simple)
