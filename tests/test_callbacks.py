@@ -65,6 +65,7 @@ def _trainer(tmp_path, callbacks, logger="tb", **kw):
         logger = TensorBoardLogger(tmp_path, name="", version="run")
     kw.setdefault("max_steps", 3)
     kw.setdefault("devices", 1)
+    kw.setdefault("log_every_n_steps", 1)
     return pl.Trainer(
         accelerator="cpu", logger=logger, callbacks=callbacks, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kw,
