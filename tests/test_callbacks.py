@@ -9,6 +9,10 @@ import copy
 import csv
 import faulthandler
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -294,3 +298,24 @@ def test_ddp_two_processes_log_once_with_local_vs_reduced_noise_scale(tmp_path):
     assert ea.Scalars("critical_batch_size/grad_sq")[0].value == pytest.approx(expect.grad_sq.item(), rel=1e-4)
     assert ea.Scalars("critical_batch_size/trace_sigma")[0].value == pytest.approx(expect.trace_sigma.item(), rel=1e-4)
     assert "critical_batch_size/b_simple" in tags
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_gather_and_log_once(tmp_path):
+    script = Path(__file__).parent / "scripts" / "fsdp2_monitors.py"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sys.path.insert(0, str(script.parent))
+    try:
+        from fsdp2_monitors import initial_weights
+    finally:
+        sys.path.pop(0)
+    W0 = initial_weights()
+    ea = _events(tmp_path / "run")
+    for name in HIDDEN:
+        assert [e.step for e in ea.Scalars(f"stable_rank/{name}")] == [0, 2]  # once, from rank 0
+        s = torch.linalg.svdvals(W0[name].double())
+        # The gathered (full) weight at step 0 is the initial one; fp32 Gram eigenvalues.
+        assert ea.Scalars(f"stable_rank/{name}")[0].value == pytest.approx(float((s**2).sum() / s[0] ** 2), rel=1e-4)
+        assert f"polar_misalignment/update_delta_p/{name}" in ea.Tags()["scalars"]
