@@ -100,9 +100,9 @@ def _step0_reference(model):
 def test_all_monitors_log_correct_values_to_tensorboard(tmp_path):
     model = TinyMLP()
     W0, G0, micro_sq = _step0_reference(model)
-    callbacks = [
-        SpectralEntropyMonitor(every_n_steps=2),
+    callbacks = [  # StableRankMonitor first: it still takes sigma_1 from the shared exact spectrum
         StableRankMonitor(every_n_steps=2),
+        SpectralEntropyMonitor(every_n_steps=2),
         PolarMisalignmentMonitor(every_n_steps=2, k=4),
         CriticalBatchSizeMonitor(every_n_steps=2),
     ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -147,8 +148,10 @@ class SpectralMonitor(Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
-        drop_cache(trainer)
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        drop_cache(trainer)  # after the optimizer step: free the stored matrices
 
     def compute(
         self,
