@@ -161,9 +161,10 @@ def test_stable_rank_power_iteration_alone(tmp_path):
     # Without SpectralEntropyMonitor no spectrum is cached: sigma_1 comes from power iteration.
     model = TinyMLP()
     W0 = {n: p.detach().clone() for n, p in model.named_parameters()}
-    monitor = StableRankMonitor(every_n_steps=1, num_iters=20)
+    monitor = StableRankMonitor(every_n_steps=1, num_iters=20, include=["net"])  # component match
     logger = CSVLogger(tmp_path)
     _trainer(tmp_path, [monitor], logger=logger, max_steps=1).fit(model)
+    assert monitor.layers == list(HIDDEN)  # the matching biases are skipped
     with open(f"{logger.log_dir}/metrics.csv") as f:
         rows = list(csv.DictReader(f))
     for name in HIDDEN:
@@ -218,8 +219,10 @@ def test_misconfiguration_is_reported(tmp_path):
         _trainer(tmp_path, [StableRankMonitor()], logger=False).fit(TinyMLP())
     with pytest.raises(MisconfigurationException, match="no layer selected"):
         _trainer(tmp_path, [StableRankMonitor(include=["decoder.*"])]).fit(TinyMLP())
-    with pytest.raises(MisconfigurationException, match="not a matrix"):
-        _trainer(tmp_path, [StableRankMonitor(include=["net.0.*"])]).fit(TinyMLP())
+    with pytest.raises(MisconfigurationException, match="no layer selected"):
+        _trainer(tmp_path, [StableRankMonitor(include=["*.bias"])]).fit(TinyMLP())  # only non-matrices
+    with pytest.raises(MisconfigurationException, match="after exclude"):
+        _trainer(tmp_path, [StableRankMonitor(exclude=["net"])]).fit(TinyMLP())
     with pytest.raises(MisconfigurationException, match="accumulate_grad_batches"):
         _trainer(tmp_path, [CriticalBatchSizeMonitor()]).fit(TinyMLP())
 

@@ -24,29 +24,23 @@ _LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def select_layers(
     module: torch.nn.Module, include: Sequence[str] | None, exclude: Sequence[str], where: str
 ) -> list[str]:
-    """Names of the matrices to monitor: the Muon-routed ones, or those matching ``include``
-    (fnmatch patterns on the dotted name or one of its components), minus ``exclude``."""
+    """Names of the matrices to monitor: the Muon-routed ones, or the matrices (see
+    :func:`lightning_muon.why_not_muon`) matching ``include`` (fnmatch patterns on the dotted
+    name or one of its components; biases and gains that match are skipped), minus ``exclude``."""
     if include is None:
         names = [r.name for r in route_parameters(module, warn=False) if r.use_muon]
         source = "the Muon-routed matrices (lightning_muon.route_parameters)"
     else:
-        names = [n for n, _ in module.named_parameters() if _matches(n, include)]
-        source = f"include={list(include)}"
+        names = [n for n, p in module.named_parameters() if _matches(n, include) and why_not_muon(p) is None]
+        source = f"the matrices matching include={list(include)}"
     names = [n for n in names if not _matches(n, exclude)]
     if not names:
         raise MisconfigurationException(
             f"{where}: no layer selected from {source}"
             + (f" after exclude={list(exclude)}" if exclude else "")
-            + ". Pass include=['<pattern>'] with fnmatch patterns on parameter names "
+            + ". Pass include=['<pattern>'] with fnmatch patterns on the names of weight matrices "
             "(see model.named_parameters())."
         )
-    params = dict(module.named_parameters())
-    for n in names:
-        if reason := why_not_muon(params[n]):
-            raise MisconfigurationException(
-                f"{where}: {n!r} of shape {tuple(params[n].shape)} is not a matrix ({reason}); "
-                "exclude it or narrow include."
-            )
     return names
 
 
