@@ -47,7 +47,8 @@ class CriticalBatchSizeMonitor(SpectralMonitor):
 
     Assumes automatic optimization (Lightning divides the loss by ``accumulate_grad_batches``) and
     equal micro-batch sizes (``batch_size``, else inferred from each batch). Not supported with
-    FSDP2 (ModelParallelStrategy). EMA state is saved in checkpoints.
+    FSDP2 (ModelParallelStrategy). EMA state is saved in checkpoints (under DDP, rank 0's: on
+resume every rank continues from it).
 
     Example:
         >>> trainer = L.Trainer(accumulate_grad_batches=4, callbacks=[CriticalBatchSizeMonitor()])
