@@ -53,6 +53,10 @@ def test_cli_demo_config_runs_and_writes_tensorboard(tmp_path):
     tags = acc.Tags()["scalars"]
     assert "train/loss" in tags and "val/loss" in tags and "lr-Muon/muon" in tags
     assert all(np.isfinite(e.value) for e in acc.Scalars("train/loss"))
+    # the four diagnostics callbacks of the demo config logged at step 0
+    for prefix in ("spectral_entropy/", "stable_rank/", "polar_misalignment/", "critical_batch_size/"):
+        assert any(t.startswith(prefix) for t in tags), (prefix, tags)
+    assert 0 < acc.Scalars("spectral_entropy/mean")[0].value <= 1
 
 
 def test_adamw_switch_uses_same_groups():
