@@ -103,8 +103,9 @@ def test_looped_and_batched_kernels_agree(method):
 
 
 def test_default_kernel_per_device():
-    assert default_kernel(torch.device("cpu")) == "looped"
-    assert default_kernel(torch.device("cuda")) == "batched"  # no GPU needed to ask
+    assert default_kernel(torch.device("cpu"), 768) == "looped"
+    assert default_kernel("cpu", 128) == "batched"
+    assert default_kernel("cuda", 768) == "batched"  # no GPU needed to ask
 
 
 def test_quintic_matches_torch_muon_newton_schulz():
