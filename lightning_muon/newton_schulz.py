@@ -110,7 +110,7 @@ def _newton_schulz_batched(X: Tensor, coefficients: list[Coefficients]) -> Tenso
 
 
 def _newton_schulz_looped(X: Tensor, coefficients: list[Coefficients]) -> Tensor:
-    """The same iteration, one matrix at a time with mm/addmm (faster than bmm on CPU)."""
+    """The same iteration, one matrix at a time with mm/addmm (see :func:`default_kernel`)."""
     out = torch.empty_like(X)
     for i, x in enumerate(X):
         for a, b, c in coefficients:
@@ -136,8 +136,10 @@ def default_kernel(device: torch.device | str, side: int) -> str:
 
     ``"looped"`` (mm/addmm per matrix) on CPU for ``side >= 512``, else ``"batched"`` (bmm on the
     stack). Measured with ``benchmarks/orthogonalize.py`` and single bf16 matmuls on a 2-core AMD
-    EPYC: per-matrix mm ran 512- and 768-wide products 1.5-3x faster than bmm and NS on 768-wide
-    GPT matrices about 5-15% faster looped, while 128-wide ViT matrices were 20-35% faster batched.
+    EPYC, one thread: per-matrix mm ran 512- and 768-wide products 1.5-3x faster than bmm and NS on
+    768-wide GPT matrices 5-15% faster looped, while 128-wide ViT matrices were 20-35% faster
+    batched. (With 2 threads on an oversubscribed machine batched won at every size: fewer parallel
+    regions to synchronise; re-measure and move ``LOOP_MIN_SIDE`` if a quiet machine disagrees.)
     On a GPU, batching small matrices wins.
 
     Example:
