@@ -15,12 +15,15 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["NSPreset", "NS_PRESETS", "METHODS", "orthogonalize", "ns_flops", "singular_value_band"]
+__all__ = [
+    "NSPreset", "NS_PRESETS", "METHODS", "orthogonalize", "ns_flops", "singular_value_band", "default_kernel",
+]
 
 Coefficients = tuple[float, float, float]
 
@@ -97,13 +100,63 @@ def _check_method(method: str) -> str:
     return method
 
 
-def _newton_schulz(X: Tensor, coefficients: list[Coefficients]) -> Tensor:
-    """Iterate on a (batch, m, n) tensor with m <= n using fused baddbmm forms."""
+def _newton_schulz_batched(X: Tensor, coefficients: list[Coefficients]) -> Tensor:
+    """Iterate on a (batch, m, n) tensor with m <= n: three fused batched matmuls per step."""
     for a, b, c in coefficients:
         A = torch.bmm(X, X.mT)
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A
         X = torch.baddbmm(X, B, X, beta=a)  # a*X + B@X
     return X
+
+
+def _newton_schulz_looped(X: Tensor, coefficients: list[Coefficients]) -> Tensor:
+    """The same iteration, one matrix at a time with mm/addmm (see :func:`default_kernel`)."""
+    out = torch.empty_like(X)
+    for i, x in enumerate(X):
+        for a, b, c in coefficients:
+            A = torch.mm(x, x.T)
+            B = torch.addmm(A, A, A, beta=b, alpha=c)
+            x = torch.addmm(x, B, x, beta=a)
+        out[i] = x
+    return out
+
+
+_KERNELS: dict[str, Callable[[Tensor, list[Coefficients]], Tensor]] = {
+    "batched": _newton_schulz_batched,
+    "looped": _newton_schulz_looped,
+}
+
+
+#: On CPU, matrices whose smaller side is at least this are iterated one at a time.
+LOOP_MIN_SIDE = 512
+
+
+def default_kernel(device: torch.device | str, side: int) -> str:
+    """The faster Newton–Schulz kernel for matrices whose smaller side is ``side``.
+
+    ``"looped"`` (mm/addmm per matrix) on CPU for ``side >= 512``, else ``"batched"`` (bmm on the
+    stack). Measured with ``benchmarks/orthogonalize.py`` and single bf16 matmuls on a 2-core AMD
+    EPYC, one thread: per-matrix mm ran 512- and 768-wide products 1.5-3x faster than bmm and NS on
+    768-wide GPT matrices 5-15% faster looped, while 128-wide ViT matrices were 20-35% faster
+    batched. (With 2 threads on an oversubscribed machine batched won at every size: fewer parallel
+    regions to synchronise; re-measure and move ``LOOP_MIN_SIDE`` if a quiet machine disagrees.)
+    On a GPU, batching small matrices wins.
+
+    Example:
+        >>> default_kernel("cpu", 768), default_kernel("cpu", 128), default_kernel("cuda", 768)
+        ('looped', 'batched', 'batched')
+    """
+    return "looped" if torch.device(device).type == "cpu" and side >= LOOP_MIN_SIDE else "batched"
+
+
+_COMPILED: dict[str, Callable[[Tensor, list[Coefficients]], Tensor]] = {}
+
+
+def _compiled(kernel: str) -> Callable[[Tensor, list[Coefficients]], Tensor]:
+    """``torch.compile`` of a Newton–Schulz kernel, built once per kernel (compiling takes seconds)."""
+    if kernel not in _COMPILED:
+        _COMPILED[kernel] = torch.compile(_KERNELS[kernel], dynamic=False)
+    return _COMPILED[kernel]
 
 
 def _polar_svd(X: Tensor) -> Tensor:
@@ -120,6 +173,8 @@ def orthogonalize(
     steps: int = 5,
     *,
     dtype: torch.dtype | None = None,
+    kernel: str | None = None,
+    compile: bool = False,
 ) -> Tensor:
     """Approximate polar factor ``U V^T`` of each matrix in ``G`` (shape ``(..., m, n)``).
 
@@ -133,12 +188,18 @@ def orthogonalize(
             schedule, extra steps use the convergent degree-5 Newton–Schulz polynomial.
         dtype: compute dtype. Default: bfloat16 for Newton–Schulz, float32 (or the input's float64)
             for ``"svd"``.
+        kernel: ``"looped"`` (one matrix at a time) or ``"batched"`` (bmm on the stack); both
+            compute the same thing. Default: :func:`default_kernel` (by device and size).
+        compile: run the Newton–Schulz kernel through ``torch.compile`` (opt-in: the first call
+            per kernel and shape compiles for seconds; about 1.1x faster after that on CPU).
 
     Returns:
         A new tensor with the shape and dtype of ``G``; ``G`` is never modified. A zero matrix
         gives zeros. Iteration runs on the smaller side (tall matrices are transposed).
     """
     _check_method(method)
+    if kernel is not None and kernel not in _KERNELS:
+        raise ValueError(f"orthogonalize: kernel must be None or one of {tuple(_KERNELS)}, got {kernel!r}")
     if G.ndim < 2:
         raise ValueError(f"orthogonalize: expected a (..., m, n) tensor, got shape {tuple(G.shape)}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -159,9 +220,12 @@ def orthogonalize(
         preset = NS_PRESETS[method]
         compute = dtype or torch.bfloat16
         X = X.to(compute)  # a new tensor unless G already has the compute dtype
-        norm = torch.linalg.matrix_norm(X.float(), keepdim=True)
+        acc = torch.promote_types(compute, torch.float32)  # no fp32 copy of a bf16 stack
+        norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=acc)
         X = X / (norm * preset.norm_scale + preset.norm_eps).to(compute)  # out of place
-        out = _newton_schulz(X, preset.coefficients(steps))
+        kernel = kernel or default_kernel(X.device, X.shape[-2])
+        ns = _compiled(kernel) if compile else _KERNELS[kernel]
+        out = ns(X, preset.coefficients(steps))
     out = out.reshape(*batch_shape, *out.shape[-2:])
     if transpose:
         out = out.mT

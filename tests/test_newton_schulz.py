@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lightning_muon import NS_PRESETS, ns_flops, orthogonalize, singular_value_band
+from lightning_muon.newton_schulz import default_kernel
 
 
 def _exact_polar(G: torch.Tensor) -> torch.Tensor:
@@ -89,6 +90,24 @@ def test_batched_equals_looped():
     torch.testing.assert_close(batched, looped, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["quintic", "polar_express"])
+def test_looped_and_batched_kernels_agree(method):
+    # Same iteration, different matmul calls (mm/addmm per matrix vs bmm/baddbmm on the stack):
+    # in float64 they may differ only by round-off (5 steps amplify 1e-16 by at most ~1e3).
+    G = torch.randn(3, 24, 40, dtype=torch.float64)
+    looped = orthogonalize(G, method, dtype=torch.float64, kernel="looped")
+    batched = orthogonalize(G, method, dtype=torch.float64, kernel="batched")
+    torch.testing.assert_close(looped, batched, atol=1e-12, rtol=0)
+    # Both against the exact polar factor, at the accuracy the 5-step preset promises.
+    assert (looped - _exact_polar(G)).norm() / _exact_polar(G).norm() < 0.3
+
+
+def test_default_kernel_per_device():
+    assert default_kernel(torch.device("cpu"), 768) == "looped"
+    assert default_kernel("cpu", 128) == "batched"
+    assert default_kernel("cuda", 768) == "batched"  # no GPU needed to ask
+
+
 def test_quintic_matches_torch_muon_newton_schulz():
     from torch.optim._muon import _zeropower_via_newtonschulz
 
@@ -105,6 +124,7 @@ def test_quintic_matches_torch_muon_newton_schulz():
         ({"method": "newton"}, "unknown method"),
         ({"steps": 0}, "steps must be"),
         ({"steps": 2.5}, "steps must be"),
+        ({"kernel": "fused"}, "kernel must be"),
     ],
 )
 def test_bad_arguments(kwargs, match):

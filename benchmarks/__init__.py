@@ -1,0 +1,1 @@
+"""Benchmarks of lightning_muon (run from the repository root: ``PYTHONPATH=. python benchmarks/<name>.py``)."""

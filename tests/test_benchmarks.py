@@ -1,0 +1,46 @@
+"""The benchmark scripts run, and what they report besides timings is right (no timing asserted)."""
+
+import torch
+
+from benchmarks import orthogonalize as bench_ortho
+from benchmarks import step as bench_step
+from benchmarks._timing import markdown_table, state_bytes
+
+
+def test_state_bytes_match_the_optimizers_definitions():
+    # Exact counts from the algorithms: Muon keeps one momentum buffer per matrix; AdamW two
+    # moments per tensor plus a float32 step scalar (torch and ours alike).
+    model = bench_step.GPTParams(layers=1, d=16, vocab=40, context=8)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opts = bench_step.optimizers(model)
+    for optimizer_list in opts.values():
+        for o in optimizer_list:
+            o.step()
+    matrices = [p for b in model.blocks for p in b.parameters() if p.ndim == 2]
+    others = [p for p in model.parameters() if all(p is not m for m in matrices)]
+    numel = lambda ps: sum(p.numel() for p in ps)  # noqa: E731
+    expected_muon = 4 * numel(matrices) + 2 * 4 * numel(others) + 4 * len(others)
+    assert sum(state_bytes(o) for o in opts["torch.optim.Muon + AdamW"]) == expected_muon
+    assert state_bytes(opts["ours, quintic"][0]) == expected_muon
+    all_params = list(model.parameters())  # the tied head counts once
+    assert state_bytes(opts["torch.optim.AdamW alone"][0]) == 2 * 4 * numel(all_params) + 4 * len(all_params)
+
+
+def test_matrix_sets_are_the_models_muon_matrices():
+    # GPT-small: fused qkv, attention out, MLP in, MLP out per layer (nn.Linear shapes (out, in)).
+    assert bench_ortho.matrix_set("gpt-small", 12)[:4] == [(2304, 768), (768, 768), (3072, 768), (768, 3072)]
+    model = bench_step.GPTParams(layers=2, d=768, vocab=10, context=4)
+    routed = [tuple(p.shape) for g in bench_step.muon_param_groups(model) if g["use_muon"] for _, p in g["params"]]
+    assert sorted(routed) == sorted(bench_ortho.matrix_set("gpt-small", 2))
+
+
+def test_orthogonalize_script_prints_a_table(capsys):
+    bench_ortho.main(["--sets", "vit-small", "--repeats", "1", "--warmup", "0", "--mm-size", "64"])
+    out = capsys.readouterr().out
+    assert "| vit-small (16 matrices) | torch.optim.Muon NS (bf16, per matrix) |" in out
+    assert out.count("| vit-small") == 5  # the peak probe and four methods
+
+
+def test_markdown_table():
+    assert markdown_table(["a", "b"], [[1, 0.12345]]) == "| a | b |\n|---|---|\n| 1 | 0.123 |"
