@@ -54,7 +54,7 @@ UNSUPPORTED_STRATEGY = (
     "optimizer flat 1-D shards that cut across matrices, so no polar factor can be computed. "
     "Supported strategies: 'ddp', 'ddp_spawn', a single device, and ModelParallelStrategy (FSDP2: "
     "fully_shard in configure_model). Under DeepSpeed use DeepSpeed's own Muon optimizer "
-    '("optimizer": {"type": "Muon"} in the DeepSpeed config) instead of lightning_muon.Muon.'
+    '("optimizer": {{"type": "Muon"}} in the DeepSpeed config) instead of lightning_muon.Muon.'
 )
 
 

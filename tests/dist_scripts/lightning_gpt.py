@@ -1,11 +1,11 @@
 """Worker for tests/test_distributed.py: a tiny GPT trained by Muon under Lightning on CPU/gloo.
 
-Trains ``--epochs`` epochs (4 optimizer steps each, global batch 8 split over the ranks with a
+Trains EPOCHS epochs (4 optimizer steps each, global batch 8 split over the ranks with a
 non-shuffling DistributedSampler, so every world size sees the same global batches), optionally
-resuming from ``--resume``, then writes to OUT_DIR:
-  final.pt          full parameters and Muon/AdamW state by parameter name (rank 0)
-  rank{r}.json      matrices this rank orthogonalised, and collectives per optimizer step
-  ckpt.ckpt / ckpt  the checkpoint after training (a file; a DCP directory under FSDP2)
+resuming from ``--resume``, and writes to OUT_DIR:
+  epoch{k}.pt     after epoch k (1-based): full parameters and Muon/AdamW state by name (rank 0)
+  e{k-1}.ckpt     Lightning's checkpoint after epoch k (a file; a DCP directory under FSDP2)
+  rank{r}.json    matrices this rank orthogonalised, and collectives per optimizer step
 
 Usage: python lightning_gpt.py OUT_DIR {single,ddp,fsdp} EPOCHS [--resume CKPT]
 """
@@ -89,7 +89,7 @@ class TinyGPT(L.LightningModule):
         sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False)
         return DataLoader(ds, batch_size=GLOBAL_BATCH // world, sampler=sampler)
 
-    def on_train_end(self) -> None:  # every rank: full_tensor() is a collective under FSDP2
+    def on_train_epoch_end(self) -> None:  # every rank: full_tensor() is a collective under FSDP2
         full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
         opt = self.trainer.optimizers[0]
         result = {f"param.{n}": full(p.detach()).clone() for n, p in self.named_parameters()}
@@ -98,7 +98,7 @@ class TinyGPT(L.LightningModule):
                 if key != "step":
                     result[f"{key}.{n}"] = full(value).clone()
         if self.trainer.global_rank == 0:
-            torch.save(result, os.path.join(ARGS.out, "final.pt"))
+            torch.save(result, os.path.join(ARGS.out, f"epoch{self.current_epoch + 1}.pt"))
 
 
 def count_work_and_comms(out: str, rank_of) -> None:
@@ -134,13 +134,13 @@ def main() -> None:
         strategy, devices = ("ddp", 2) if ARGS.strategy == "ddp" else ("auto", 1)
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, max_epochs=ARGS.epochs,
-        use_distributed_sampler=False, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        use_distributed_sampler=False, logger=False, enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[L.pytorch.callbacks.ModelCheckpoint(ARGS.out, "e{epoch}", save_top_k=-1, auto_insert_metric_name=False)],
     )
     count_work_and_comms(ARGS.out, lambda: trainer.global_rank)
     model = TinyGPT(fsdp=ARGS.strategy == "fsdp")
     trainer.fit(model, ckpt_path=ARGS.resume)
-    trainer.save_checkpoint(os.path.join(ARGS.out, "ckpt" if ARGS.strategy == "fsdp" else "ckpt.ckpt"))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Every rank builds the same parameters and per-step gradients, runs Muon with pla
 layout) or with DTensors Shard(0) (FSDP2 layout), and writes its final parameters, momentum,
 per-step collective counts and the matrices it orthogonalised to OUT/rank{r}.pt.
 
-Usage: python raw_step.py OUT_DIR WORLD_SIZE {ddp,fsdp} NS_DTYPE
+Usage: PORT=29500 python raw_step.py OUT_DIR WORLD_SIZE {ddp,fsdp} NS_DTYPE
+(The one-process reference runs inside the test, from make() and groups().)
 """
 
 import os
@@ -87,17 +88,4 @@ def worker(rank: int, world: int, mode: str, ns_dtype: str, out: str) -> None:
 
 if __name__ == "__main__":
     out, world, mode, ns_dtype = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    if world == 1:  # the reference: one process, no process group
-        torch.set_num_threads(1)
-        init, grads = make(0)
-        params = [torch.nn.Parameter(p.clone()) for p in init]
-        opt = Muon(groups(params), lr=0.05, ns_dtype=ns_dtype, weight_decay=0.1)
-        for step in grads:
-            for p, g in zip(params, step):
-                p.grad = g
-            opt.step()
-        torch.save({"params": [p.detach() for p in params],
-                    "momentum": [opt.state[p]["momentum_buffer"] for p in params if p.ndim >= 2]},
-                   os.path.join(out, "rank0.pt"))
-    else:
-        mp.spawn(worker, args=(world, mode, ns_dtype, out), nprocs=world)
+    mp.spawn(worker, args=(world, mode, ns_dtype, out), nprocs=world)
