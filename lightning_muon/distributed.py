@@ -139,6 +139,11 @@ def _orthogonalize(bucket: Bucket, matrices: list[Tensor]) -> Tensor:
     return orthogonalize(torch.stack(matrices), bucket.method, bucket.steps, dtype=bucket.dtype)
 
 
+def _by_owner(owners: list[int], world: int) -> list[list[int]]:
+    """Bucket positions owned by each rank, in bucket order."""
+    return [[i for i, o in enumerate(owners) if o == r] for r in range(world)]
+
+
 def orthogonalize_buckets(buckets: list[Bucket]) -> list[list[Tensor]]:
     """Orthogonalised updates of every bucket, as this rank needs them.
 
@@ -168,8 +173,9 @@ def orthogonalize_buckets(buckets: list[Bucket]) -> list[list[Tensor]]:
 def _replicated_bucket(bucket: Bucket, owners: list[int], group: dist.ProcessGroup) -> list[Tensor]:
     """DDP: each rank orthogonalises its own matrices; one all_gather shares them."""
     world, rank = group.size(), group.rank()
-    mine = [i for i, o in enumerate(owners) if o == rank]
-    slots = max(owners.count(r) for r in range(world))  # padded so all ranks send the same size
+    by_owner = _by_owner(owners, world)
+    mine = by_owner[rank]
+    slots = max(len(b) for b in by_owner)  # every rank sends `slots` matrices, zero-padded
     first = bucket.updates[0]
     dtype = _comm_dtype(bucket, first.dtype)
     send = torch.zeros(slots, *bucket.shape, dtype=dtype, device=first.device)
@@ -177,11 +183,11 @@ def _replicated_bucket(bucket: Bucket, owners: list[int], group: dist.ProcessGro
         send[: len(mine)] = _orthogonalize(bucket, [bucket.updates[i].reshape(bucket.shape) for i in mine])
     gathered = torch.empty(world * slots, *bucket.shape, dtype=dtype, device=first.device)
     dist.all_gather_into_tensor(gathered, send, group=group)
-    position = {}
-    for r in range(world):
-        for j, i in enumerate(i for i, o in enumerate(owners) if o == r):
-            position[i] = r * slots + j
-    return [gathered[position[i]].to(first.dtype) for i in range(len(owners))]
+    out: list[Tensor] = [first] * len(owners)
+    for r, positions in enumerate(by_owner):
+        for j, i in enumerate(positions):
+            out[i] = gathered[r * slots + j].to(first.dtype)
+    return out
 
 
 def _sharded_bucket(bucket: Bucket, owners: list[int]) -> list[Tensor]:
@@ -193,7 +199,7 @@ def _sharded_bucket(bucket: Bucket, owners: list[int]) -> list[Tensor]:
     offsets = [sum(rows[:r]) for r in range(world)]
     local = [u.reshape(rows[rank], n) for u in bucket.updates]
     dtype = _comm_dtype(bucket, local[0].dtype)
-    by_owner = [[i for i, o in enumerate(owners) if o == r] for r in range(world)]
+    by_owner = _by_owner(owners, world)
     mine = by_owner[rank]
 
     # 1) my rows of every matrix to its owner; I receive every rank's rows of the matrices I own.
@@ -205,10 +211,8 @@ def _sharded_bucket(bucket: Bucket, owners: list[int]) -> list[Tensor]:
         input_split_sizes=[len(by_owner[r]) * rows[rank] * n for r in range(world)],
         group=group,
     )
-    full = torch.cat(
-        [c.view(len(mine), rows[s], n) for s, c in enumerate(recv.split([len(mine) * rows[s] * n for s in range(world)]))],
-        dim=1,
-    ) if mine else recv.view(0, m, n)
+    pieces = recv.split([len(mine) * rows[s] * n for s in range(world)])  # rank s's rows, s = 0, 1, ...
+    full = torch.cat([p.view(len(mine), rows[s], n) for s, p in enumerate(pieces)], dim=1)
     ortho = _orthogonalize(bucket, list(full)).to(dtype) if mine else full
 
     # 2) every rank its rows of the matrices I orthogonalised.
@@ -220,12 +224,12 @@ def _sharded_bucket(bucket: Bucket, owners: list[int]) -> list[Tensor]:
         input_split_sizes=[len(mine) * rows[r] * n for r in range(world)],
         group=group,
     )
-    out: list[Tensor | None] = [None] * len(owners)
-    chunks = recv_back.split([len(by_owner[s]) * rows[rank] * n for s in range(world)])
-    for s, chunk in enumerate(chunks):
+    out: list[Tensor] = list(local)
+    pieces = recv_back.split([len(by_owner[s]) * rows[rank] * n for s in range(world)])  # from owner s
+    for s, piece in enumerate(pieces):
         for j, i in enumerate(by_owner[s]):
-            out[i] = chunk.view(len(by_owner[s]), rows[rank], n)[j].to(local[0].dtype)
-    return out  # type: ignore[return-value]
+            out[i] = piece.view(len(by_owner[s]), rows[rank], n)[j].to(local[0].dtype)
+    return out
 
 
 def check_dtensor_param(param: Tensor, where: str) -> None:

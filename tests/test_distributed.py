@@ -96,6 +96,16 @@ def test_fsdp1_parameters_refused_at_construction(single_rank_group, use_orig_pa
         assert supported in str(err.value)
 
 
+def test_tensor_parallel_dtensor_refused(single_rank_group) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (1,))
+    weight = torch.nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Replicate()]))
+    with pytest.raises(ValueError, match=r"Shard\(0\) on a 1-D mesh"):
+        Muon([{"params": [weight], "use_muon": True}])
+
+
 def test_flat_partition_swapped_in_after_construction_refused_at_step() -> None:
     # DeepSpeed ZeRO-1/2 replace each param group's params by one flat 1-D fp32 partition after
     # the optimizer is built (it needs CUDA, so this reproduces the swap itself).
@@ -159,6 +169,7 @@ def test_raw_collectives_per_step(raw_runs) -> None:
     for rank in raw_runs["fsdp4"]:  # per bucket: rows to owners, results back; one finite-check
         assert rank["comms"] == [{"c10d.alltoall_base_": 2 * buckets, "c10d.allreduce_": 1}] * raw_step.STEPS
         assert rank["momentum_is_local_shard"]
+        assert rank["nan_step_skipped"]  # a NaN in one rank's shard skips the step on all ranks
 
 
 # ---------------------------------------------------------------- Lightning: tiny GPT

@@ -2,7 +2,8 @@
 
 Every rank builds the same parameters and per-step gradients, runs Muon with plain tensors (DDP
 layout) or with DTensors Shard(0) (FSDP2 layout), and writes its final parameters, momentum,
-per-step collective counts and the matrices it orthogonalised to OUT/rank{r}.pt.
+per-step collective counts, the matrices it orthogonalised, and whether a step with a NaN
+in one rank's gradient shard was skipped on every rank, to OUT/rank{r}.pt.
 
 Usage: PORT=29500 python raw_step.py OUT_DIR WORLD_SIZE {ddp,fsdp} NS_DTYPE
 (The one-process reference runs inside the test, from make() and groups().)
@@ -10,6 +11,7 @@ Usage: PORT=29500 python raw_step.py OUT_DIR WORLD_SIZE {ddp,fsdp} NS_DTYPE
 
 import os
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -71,8 +73,7 @@ def worker(rank: int, world: int, mode: str, ns_dtype: str, out: str) -> None:
             opt.step()
         comms.append({str(k): v for k, v in mode_.get_comm_counts().items()})
     full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
-    torch.save(
-        {
+    result = {
             "params": [full(p.detach()).clone() for p in params],
             "momentum": [full(opt.state[p]["momentum_buffer"]).clone() for p in params if p.ndim >= 2],
             "momentum_is_local_shard": all(
@@ -80,9 +81,19 @@ def worker(rank: int, world: int, mode: str, ns_dtype: str, out: str) -> None:
             ),
             "comms": comms,
             "orthogonalized": counted,
-        },
-        os.path.join(out, f"rank{rank}.pt"),
-    )
+    }
+    if mode == "fsdp":  # a NaN in rank 0's rows only: with nonfinite="skip" every rank skips
+        opt.nonfinite = "skip"
+        for p, g in zip(params, grads[0]):
+            p.grad = g.clone()
+        if rank == 0:
+            lmd.local_tensor(params[3].grad)[0, 0] = float("nan")
+        before = [lmd.local_tensor(p).clone() for p in params]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step()
+        result["nan_step_skipped"] = all(torch.equal(b, lmd.local_tensor(p)) for b, p in zip(before, params))
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
