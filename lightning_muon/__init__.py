@@ -21,11 +21,41 @@ from .routing import (
     routing_table,
     why_not_muon,
 )
+from .spectral import (
+    CriticalBatch,
+    NoiseScale,
+    as_matrix,
+    effective_rank,
+    muon_critical_batch_size,
+    noise_scale,
+    polar_misalignment,
+    polar_sensitivity,
+    sin_theta,
+    singular_values,
+    spectral_entropy,
+    stable_rank,
+    top_frames,
+    top_singular_value,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ADJUST_LR",
+    "CriticalBatch",
+    "NoiseScale",
+    "as_matrix",
+    "effective_rank",
+    "muon_critical_batch_size",
+    "noise_scale",
+    "polar_misalignment",
+    "polar_sensitivity",
+    "sin_theta",
+    "singular_values",
+    "spectral_entropy",
+    "stable_rank",
+    "top_frames",
+    "top_singular_value",
     "DEFAULT_EMBEDDING_NAMES",
     "DEFAULT_HEAD_NAMES",
     "METHODS",

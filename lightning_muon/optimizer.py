@@ -157,16 +157,43 @@ class Muon(torch.optim.Optimizer):
             for p in group["params"]:
                 check_not_flat_shard(p, f"a parameter of group {group['name']!r}")
         for group in self.param_groups:
-            if group["use_muon"]:
-                names = group.get("param_names") or [None] * len(group["params"])
-                for name, p in zip(names, group["params"]):
-                    check_dtensor_param(p, f"parameter {name or tuple(p.shape)!r}")
-                    if reason := why_not_muon(p):
-                        label = repr(name) if name else f"of shape {tuple(p.shape)}"
+            _check_group_params(group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict saved by ``Muon``; check it fits before changing anything.
+
+        Raises ValueError (and loads nothing) for a state dict from another optimizer, a different
+        grouping, or state tensors whose shapes differ from the parameters' (a changed model).
+        """
+        groups = state_dict.get("param_groups", [])
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"Muon.load_state_dict: the state dict has {len(groups)} param groups, this optimizer "
+                f"{len(self.param_groups)}; was it saved for another model or routing?"
+            )
+        for i, (saved, own) in enumerate(zip(groups, self.param_groups)):
+            if "use_muon" not in saved:
+                raise ValueError(
+                    f"Muon.load_state_dict: param group {i} has no 'use_muon' key: this state dict was "
+                    "not saved by lightning_muon.Muon (another optimizer's state cannot be converted)"
+                )
+            if saved["use_muon"] != own["use_muon"] or len(saved["params"]) != len(own["params"]):
+                raise ValueError(
+                    f"Muon.load_state_dict: param group {i} ({own['name']!r}) does not match: saved "
+                    f"use_muon={saved['use_muon']} with {len(saved['params'])} params, here "
+                    f"use_muon={own['use_muon']} with {len(own['params'])}"
+                )
+            names = own.get("param_names") or [None] * len(own["params"])
+            for key, p, name in zip(saved["params"], own["params"], names):
+                for field, value in state_dict["state"].get(key, {}).items():
+                    if field != "step" and isinstance(value, Tensor) and value.shape != p.shape:
+                        label = name or f"#{key}"
                         raise ValueError(
-                            f"Muon: parameter {label} in Muon group {group['name']!r} cannot be "
-                            f"orthogonalised: {reason}. Put it in a group with use_muon=False."
+                            f"Muon.load_state_dict: state {field!r} of parameter {label} has shape "
+                            f"{tuple(value.shape)} but the parameter has {tuple(p.shape)}: the model "
+                            "changed since the checkpoint was saved"
                         )
+        super().load_state_dict(state_dict)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -176,7 +203,7 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._grads_finite():
+        if not self._check_grads():
             return loss
         for group in self.param_groups:
             if not group["use_muon"]:
@@ -184,8 +211,18 @@ class Muon(torch.optim.Optimizer):
         self._muon_groups([g for g in self.param_groups if g["use_muon"]])
         return loss
 
-    def _grads_finite(self) -> bool:
-        if all_finite([p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]):
+    def _check_grads(self) -> bool:
+        """Validate every gradient before any update: False means skip the step."""
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return True
+        if any(g.is_sparse for g in grads):
+            raise ValueError("Muon: sparse gradients are not supported (use nn.Embedding(sparse=False))")
+        for group in self.param_groups:  # DeepSpeed ZeRO-1/2 swap flat partitions in after __init__
+            if group["use_muon"] and any(p.ndim < 2 for p in group["params"]):
+                what = f"Muon group {group['name']!r} holds a 1-D tensor at step time"
+                raise ValueError(UNSUPPORTED_STRATEGY.format(what=what))
+        if all_finite(grads):  # under FSDP2 also agreed over the ranks: all skip or none
             return True
         bad = []
         for group in self.param_groups:
@@ -208,8 +245,6 @@ class Muon(torch.optim.Optimizer):
         for p in group["params"]:
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise ValueError("Muon: sparse gradients are not supported (AdamW groups)")
             state = self.state[p]
             if not state:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -238,9 +273,6 @@ class Muon(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.ndim < 2:  # a strategy swapped the param for a flat shard after construction
-                    raise ValueError(UNSUPPORTED_STRATEGY.format(
-                        what=f"Muon group {group['name']!r} holds a {p.ndim}-D tensor at step time"))
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -262,6 +294,30 @@ class Muon(torch.optim.Optimizer):
                 w = local_tensor(p)
                 w.mul_(1 - lr * group["weight_decay"])
                 w.add_(o.view_as(w).to(w.dtype), alpha=-adjusted_lr(lr, p.shape, group["adjust_lr"]))
+
+
+def _check_group_params(group: dict) -> None:
+    """Tensors a group cannot train: non-matrices in Muon groups, fp16 with a too-small AdamW eps."""
+    names = group.get("param_names") or [None] * len(group["params"])
+    labels = [repr(n) if n else f"of shape {tuple(p.shape)}" for n, p in zip(names, group["params"])]
+    if group["use_muon"]:
+        for label, p in zip(labels, group["params"]):
+            check_dtensor_param(p, f"parameter {label}")
+            if reason := why_not_muon(p):
+                raise ValueError(
+                    f"Muon: parameter {label} in Muon group {group['name']!r} cannot be "
+                    f"orthogonalised: {reason}. Put it in a group with use_muon=False."
+                )
+        return
+    tiny = torch.finfo(torch.float16).tiny
+    half = [label for label, p in zip(labels, group["params"]) if p.dtype == torch.float16]
+    if half and group["eps"] < tiny:
+        raise ValueError(
+            f"Muon: float16 parameters in AdamW group {group['name']!r} ({', '.join(half[:3])}) "
+            f"with adamw_eps={group['eps']}: eps underflows in float16 and a zero gradient gives "
+            "0/0 = NaN. Keep fp32 weights (precision='16-mixed'), use bfloat16, or set "
+            f"adamw_eps >= {tiny:.2g}."
+        )
 
 
 def _as_groups(params: Iterable[Any]) -> list[dict]:

@@ -112,7 +112,7 @@ def _route_one(
         if pattern := _matches(n, muon_names):
             if not_matrix:
                 raise ValueError(
-                    f"muon_param_groups: parameter {n!r} of shape {tuple(param.shape)} matched "
+                    f"lightning_muon routing: parameter {n!r} of shape {tuple(param.shape)} matched "
                     f"muon_names pattern {pattern!r} but cannot be a Muon matrix: {not_matrix}. "
                     "Remove it from muon_names."
                 )

@@ -110,14 +110,19 @@ def test_flat_partition_swapped_in_after_construction_refused_at_step() -> None:
     # DeepSpeed ZeRO-1/2 replace each param group's params by one flat 1-D fp32 partition after
     # the optimizer is built (it needs CUDA, so this reproduces the swap itself).
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
-    opt = Muon([{"params": [model[0].weight, model[1].weight], "use_muon": True}])
+    opt = Muon([
+        {"params": [model[0].weight, model[1].weight], "use_muon": True},
+        {"params": [model[0].bias, model[1].bias], "use_muon": False},
+    ])
     flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in opt.param_groups[0]["params"]]))
-    flat.grad = torch.ones_like(flat)
     opt.param_groups[0]["params"] = [flat]
-    before = flat.detach().clone()
+    for p in [flat, model[0].bias, model[1].bias]:
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in [flat, model[0].bias, model[1].bias]]
     with pytest.raises(ValueError, match="Supported strategies: 'ddp'"):
         opt.step()
-    assert torch.equal(flat.detach(), before) and not opt.state
+    after = [flat, model[0].bias, model[1].bias]
+    assert all(torch.equal(a.detach(), b) for a, b in zip(after, before)) and not opt.state  # nothing changed
 
 
 # ---------------------------------------------------------------- raw torch.distributed steps

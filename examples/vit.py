@@ -1,0 +1,145 @@
+"""The paper's small Vision Transformer as a LightningModule, with a Muon/AdamW switch.
+
+torchvision's ``VisionTransformer`` (4 layers, 4 heads, width 128, patch 4, MLP 512 by default);
+image size, channels and classes come from the data module. Under Muon the attention and MLP
+matrices go to Muon; the patch embedding (``conv_proj``), class token, positional embedding,
+classifier (``heads.head``), LayerNorms and biases go to AdamW (see ``lightning_muon.routing``).
+
+Run from the repository root:
+
+    python examples/vit.py fit --config examples/configs/vit_demo.yaml      # CPU, embedded digits
+    python examples/vit.py fit --config examples/configs/vit_paper.yaml \\
+        --data.init_args.root /data/cifar10                                # paper's CIFAR-10 run
+    python examples/vit.py fit --config examples/configs/vit_demo.yaml --model.optimizer adamw
+
+Example (in Python):
+    >>> from examples.vit import LitViT
+    >>> model = LitViT(image_size=16, num_channels=1, optimizer="muon", lr=0.02)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `examples` and `lightning_muon` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+from torchvision.models import VisionTransformer
+
+from examples.common import configure_example_optimizer
+from examples.image_data import ImageDataModule
+
+__all__ = ["LitViT", "ViTCLI", "cli_main"]
+
+
+class LitViT(L.LightningModule):
+    """Image classification with torchvision's ``VisionTransformer``.
+
+    Args:
+        image_size, num_channels, num_classes: the input; linked from the data module by the CLI.
+        patch_size, num_layers, num_heads, hidden_dim, mlp_dim, dropout: the architecture.
+        optimizer: ``"muon"`` (hidden matrices at ``lr``, the rest AdamW at ``adamw_lr``) or
+            ``"adamw"`` (everything AdamW at ``adamw_lr``); see
+            ``examples.common.configure_example_optimizer`` for the other optimizer arguments.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        num_channels: int = 3,
+        num_classes: int = 10,
+        patch_size: int = 4,
+        num_layers: int = 4,
+        num_heads: int = 4,
+        hidden_dim: int = 128,
+        mlp_dim: int = 512,
+        dropout: float = 0.0,
+        optimizer: str = "muon",
+        lr: float = 0.02,
+        adamw_lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        momentum: float = 0.95,
+        betas: tuple[float, float] = (0.9, 0.95),
+        adjust_lr: str = "original",
+        ns_method: str = "polar_express",
+        warmup_steps: int = 0,
+        schedule: str = "constant",
+    ) -> None:
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(
+                f"image_size ({image_size}) must be a multiple of patch_size ({patch_size}); "
+                "resize the data (e.g. DigitsDataModule(image_size=16)) or change patch_size"
+            )
+        self.save_hyperparameters()
+        self.model = VisionTransformer(
+            image_size=image_size, patch_size=patch_size, num_layers=num_layers, num_heads=num_heads,
+            hidden_dim=hidden_dim, mlp_dim=mlp_dim, dropout=dropout, num_classes=num_classes,
+        )
+        if num_channels != 3:  # torchvision's patch embedding is hard-wired to 3 input channels
+            proj = nn.Conv2d(num_channels, hidden_dim, kernel_size=patch_size, stride=patch_size)
+            nn.init.trunc_normal_(proj.weight, std=math.sqrt(1.0 / (num_channels * patch_size**2)))
+            nn.init.zeros_(proj.bias)
+            self.model.conv_proj = proj
+        self.train_acc = MulticlassAccuracy(num_classes=num_classes)
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes)
+        self.val_loss = MeanMetric()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.val_loss(F.cross_entropy(logits, y), weight=len(y))
+        self.val_acc(logits, y)
+        self.log("val/loss", self.val_loss, prog_bar=True)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+
+    def configure_optimizers(self) -> dict | torch.optim.Optimizer:
+        h = self.hparams
+        return configure_example_optimizer(
+            self, optimizer=h.optimizer, lr=h.lr, adamw_lr=h.adamw_lr, weight_decay=h.weight_decay,
+            momentum=h.momentum, adjust_lr=h.adjust_lr, ns_method=h.ns_method, betas=tuple(h.betas),
+            warmup_steps=h.warmup_steps, schedule=h.schedule,
+        )
+
+
+class ViTCLI(LightningCLI):
+    """LightningCLI that sizes the model from the data module's images."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for key in ("image_size", "num_channels", "num_classes"):
+            parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> ViTCLI:
+    """Entry point; ``args`` as on the command line (``None`` reads ``sys.argv``)."""
+    torch.set_float32_matmul_precision("high")
+    return ViTCLI(
+        LitViT, ImageDataModule, subclass_mode_data=True, args=args, run=run,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+if __name__ == "__main__":
+    cli_main()

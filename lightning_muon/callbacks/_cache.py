@@ -1,0 +1,109 @@
+"""One decomposition per matrix per logging step, shared by every monitor on the same Trainer.
+
+The monitors ask :func:`step_cache` for the trainer's cache; it is emptied when the global step
+changes. Same-shape matrices are decomposed together in one batched call.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import defaultdict
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from ..spectral import as_matrix, singular_values, top_frames, top_singular_value
+
+_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def full_tensor(t: Tensor) -> Tensor:
+    """The whole tensor: a DTensor (FSDP2) is gathered (a collective: call on every rank)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class SpectralCache:
+    """Matrices (gathered, flattened, fp32) and their spectra, frames and sigma_1 for one step.
+
+    ``kind`` names what the matrix is (``"weight"``, ``"grad"``, ``"update"``); ``name`` the layer.
+    """
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self._matrices: dict[tuple[str, str], Tensor] = {}
+        self._spectra: dict[tuple[str, str], Tensor] = {}
+        self._frames: dict[tuple[str, str, int], tuple[Tensor, Tensor]] = {}
+
+    def matrix(self, kind: str, name: str, tensor: Tensor | None = None) -> Tensor:
+        """The fp32 ``(out, rest)`` matrix of ``tensor``, stored under ``(kind, name)`` on first use."""
+        key = (kind, name)
+        if key not in self._matrices:
+            if tensor is None:
+                raise KeyError(f"no {kind} matrix stored for {name!r}")
+            self._matrices[key] = as_matrix(full_tensor(tensor.detach())).float()
+        return self._matrices[key]
+
+    def _missing_by_shape(self, kind: str, names: Iterable[str], done: dict) -> dict[tuple, list[str]]:
+        buckets: dict[tuple, list[str]] = defaultdict(list)
+        for name in names:
+            if (kind, name) not in done:
+                buckets[tuple(self._matrices[(kind, name)].shape)].append(name)
+        return buckets
+
+    def spectra(self, kind: str, names: Iterable[str]) -> dict[str, Tensor]:
+        """Singular values (descending) of each stored matrix, batched by shape."""
+        names = list(names)
+        for bucket in self._missing_by_shape(kind, names, self._spectra).values():
+            s = singular_values(torch.stack([self._matrices[(kind, n)] for n in bucket]))
+            for n, row in zip(bucket, s):
+                self._spectra[(kind, n)] = row
+        return {n: self._spectra[(kind, n)] for n in names}
+
+    def has_spectrum(self, kind: str, name: str) -> bool:
+        return (kind, name) in self._spectra
+
+    def sigma_max(
+        self, kind: str, names: Iterable[str], vectors: dict[str, Tensor], num_iters: int
+    ) -> dict[str, Tensor]:
+        """sigma_1 per matrix: from the spectrum when one is cached, else warm-started power
+        iteration (``vectors`` holds and receives the start vectors)."""
+        names = list(names)
+        out = {n: self._spectra[(kind, n)][0] for n in names if (kind, n) in self._spectra}
+        for bucket in self._missing_by_shape(kind, [n for n in names if n not in out], {}).values():
+            X = torch.stack([self._matrices[(kind, n)] for n in bucket])
+            v0 = None
+            if all(n in vectors and vectors[n].shape[-1] == X.shape[-1] for n in bucket):
+                v0 = torch.stack([vectors[n] for n in bucket]).to(X.device)
+            sigma, v = top_singular_value(X, num_iters if v0 is not None else 4 * num_iters, v0)
+            for n, s_n, v_n in zip(bucket, sigma, v):
+                out[n] = s_n
+                vectors[n] = v_n.detach().cpu()
+        return out
+
+    def frames(self, kind: str, names: Iterable[str], k: int) -> dict[str, tuple[Tensor, Tensor]]:
+        """Top-``k`` left/right singular frames per matrix (``k`` clipped to ``min(m, n)``)."""
+        names = list(names)
+        missing: dict[tuple, list[str]] = defaultdict(list)
+        for n in names:
+            if (kind, n, k) not in self._frames:
+                missing[tuple(self._matrices[(kind, n)].shape)].append(n)
+        for shape, bucket in missing.items():
+            U, V = top_frames(torch.stack([self._matrices[(kind, n)] for n in bucket]), min(k, *shape))
+            for n, u, v in zip(bucket, U, V):
+                self._frames[(kind, n, k)] = (u, v)
+        return {n: self._frames[(kind, n, k)] for n in names}
+
+
+def drop_cache(trainer: object) -> None:
+    """Free the stored matrices (after the optimizer step: they may be views of live tensors)."""
+    _CACHES.pop(trainer, None)
+
+
+def step_cache(trainer: object, step: int) -> SpectralCache:
+    """The cache of ``trainer`` for ``step`` (a fresh one when the step has moved on)."""
+    cache = _CACHES.get(trainer)
+    if cache is None or cache.step != step:
+        cache = SpectralCache(step)
+        _CACHES[trainer] = cache
+    return cache

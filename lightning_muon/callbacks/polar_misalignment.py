@@ -1,0 +1,104 @@
+"""``PolarMisalignmentMonitor``: how far the weight's singular frames are from the gradient's and
+from Muon's update direction."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from ..newton_schulz import orthogonalize
+from ..spectral import _delta_p, _frame_sin
+from ._base import SpectralMonitor, aggregates
+from ._cache import SpectralCache, full_tensor
+
+METRICS = ("grad_sin_theta", "update_sin_theta", "grad_delta_p", "update_delta_p")
+
+
+def muon_update(grad: Tensor, group: dict, state: dict) -> Tensor:
+    """The matrix Muon orthogonalises this step, computed without touching the optimizer state:
+    ``buf' = lerp(buf, g, 1 - beta)`` then ``lerp(g, buf', beta)`` (Nesterov) or ``buf'``. For a
+    param outside a Muon group (another optimizer), the gradient."""
+    if not group.get("use_muon") or "momentum" not in group:
+        return grad
+    beta = group["momentum"]
+    buf = state.get("momentum_buffer")
+    buf = torch.zeros_like(grad) if buf is None else full_tensor(buf).reshape(grad.shape).to(grad.dtype)
+    buf = buf.lerp(grad, 1 - beta)
+    return grad.lerp(buf, beta) if group.get("nesterov", False) else buf
+
+
+class PolarMisalignmentMonitor(SpectralMonitor):
+    """Log the misalignment of each weight W with its gradient G and with Muon's update direction.
+
+    Four metrics per layer, each under ``polar_misalignment/<metric>/<param name>`` with
+    ``.../<metric>/{mean,min,max}``:
+
+    * ``grad_sin_theta``, ``update_sin_theta``: ``||sin Theta||_F`` between the top-``k``
+      singular frames of W and of G (or of the update: Muon's momentum/Nesterov matrix, whose
+      singular vectors its orthogonalised step shares), the larger of left and right; 0 aligned,
+      ``sqrt(k)`` orthogonal. Meaningful when W has a spectral gap after ``s_k``.
+    * ``grad_delta_p``, ``update_delta_p``: the basis-free ``delta_P`` of W with ``P = polar(G)``
+      (or the orthogonalised update), in [0, 1]; well defined for flat spectra too.
+
+    Gradients are read in ``on_before_optimizer_step``: accumulated, unscaled, all-reduced, not yet
+    clipped. The update uses the optimizer's ``momentum_buffer`` and group settings when the
+    optimizer is :class:`lightning_muon.Muon`, else the gradient. Cost per logging step: top-k
+    frames by ``svd_lowrank`` of W, G and the update, and two Newton–Schulz polar factors (fp32).
+
+    Example:
+        >>> trainer = L.Trainer(callbacks=[PolarMisalignmentMonitor(k=8, every_n_steps=100)])
+    """
+
+    prefix = "polar_misalignment/"
+    charts = {m: rf"^polar_misalignment/{m}/" for m in METRICS}
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] = (),
+        k: int = 8,
+    ) -> None:
+        super().__init__(every_n_steps, include, exclude)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"PolarMisalignmentMonitor: k must be an integer >= 1, got {k!r}")
+        self.k = k
+
+    def compute(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        optimizer: torch.optim.Optimizer,
+        params: dict[str, Tensor],
+        cache: SpectralCache,
+    ) -> dict[str, float]:
+        groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        names = [n for n, p in params.items() if p.grad is not None]
+        for n in names:
+            p = params[n]
+            cache.matrix("weight", n, p)
+            G = cache.matrix("grad", n, p.grad)
+            group = groups.get(id(p), {})
+            cache.matrix("update", n, muon_update(G, group, optimizer.state.get(p, {})))
+        if not trainer.is_global_zero or not names:
+            return {}
+        metrics: dict[str, float] = {}
+        weight_frames = cache.frames("weight", names, self.k)
+        for kind in ("grad", "update"):
+            frames = cache.frames(kind, names, self.k)
+            for n in names:
+                (Uw, Vw), (Ux, Vx) = weight_frames[n], frames[n]
+                metrics[f"{self.prefix}{kind}_sin_theta/{n}"] = float(torch.maximum(_frame_sin(Uw, Ux), _frame_sin(Vw, Vx)))
+        for n in names:
+            W, group = cache.matrix("weight", n), groups.get(id(params[n]), {})
+            method = group.get("ns_method", "polar_express") if group.get("use_muon") else "polar_express"
+            steps = group.get("ns_steps", 5) if group.get("use_muon") else 5
+            for kind in ("grad", "update"):
+                P = orthogonalize(cache.matrix(kind, n), method, steps, dtype=torch.float32)
+                metrics[f"{self.prefix}{kind}_delta_p/{n}"] = float(_delta_p(W, P))
+        for m in METRICS:
+            metrics.update(aggregates(f"{self.prefix}{m}", {k: v for k, v in metrics.items() if k.startswith(f"{self.prefix}{m}/")}))
+        return metrics

@@ -1,0 +1,65 @@
+"""The GPT example: real data, the CLI end to end, and TensorBoard logs on disk."""
+
+import numpy as np
+import pytest
+import torch
+
+from examples.gpt import GPTDataModule, LitGPT, TokenBlocks, cli_main, kjv_text, load_tokens
+
+
+def test_kjv_corpus_is_real_and_split():
+    text = kjv_text()
+    assert text.startswith("In the beginning God created the heaven and the earth.")
+    assert len(text) > 4_000_000
+    dm = GPTDataModule(block_size=64, batch_size=4)
+    assert 60 <= dm.vocab_size <= 90
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == y.shape == (4, 64) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])  # next-token targets
+    assert dm.decode(dm._split(True)[0][0][:16].tolist()) == text[:16]
+    assert len(dm._split(False)) == (len(text) - int(len(text) * 0.9) - 1) // 64
+
+
+def test_bin_token_file(tmp_path):
+    tokens = np.arange(1000, dtype=np.uint16)
+    path = tmp_path / "toks.bin"
+    tokens.tofile(path)
+    loaded, vocab = load_tokens(path)
+    assert vocab == 50304 and np.array_equal(loaded, tokens)
+    x, y = TokenBlocks(loaded, 10)[3]
+    assert x.tolist() == list(range(30, 40)) and y.tolist() == list(range(31, 41))
+    (tmp_path / "a.csv").write_text("1,2,3")
+    with pytest.raises(ValueError, match=r"must end in \.bin"):
+        load_tokens(tmp_path / "a.csv")
+    with pytest.raises(FileNotFoundError):
+        load_tokens(tmp_path / "missing.bin")
+
+
+def test_cli_demo_config_runs_and_writes_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cli = cli_main([
+        "fit", "--config", "examples/configs/gpt_demo.yaml", "--trainer.max_steps=4",
+        "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
+        f"--trainer.logger.init_args.save_dir={tmp_path}", "--model.n_layer=1", "--model.n_embd=32",
+        "--model.block_size=32", "--model.warmup_steps=1", "--data.batch_size=4", "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
+    ])
+    assert cli.trainer.global_step == 4
+    assert cli.model.model.cfg.vocab_size == cli.datamodule.vocab_size  # linked at instantiation
+    run_dir = next(tmp_path.glob("gpt_demo/version_*"))
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "train/loss" in tags and "val/loss" in tags and "lr-Muon/muon" in tags
+    assert all(np.isfinite(e.value) for e in acc.Scalars("train/loss"))
+
+
+def test_adamw_switch_uses_same_groups():
+    model = LitGPT(vocab_size=50, block_size=16, n_layer=1, n_embd=32, n_head=2, optimizer="adamw")
+    opt = model.configure_optimizers()
+    assert isinstance(opt, torch.optim.AdamW)
+    assert [g["name"] for g in opt.param_groups] == ["muon", "adamw", "adamw_no_decay"]
+    assert opt.param_groups[2]["weight_decay"] == 0.0
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        LitGPT(vocab_size=50, optimizer="sgd").configure_optimizers()
