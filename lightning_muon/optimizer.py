@@ -22,7 +22,16 @@ import torch
 from torch import Tensor
 from torch.optim.adamw import adamw as _adamw_functional
 
-from .newton_schulz import METHODS, orthogonalize
+from .distributed import (
+    UNSUPPORTED_STRATEGY,
+    Bucket,
+    all_finite,
+    check_dtensor_param,
+    check_not_flat_shard,
+    local_tensor,
+    orthogonalize_buckets,
+)
+from .newton_schulz import METHODS
 from .routing import groups_from_routes, route_named_parameters, why_not_muon
 
 __all__ = ["Muon", "ADJUST_LR", "adjusted_lr", "NonFiniteGradientError"]
@@ -69,6 +78,11 @@ class Muon(torch.optim.Optimizer):
     where ``O`` is :func:`lightning_muon.orthogonalize` and ``scale`` the ``adjust_lr`` rule.
     Weights with more than 2 dims are flattened to ``(shape[0], rest)``. Same-shape updates are
     orthogonalised together in one batched call.
+
+    Distributed (see :mod:`lightning_muon.distributed`): under DDP (``torch.distributed``
+    initialised with world size > 1) each matrix is orthogonalised on one owner rank and shared
+    with one collective per shape bucket; under FSDP2 (DTensor params) momentum stays sharded and
+    each matrix is gathered once, on its owner. FSDP1 and DeepSpeed ZeRO flat shards are refused.
 
     AdamW groups run ``torch.optim.AdamW``'s own functional kernel with ``adamw_lr``,
     ``adamw_betas``, ``adamw_eps`` and ``adamw_weight_decay``.
@@ -139,6 +153,9 @@ class Muon(torch.optim.Optimizer):
             group.setdefault("name", "muon" if group["use_muon"] else "adamw")
             _validate(group, f"Muon param group {i} ({group['name']!r})", adamw=not group["use_muon"])
         super().__init__(groups, {"use_muon": True})
+        for group in self.param_groups:  # first, so FSDP1/DeepSpeed get the strategy error
+            for p in group["params"]:
+                check_not_flat_shard(p, f"a parameter of group {group['name']!r}")
         for group in self.param_groups:
             _check_group_params(group)
 
@@ -201,14 +218,17 @@ class Muon(torch.optim.Optimizer):
             return True
         if any(g.is_sparse for g in grads):
             raise ValueError("Muon: sparse gradients are not supported (use nn.Embedding(sparse=False))")
-        norms = torch._foreach_norm([g.float() if g.dtype == torch.float16 else g for g in grads])
-        if bool(torch.stack([n.float() for n in norms]).isfinite().all()):
+        for group in self.param_groups:  # DeepSpeed ZeRO-1/2 swap flat partitions in after __init__
+            if group["use_muon"] and any(p.ndim < 2 for p in group["params"]):
+                what = f"Muon group {group['name']!r} holds a 1-D tensor at step time"
+                raise ValueError(UNSUPPORTED_STRATEGY.format(what=what))
+        if all_finite(grads):  # under FSDP2 also agreed over the ranks: all skip or none
             return True
         bad = []
         for group in self.param_groups:
             names = group.get("param_names") or [None] * len(group["params"])
             for name, p in zip(names, group["params"]):
-                if p.grad is not None and not bool(p.grad.isfinite().all()):
+                if p.grad is not None and not bool(local_tensor(p.grad).isfinite().all()):
                     bad.append(name or f"<{group['name']} param of shape {tuple(p.shape)}>")
         message = (
             f"Muon: non-finite gradient (NaN or Inf) in {', '.join(bad)}; no parameter or state "
@@ -253,22 +273,27 @@ class Muon(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = p.grad
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                buf = state["momentum_buffer"]
-                buf.lerp_(g.to(buf.dtype), 1 - beta)
-                update = g.to(buf.dtype).lerp(buf, beta) if group["nesterov"] else buf
-                key = (_flat_matrix(p).shape, p.device, group["ns_method"], group["ns_steps"], group["ns_dtype"])
-                buckets[key].append((p, _flat_matrix(update), group))
-        for (_, _, method, steps, dtype), items in buckets.items():
-            stacked = torch.stack([u for _, u, _ in items])  # a copy: buffers are never touched
-            ortho = orthogonalize(stacked, method, steps, dtype=getattr(torch, dtype))
+                # Local tensors throughout: under FSDP2 the state stays a sharded DTensor.
+                buf = local_tensor(state["momentum_buffer"])
+                g = local_tensor(p.grad).to(buf.dtype)
+                buf.lerp_(g, 1 - beta)
+                update = g.lerp(buf, beta) if group["nesterov"] else buf
+                mesh = getattr(p, "device_mesh", None)  # a DTensor's mesh; None for a plain tensor
+                key = (_flat_matrix(p).shape, p.device, mesh, group["ns_method"], group["ns_steps"], group["ns_dtype"])
+                buckets[key].append((p, update, group))
+        plan = [
+            Bucket([u for _, u, _ in items], tuple(shape), method, steps, getattr(torch, dtype), mesh)
+            for (shape, _, mesh, method, steps, dtype), items in buckets.items()
+        ]
+        for items, ortho in zip(buckets.values(), orthogonalize_buckets(plan)):
             for (p, _, group), o in zip(items, ortho):
                 lr = group["lr"]
-                p.mul_(1 - lr * group["weight_decay"])
-                p.add_(o.view_as(p).to(p.dtype), alpha=-adjusted_lr(lr, p.shape, group["adjust_lr"]))
+                w = local_tensor(p)
+                w.mul_(1 - lr * group["weight_decay"])
+                w.add_(o.view_as(w).to(w.dtype), alpha=-adjusted_lr(lr, p.shape, group["adjust_lr"]))
 
 
 def _check_group_params(group: dict) -> None:
@@ -277,6 +302,7 @@ def _check_group_params(group: dict) -> None:
     labels = [repr(n) if n else f"of shape {tuple(p.shape)}" for n, p in zip(names, group["params"])]
     if group["use_muon"]:
         for label, p in zip(labels, group["params"]):
+            check_dtensor_param(p, f"parameter {label}")
             if reason := why_not_muon(p):
                 raise ValueError(
                     f"Muon: parameter {label} in Muon group {group['name']!r} cannot be "

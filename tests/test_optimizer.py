@@ -85,7 +85,7 @@ def test_conv_kernel_flattened_and_scaled_by_flat_shape():
 
 
 def test_same_shape_matrices_orthogonalised_in_one_batched_call(monkeypatch):
-    import lightning_muon.optimizer as mod
+    import lightning_muon.distributed as mod  # the bucket loop calls orthogonalize there
 
     calls = []
     real = mod.orthogonalize

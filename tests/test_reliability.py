@@ -62,7 +62,7 @@ class Counting(L.LightningModule):
 
 
 def test_accumulation_orthogonalises_once_per_optimizer_step(tmp_path, monkeypatch):
-    import lightning_muon.optimizer as mod
+    import lightning_muon.distributed as mod  # the bucket loop calls orthogonalize there
 
     calls = []
     real = mod.orthogonalize

@@ -1,0 +1,117 @@
+"""Per-rank Muon step time and Newton–Schulz time at world size 1 vs 2 (gloo on CPU).
+
+GPT-small's Muon matrices (d = 768, 12 layers: qkv 2304x768, attention out 768x768, MLP
+3072x768 and 768x3072) with random gradients; no model, so the table is the optimizer alone.
+"ddp" shares the NS work by owner rank (one all_gather per shape bucket); "fsdp" holds the
+params as DTensors Shard(0) (one all_to_all to the owners and one back per bucket). The per-rank
+NS time should fall towards 1/W of the world-size-1 time; the rest of a step is momentum, the
+update and communication. Run it on a quiet machine: wall times on shared cores mostly measure
+the other load (the CPU-time column is robust to it).
+
+Usage (about 1-2 minutes with the defaults on a 2-core CPU):
+    PYTHONPATH=. python benchmarks/distributed_step.py
+    PYTHONPATH=. python benchmarks/distributed_step.py --layers 4 --steps 3 --modes ddp
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import lightning_muon.distributed as lmd
+from lightning_muon import Muon
+
+D = 768
+SHAPES = [(3 * D, D), (D, D), (4 * D, D), (D, 4 * D)]  # per layer: qkv, attn out, mlp fc, mlp proj
+
+
+def worker(rank: int, world: int, mode: str, args: argparse.Namespace, port: str, queue) -> None:
+    torch.set_num_threads(args.threads)
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(0)
+    full = [torch.randn(s, generator=g) for _ in range(args.layers) for s in SHAPES]
+    grads = [torch.randn(s, generator=g) for _ in range(args.layers) for s in SHAPES]
+    if mode == "fsdp" and world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        shard = lambda t: distribute_tensor(t, mesh, [Shard(0)], src_data_rank=None)  # noqa: E731
+        params = [torch.nn.Parameter(shard(p)) for p in full]
+        grads = [shard(x) for x in grads]
+    else:
+        params = [torch.nn.Parameter(p) for p in full]
+    for p, x in zip(params, grads):
+        p.grad = x
+    opt = Muon([{"params": params, "use_muon": True}], lr=0.02, ns_dtype=args.ns_dtype)
+
+    ns_time = [0.0, 0.0]  # wall, CPU time of this process (robust to other load on the machine)
+    ns_count = [0]
+    original = lmd.orthogonalize
+
+    def timed(G, *a, **k):
+        t, c = time.perf_counter(), time.process_time()
+        out = original(G, *a, **k)
+        ns_time[0] += time.perf_counter() - t
+        ns_time[1] += time.process_time() - c
+        ns_count[0] += G.shape[0]
+        return out
+
+    lmd.orthogonalize = timed
+    opt.step()  # warm-up: allocates momentum, first-touch memory
+    if world > 1:
+        dist.barrier()
+    ns_time[:], ns_count[0] = [0.0, 0.0], 0
+    step_times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        opt.step()
+        step_times.append(time.perf_counter() - t)
+    ns_wall, ns_cpu = (x / args.steps for x in ns_time)
+    queue.put((mode, world, rank, min(step_times), ns_wall, ns_cpu, ns_count[0] // args.steps))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument("--ns-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--modes", default="ddp,fsdp", help="comma-separated: ddp, fsdp")
+    args = parser.parse_args()
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    configs = [("ddp", 1)] + [(mode, 2) for mode in args.modes.split(",")]
+    rows = []
+    for mode, world in configs:
+        mp.spawn(worker, args=(world, mode, args, _free_port(), queue), nprocs=world)
+        rows += sorted(queue.get() for _ in range(world))
+    print(f"Muon step on GPT-small matrices: {args.layers} layers x {len(SHAPES)} = "
+          f"{args.layers * len(SHAPES)} matrices, ns_dtype={args.ns_dtype}, {args.threads} thread(s)/rank, "
+          f"gloo on CPU, best of {args.steps} steps")
+    base = next(r[5] for r in rows if r[1] == 1)
+    print("NS ms: wall time inside orthogonalize per step; NS cpu ms: this process's CPU time there")
+    print(f"{'mode':<7}{'world':>5}{'rank':>5}{'step ms':>10}{'NS ms':>10}{'NS cpu ms':>11}{'cpu / W=1':>11}{'matrices':>10}")
+    for mode, world, rank, step, wall, cpu, count in rows:
+        label = "single" if world == 1 else mode
+        print(f"{label:<7}{world:>5}{rank:>5}{step * 1e3:>10.1f}{wall * 1e3:>10.1f}{cpu * 1e3:>11.1f}{cpu / base:>11.2f}{count:>10}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""Muon's orthogonalisation across processes: DDP work sharding and FSDP2 (DTensor) row shards.
+
+Plain torch (no Lightning). :class:`lightning_muon.Muon` calls :func:`orthogonalize_buckets` once
+per step with its same-shape buckets; this module decides where each matrix is orthogonalised:
+
+* one process (or no process group): every matrix here, one batched call per bucket;
+* DDP (``torch.distributed`` initialised, world size > 1, plain tensors): gradients are the same on
+  every rank, so each matrix gets one owner rank (owners balanced by Newton–Schulz FLOPs, see
+  :func:`assign_owners`), each rank orthogonalises what it owns, and one ``all_gather`` per bucket
+  gives every rank every result. Momentum is computed everywhere, so optimizer state is complete
+  on every rank (a rank-0 checkpoint is complete);
+* FSDP2 (DTensor params, ``Shard(0)`` on a 1-D mesh, uneven or empty shards allowed): momentum
+  stays sharded; per bucket one ``all_to_all`` moves each matrix's rows to its owner (each matrix
+  is gathered once, on one rank), the owner orthogonalises it, and one ``all_to_all`` sends every
+  rank its rows back.
+
+Example:
+    >>> from lightning_muon.distributed import Bucket, orthogonalize_buckets
+    >>> bucket = Bucket([torch.randn(8, 16)] * 3, (8, 16), "polar_express", 5, torch.bfloat16)
+    >>> out = orthogonalize_buckets([bucket])
+    >>> [tuple(o.shape) for o in out[0]]
+    [(8, 16), (8, 16), (8, 16)]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .newton_schulz import ns_flops, orthogonalize
+
+__all__ = [
+    "Bucket",
+    "UNSUPPORTED_STRATEGY",
+    "assign_owners",
+    "all_finite",
+    "check_dtensor_param",
+    "check_not_flat_shard",
+    "data_parallel_group",
+    "local_tensor",
+    "orthogonalize_buckets",
+    "shard_rows",
+]
+
+#: The error text for strategies that hand the optimizer flat 1-D shards.
+UNSUPPORTED_STRATEGY = (
+    "Muon needs every weight matrix whole (DDP) or as a row-sharded DTensor (FSDP2), but {what}. "
+    "This is what FSDPStrategy (FSDP1, FlatParameter) and DeepSpeed ZeRO do: they hand the "
+    "optimizer flat 1-D shards that cut across matrices, so no polar factor can be computed. "
+    "Supported strategies: 'ddp', 'ddp_spawn', a single device, and ModelParallelStrategy (FSDP2: "
+    "fully_shard in configure_model). Under DeepSpeed use DeepSpeed's own Muon optimizer "
+    '("optimizer": {{"type": "Muon"}} in the DeepSpeed config) instead of lightning_muon.Muon.'
+)
+
+
+@dataclass
+class Bucket:
+    """Same-shape Muon updates orthogonalised together.
+
+    ``updates`` are local tensors whose global matrix shape is ``shape = (m, n)`` (trailing dims
+    of conv kernels flattened): whole matrices when ``mesh`` is None, else this rank's rows of
+    DTensors placed ``Shard(0)`` on the 1-D DeviceMesh ``mesh`` (FSDP2). ``method``, ``steps``
+    and ``dtype`` go to :func:`lightning_muon.orthogonalize`.
+    """
+
+    updates: list[Tensor]
+    shape: tuple[int, int]
+    method: str
+    steps: int
+    dtype: torch.dtype
+    mesh: Any = None
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """This rank's part of ``t``: the local shard of a DTensor, ``t`` itself otherwise."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def data_parallel_group() -> dist.ProcessGroup | None:
+    """The default process group when ``torch.distributed`` runs with world size > 1, else None."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
+def check_not_flat_shard(param: Tensor, where: str) -> None:
+    """Raise ValueError if ``param`` is an FSDP1 flat parameter/view or a DeepSpeed ZeRO param."""
+    if getattr(param, "_fsdp_flattened", False):
+        raise ValueError(UNSUPPORTED_STRATEGY.format(what=f"{where} was flattened by FSDP1"))
+    if hasattr(param, "ds_id") or hasattr(param, "ds_tensor"):
+        raise ValueError(UNSUPPORTED_STRATEGY.format(what=f"{where} is partitioned by DeepSpeed ZeRO"))
+
+
+def shard_rows(rows: int, world: int) -> list[int]:
+    """Rows of each rank under ``Shard(0)`` (``torch.chunk`` rule: ceil-sized, trailing ranks may get 0).
+
+    Example:
+        >>> shard_rows(5, 4)
+        [2, 2, 1, 0]
+    """
+    size = math.ceil(rows / world) if rows else 0
+    return [max(0, min(size, rows - r * size)) for r in range(world)]
+
+
+def assign_owners(costs: list[int], world: int) -> list[int]:
+    """Owner rank of each item, balancing the summed cost (greedy: largest first, least-loaded rank).
+
+    Deterministic in ``costs`` alone, so every rank computes the same plan without communicating.
+
+    Example:
+        >>> assign_owners([4, 3, 3, 2], world=2)
+        [0, 1, 1, 0]
+    """
+    load = [0] * world
+    owners = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        owners[i] = rank
+        load[rank] += costs[i]
+    return owners
+
+
+def _comm_dtype(bucket: Bucket, dtype: torch.dtype) -> torch.dtype:
+    # Newton–Schulz casts its input to bucket.dtype first and returns values representable in it,
+    # so sending in that dtype (e.g. bf16) changes no result and halves the traffic.
+    return dtype if bucket.method == "svd" else bucket.dtype
+
+
+def _orthogonalize(bucket: Bucket, matrices: list[Tensor]) -> Tensor:
+    return orthogonalize(torch.stack(matrices), bucket.method, bucket.steps, dtype=bucket.dtype)
+
+
+def _by_owner(owners: list[int], world: int) -> list[list[int]]:
+    """Bucket positions owned by each rank, in bucket order."""
+    return [[i for i, o in enumerate(owners) if o == r] for r in range(world)]
+
+
+def orthogonalize_buckets(buckets: list[Bucket]) -> list[list[Tensor]]:
+    """Orthogonalised updates of every bucket, as this rank needs them.
+
+    Returns, per bucket and in its order, an ``(m, n)`` tensor for a plain update and this rank's
+    ``(local_rows, n)`` rows for a DTensor update. Every rank of the group must call it with the
+    same buckets (as every optimizer step does).
+    """
+    costs = [ns_flops(*b.shape, b.steps) for b in buckets for _ in b.updates]
+    group = data_parallel_group()
+    meshes = [b.mesh for b in buckets if b.mesh is not None]
+    world = meshes[0].size() if meshes else (group.size() if group is not None else 1)
+    owners = assign_owners(costs, world)
+    results, start = [], 0
+    for bucket in buckets:
+        own = owners[start : start + len(bucket.updates)]
+        start += len(bucket.updates)
+        if bucket.mesh is not None:
+            results.append(_sharded_bucket(bucket, own))
+        elif group is not None:
+            results.append(_replicated_bucket(bucket, own, group))
+        else:
+            flat = [u.reshape(bucket.shape) for u in bucket.updates]
+            results.append(list(_orthogonalize(bucket, flat)))
+    return results
+
+
+def _replicated_bucket(bucket: Bucket, owners: list[int], group: dist.ProcessGroup) -> list[Tensor]:
+    """DDP: each rank orthogonalises its own matrices; one all_gather shares them."""
+    world, rank = group.size(), group.rank()
+    by_owner = _by_owner(owners, world)
+    mine = by_owner[rank]
+    slots = max(len(b) for b in by_owner)  # every rank sends `slots` matrices, zero-padded
+    first = bucket.updates[0]
+    dtype = _comm_dtype(bucket, first.dtype)
+    send = torch.zeros(slots, *bucket.shape, dtype=dtype, device=first.device)
+    if mine:
+        send[: len(mine)] = _orthogonalize(bucket, [bucket.updates[i].reshape(bucket.shape) for i in mine])
+    gathered = torch.empty(world * slots, *bucket.shape, dtype=dtype, device=first.device)
+    dist.all_gather_into_tensor(gathered, send, group=group)
+    out: list[Tensor] = [first] * len(owners)
+    for r, positions in enumerate(by_owner):
+        for j, i in enumerate(positions):
+            out[i] = gathered[r * slots + j].to(first.dtype)
+    return out
+
+
+def _sharded_bucket(bucket: Bucket, owners: list[int]) -> list[Tensor]:
+    """FSDP2: rows go to each matrix's owner (one all_to_all), it orthogonalises, rows come back."""
+    group = bucket.mesh.get_group()
+    world, rank = group.size(), group.rank()
+    m, n = bucket.shape
+    rows = shard_rows(m, world)
+    offsets = [sum(rows[:r]) for r in range(world)]
+    local = [u.reshape(rows[rank], n) for u in bucket.updates]
+    dtype = _comm_dtype(bucket, local[0].dtype)
+    by_owner = _by_owner(owners, world)
+    mine = by_owner[rank]
+
+    # 1) my rows of every matrix to its owner; I receive every rank's rows of the matrices I own.
+    send = torch.cat([local[i].reshape(-1).to(dtype) for r in range(world) for i in by_owner[r]])
+    recv = send.new_empty(len(mine) * m * n)
+    dist.all_to_all_single(
+        recv, send,
+        output_split_sizes=[len(mine) * rows[s] * n for s in range(world)],
+        input_split_sizes=[len(by_owner[r]) * rows[rank] * n for r in range(world)],
+        group=group,
+    )
+    pieces = recv.split([len(mine) * rows[s] * n for s in range(world)])  # rank s's rows, s = 0, 1, ...
+    full = torch.cat([p.view(len(mine), rows[s], n) for s, p in enumerate(pieces)], dim=1)
+    ortho = _orthogonalize(bucket, list(full)).to(dtype) if mine else full
+
+    # 2) every rank its rows of the matrices I orthogonalised.
+    send_back = torch.cat([ortho[:, offsets[r] : offsets[r] + rows[r]].reshape(-1) for r in range(world)])
+    recv_back = send.new_empty(len(owners) * rows[rank] * n)
+    dist.all_to_all_single(
+        recv_back, send_back,
+        output_split_sizes=[len(by_owner[s]) * rows[rank] * n for s in range(world)],
+        input_split_sizes=[len(mine) * rows[r] * n for r in range(world)],
+        group=group,
+    )
+    out: list[Tensor] = list(local)
+    pieces = recv_back.split([len(by_owner[s]) * rows[rank] * n for s in range(world)])  # from owner s
+    for s, piece in enumerate(pieces):
+        for j, i in enumerate(by_owner[s]):
+            out[i] = piece.view(len(by_owner[s]), rows[rank], n)[j].to(local[0].dtype)
+    return out
+
+
+def check_dtensor_param(param: Tensor, where: str) -> None:
+    """Raise ValueError unless a DTensor ``param`` is ``Shard(0)`` on a 1-D mesh (FSDP2 data parallel)."""
+    if not _is_dtensor(param):
+        return
+    mesh, placements = param.device_mesh, param.placements
+    if mesh.ndim != 1 or any(type(p).__name__ != "Shard" or p.dim != 0 for p in placements):
+        raise ValueError(
+            f"Muon: {where} is a DTensor with placements {placements} on a {mesh.ndim}-D mesh; "
+            "Muon groups support DTensors only as Shard(0) on a 1-D mesh (FSDP2 fully_shard over "
+            "the data-parallel ranks). Tensor parallelism is not supported."
+        )
+
+
+def all_finite(grads: list[Tensor]) -> bool:
+    """True if every gradient is finite on every rank that holds a shard of it.
+
+    Plain (DDP) gradients are identical on all ranks and need no communication; DTensor shards
+    are checked locally and agreed on with one ``all_reduce`` over their mesh.
+    """
+    if not grads:
+        return True
+    local = [local_tensor(g) for g in grads]
+    norms = torch._foreach_norm([g.float() if g.dtype == torch.float16 else g for g in local])
+    ok = torch.stack([x.float() for x in norms]).isfinite().all().to(torch.int32).reshape(1)
+    meshes = [g.device_mesh for g in grads if _is_dtensor(g)]
+    if meshes:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=meshes[0].get_group())
+    return bool(ok.item())

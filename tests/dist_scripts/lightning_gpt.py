@@ -1,0 +1,154 @@
+"""Worker for tests/test_distributed.py: a tiny GPT trained by Muon under Lightning on CPU/gloo.
+
+Trains EPOCHS epochs (4 optimizer steps each, global batch 8 split over the ranks with a
+non-shuffling DistributedSampler, so every world size sees the same global batches), optionally
+resuming from ``--resume``, and writes to OUT_DIR:
+  epoch{k}.pt     after epoch k (1-based): full parameters and Muon/AdamW state by name (rank 0)
+  e{k-1}.ckpt     Lightning's checkpoint after epoch k (a file; a DCP directory under FSDP2)
+  rank{r}.json    matrices this rank orthogonalised, and collectives per optimizer step
+
+Usage: python lightning_gpt.py OUT_DIR {single,ddp,fsdp} EPOCHS [--resume CKPT]
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+torch.set_num_threads(1)
+
+import lightning as L  # noqa: E402
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # noqa: E402
+
+import lightning_muon.distributed as lmd  # noqa: E402
+from lightning_muon import Muon, configure_muon  # noqa: E402
+
+VOCAB, CONTEXT, DIM, HIDDEN, HEADS = 65, 16, 32, 97, 2  # odd sizes: uneven FSDP2 row shards
+SEQUENCES, GLOBAL_BATCH = 32, 8
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
+        self.qkv, self.proj = nn.Linear(DIM, 3 * DIM, bias=False), nn.Linear(DIM, DIM, bias=False)
+        self.fc, self.out = nn.Linear(DIM, HIDDEN), nn.Linear(HIDDEN, DIM)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, HEADS, DIM // HEADS).transpose(1, 3).unbind(2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, DIM))
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class TinyGPT(L.LightningModule):
+    def __init__(self, fsdp: bool) -> None:
+        super().__init__()
+        self.fsdp = fsdp
+        self.wte = nn.Embedding(VOCAB, DIM)
+        self.wpe = nn.Embedding(CONTEXT, DIM)
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.ln_f = nn.LayerNorm(DIM)
+        self.lm_head = nn.Linear(DIM, VOCAB, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied
+
+    def configure_model(self) -> None:
+        if self.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            for block in self.blocks:
+                fully_shard(block, mesh=mesh)
+            fully_shard(self, mesh=mesh)
+
+    def forward(self, idx):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+    def training_step(self, batch, _):
+        x, y = batch
+        return F.cross_entropy(self(x).flatten(0, 1), y.flatten())
+
+    def configure_optimizers(self):
+        return configure_muon(self, lr=0.02, adjust_lr="original", adamw_lr=3e-3, weight_decay=0.01,
+                              ns_dtype=ARGS.ns_dtype)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        data = torch.randint(0, VOCAB, (SEQUENCES, CONTEXT + 1), generator=g)
+        ds = TensorDataset(data[:, :-1], data[:, 1:])
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False)
+        return DataLoader(ds, batch_size=GLOBAL_BATCH // world, sampler=sampler)
+
+    def on_train_epoch_end(self) -> None:  # every rank: full_tensor() is a collective under FSDP2
+        full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
+        opt = self.trainer.optimizers[0]
+        result = {f"param.{n}": full(p.detach()).clone() for n, p in self.named_parameters()}
+        for n, p in self.named_parameters():
+            for key, value in opt.state[p].items():
+                if key != "step":
+                    result[f"{key}.{n}"] = full(value).clone()
+        if self.trainer.global_rank == 0:
+            torch.save(result, os.path.join(ARGS.out, f"epoch{self.current_epoch + 1}.pt"))
+
+
+def count_work_and_comms(out: str, rank_of) -> None:
+    """Record what this rank orthogonalises and the collectives inside each optimizer step."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    record = {"orthogonalized": [], "comms": []}
+    original_ortho, original_step = lmd.orthogonalize, Muon.step
+
+    def ortho(G, *args, **kwargs):  # calls through; records the matrices computed here
+        record["orthogonalized"].extend([list(G.shape[-2:])] * G.shape[0])
+        return original_ortho(G, *args, **kwargs)
+
+    def step(self, closure=None):  # forward/backward outside, the optimizer's own work inside
+        loss = closure() if closure is not None else None
+        with CommDebugMode() as comm:
+            original_step(self)
+        record["comms"].append({str(k): v for k, v in comm.get_comm_counts().items()})
+        with open(os.path.join(out, f"rank{rank_of()}.json"), "w") as f:
+            json.dump(record, f)
+        return loss
+
+    lmd.orthogonalize, Muon.step = ortho, step
+
+
+def main() -> None:
+    L.seed_everything(0, verbose=False)
+    if ARGS.strategy == "fsdp":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy, devices = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), 2
+    else:
+        strategy, devices = ("ddp", 2) if ARGS.strategy == "ddp" else ("auto", 1)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=devices, strategy=strategy, max_epochs=ARGS.epochs,
+        use_distributed_sampler=False, logger=False, enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[L.pytorch.callbacks.ModelCheckpoint(ARGS.out, "e{epoch}", save_top_k=-1, auto_insert_metric_name=False)],
+    )
+    count_work_and_comms(ARGS.out, lambda: trainer.global_rank)
+    model = TinyGPT(fsdp=ARGS.strategy == "fsdp")
+    trainer.fit(model, ckpt_path=ARGS.resume)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("strategy", choices=["single", "ddp", "fsdp"])
+    parser.add_argument("epochs", type=int)
+    parser.add_argument("--resume", default=None)
+    parser.add_argument("--ns-dtype", default="float32", help="float32: parity is not blurred by bf16")
+    ARGS = parser.parse_args()
+    main()
