@@ -108,7 +108,8 @@ class Muon(torch.optim.Optimizer):
         nonfinite: what a NaN/Inf gradient does: ``"raise"`` a :class:`NonFiniteGradientError`
             naming the parameters (default) or ``"skip"`` the whole step with a warning. Either
             way no parameter or state changes. Costs one host sync per step.
-        foreach: passed to the AdamW kernel (None: torch decides).
+        foreach: the AdamW kernel. None (default): torch's fused kernel for plain float CPU/CUDA
+            tensors (DTensors and other devices: torch decides); True/False: foreach or per-tensor.
     """
 
     def __init__(
@@ -241,46 +242,51 @@ class Muon(torch.optim.Optimizer):
         return False
 
     def _adamw_group(self, group: dict) -> None:
+        live = [p for p in group["params"] if p.grad is not None]
+        if not live:
+            return
+        # torch's fused AdamW kernel for plain float CPU/CUDA tensors unless foreach is set: on
+        # CPU about 10x faster than the per-tensor loop torch picks by default (benchmarks/step.py).
+        fused = group["foreach"] is None and all(_fusable(p) for p in live)
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
+        for p in live:
             state = self.state[p]
             if not state:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if fused and state["step"].device != p.device:  # the fused kernel wants it on p's device
+                state["step"] = state["step"].to(p.device)
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
-        if not params:
-            return
         beta1, beta2 = group["betas"]
         _adamw_functional(
             params, grads, exp_avgs, exp_avg_sqs, [], steps,
-            foreach=group["foreach"], amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
-            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
-            has_complex=any(p.is_complex() for p in params),
+            foreach=None if fused else group["foreach"], fused=fused or None, amsgrad=False,
+            beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+            eps=group["eps"], maximize=False, has_complex=any(p.is_complex() for p in params),
         )
 
     def _muon_groups(self, groups: list[dict]) -> None:
-        """Momentum for every Muon param, then one batched orthogonalisation per shape bucket."""
+        """Momentum for every Muon param (foreach), then one orthogonalisation per shape bucket."""
         buckets: dict[tuple, list[tuple[Tensor, Tensor, dict]]] = defaultdict(list)
         for group in groups:
+            live = [p for p in group["params"] if p.grad is not None]
+            if not live:
+                continue
+            for p in live:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            # Local tensors throughout: under FSDP2 the state stays a sharded DTensor.
+            bufs = [local_tensor(self.state[p]["momentum_buffer"]) for p in live]
+            grads = [local_tensor(p.grad).to(b.dtype) for p, b in zip(live, bufs)]
             beta = group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                # Local tensors throughout: under FSDP2 the state stays a sharded DTensor.
-                buf = local_tensor(state["momentum_buffer"])
-                g = local_tensor(p.grad).to(buf.dtype)
-                buf.lerp_(g, 1 - beta)
-                update = g.lerp(buf, beta) if group["nesterov"] else buf
+            torch._foreach_lerp_(bufs, grads, 1 - beta)
+            updates = torch._foreach_lerp(grads, bufs, beta) if group["nesterov"] else bufs
+            for p, update in zip(live, updates):
                 mesh = getattr(p, "device_mesh", None)  # a DTensor's mesh; None for a plain tensor
                 key = (_flat_matrix(p).shape, p.device, mesh, group["ns_method"], group["ns_steps"], group["ns_dtype"])
                 buckets[key].append((p, update, group))
@@ -294,6 +300,13 @@ class Muon(torch.optim.Optimizer):
                 w = local_tensor(p)
                 w.mul_(1 - lr * group["weight_decay"])
                 w.add_(o.view_as(w).to(w.dtype), alpha=-adjusted_lr(lr, p.shape, group["adjust_lr"]))
+
+
+def _fusable(p: Tensor) -> bool:
+    """Whether torch's fused AdamW kernel takes ``p``: a plain (not DTensor) float CPU/CUDA tensor."""
+    return type(p.data) is Tensor and p.device.type in ("cpu", "cuda") and p.dtype in (
+        torch.float16, torch.bfloat16, torch.float32, torch.float64
+    )
 
 
 def _check_group_params(group: dict) -> None:
