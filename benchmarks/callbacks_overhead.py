@@ -1,13 +1,12 @@
 """Training-time overhead of the four diagnostics callbacks at their defaults vs none.
 
-Trains the example GPT (``examples.gpt.LitGPT`` when present, else a small GPT-like model defined
-here) on random tokens with Muon and ``accumulate_grad_batches=2`` (CriticalBatchSizeMonitor needs
+Trains the example GPT (``examples.gpt.LitGPT``) on random tokens with Muon and ``accumulate_grad_batches=2`` (CriticalBatchSizeMonitor needs
 two batch sizes; both runs use it), and times optimizer steps ``[1, 1 + steps)``, a window with
 ``steps / every_n_steps`` logging steps. Target: <= 3% overhead. Reports the run-vs-run
 difference and, more robust on a shared machine, the share of the run spent inside the monitors'
 hooks. On CPU the clock is this process's CPU time; pin ``--threads``.
 
-    PYTHONPATH=. python benchmarks/callbacks_overhead.py --steps 200 --repeats 3
+    python -m benchmarks.callbacks_overhead --steps 200 --repeats 3
 """
 
 from __future__ import annotations
@@ -20,12 +19,10 @@ import time
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_muon import configure_muon
+from examples.gpt import LitGPT
 from lightning_muon.callbacks import (
     CriticalBatchSizeMonitor,
     PolarMisalignmentMonitor,
@@ -34,33 +31,7 @@ from lightning_muon.callbacks import (
 )
 
 
-class SmallGPT(pl.LightningModule):
-    """Fallback: token/position embeddings, pre-norm causal transformer blocks, LM head."""
-
-    def __init__(self, vocab_size=256, block_size=256, n_layer=4, n_head=4, n_embd=128) -> None:
-        super().__init__()
-        self.wte = nn.Embedding(vocab_size, n_embd)
-        self.wpe = nn.Embedding(block_size, n_embd)
-        layer = nn.TransformerEncoderLayer(n_embd, n_head, 4 * n_embd, dropout=0.0, batch_first=True, norm_first=True, bias=False)
-        self.blocks = nn.TransformerEncoder(layer, n_layer, enable_nested_tensor=False)
-        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        T = x.shape[1]
-        h = self.wte(x) + self.wpe(torch.arange(T, device=x.device))
-        h = self.blocks(h, mask=nn.Transformer.generate_square_subsequent_mask(T), is_causal=True)
-        return F.cross_entropy(self.lm_head(h).flatten(0, 1), y.flatten())
-
-    def configure_optimizers(self):
-        return configure_muon(self, lr=0.02, adjust_lr="original", adamw_lr=1e-3, momentum=0.95)
-
-
 def make_model(args):
-    try:
-        from examples.gpt import LitGPT
-    except ImportError:
-        return SmallGPT(block_size=args.block_size, n_layer=args.n_layer, n_embd=args.n_embd), "SmallGPT (in-script)"
     return LitGPT(block_size=args.block_size, n_layer=args.n_layer, n_embd=args.n_embd), "examples.gpt.LitGPT"
 
 

@@ -1,4 +1,5 @@
-"""Training-step time of the example GPT: Muon vs AdamW, and the four callbacks' overhead.
+"""Training-step time of the example GPT: Muon vs AdamW (the callbacks' overhead is measured by
+``benchmarks/callbacks_overhead.py``).
 
 Runs in one process, same data and model, configurations interleaved over ``--rounds`` so a
 shared machine slows all alike; reports the median step time (after ``--skip`` warmup steps).
@@ -16,19 +17,6 @@ from benchmarks._gpt_runs import train_gpt
 from benchmarks._timing import markdown_table
 
 
-def _callbacks(every_n_steps: int | None):
-    from lightning_muon.callbacks import (
-        CriticalBatchSizeMonitor,
-        PolarMisalignmentMonitor,
-        SpectralEntropyMonitor,
-        StableRankMonitor,
-    )
-
-    kw = {} if every_n_steps is None else {"every_n_steps": every_n_steps}
-    return [SpectralEntropyMonitor(**kw), StableRankMonitor(**kw), PolarMisalignmentMonitor(**kw),
-            CriticalBatchSizeMonitor(**kw)]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
@@ -40,7 +28,6 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--precision", default="32-true")
-    parser.add_argument("--every-n-steps", type=int, default=None, help="callbacks' interval (default: theirs)")
     args = parser.parse_args()
     size = dict(n_layer=args.n_layer, n_embd=args.n_embd, block_size=args.block_size,
                 batch_size=args.batch_size, accelerator=args.accelerator, precision=args.precision,
@@ -48,22 +35,16 @@ def main() -> None:
     configs = {
         "adamw": dict(optimizer="adamw", lr=1e-3, adamw_lr=1e-3),
         "muon": dict(optimizer="muon", lr=0.02, adamw_lr=1e-3),
-        "muon + 4 callbacks": dict(optimizer="muon", lr=0.02, adamw_lr=1e-3, callbacks=True),
     }
     times: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(args.rounds):
         for name, cfg in configs.items():
-            cfg = dict(cfg)
-            if cfg.pop("callbacks", False):
-                cfg["callbacks"] = _callbacks(args.every_n_steps)
             run = train_gpt(**size, **cfg)
             times[name].extend(run.step_times[args.skip:])
     med = {name: statistics.median(t) for name, t in times.items()}
     rows = [
         ("adamw", med["adamw"] * 1e3, 1.0, ""),
         ("muon", med["muon"] * 1e3, med["muon"] / med["adamw"], "target <= 1.10x AdamW"),
-        ("muon + 4 callbacks", med["muon + 4 callbacks"] * 1e3, med["muon + 4 callbacks"] / med["adamw"],
-         f"callbacks add {100 * (med['muon + 4 callbacks'] / med['muon'] - 1):+.1f}% (target <= 3%)"),
     ]
     print(f"GPT n_layer={args.n_layer} n_embd={args.n_embd} block={args.block_size} batch={args.batch_size}, "
           f"{args.rounds} rounds x {args.steps - args.skip} timed steps")

@@ -19,7 +19,6 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
 
 __all__ = [

@@ -2,7 +2,6 @@
 behaviour, and on an error no parameter or optimizer state changes."""
 
 import copy
-import warnings
 
 import pytest
 import torch

@@ -1,8 +1,6 @@
 """Property tests (hypothesis) for orthogonalize: random shapes and conditioning up to 1e6."""
 
-import math
 
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
