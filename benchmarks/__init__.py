@@ -1,1 +1,1 @@
-"""Benchmarks of lightning_muon (run from the repository root: ``PYTHONPATH=. python benchmarks/<name>.py``)."""
+"""Benchmarks of lightning_muon. Run each from the repository root as ``python -m benchmarks.<name>``."""

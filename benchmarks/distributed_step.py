@@ -9,8 +9,8 @@ update and communication. Run it on a quiet machine: wall times on shared cores 
 the other load (the CPU-time column is robust to it).
 
 Usage (about 1-2 minutes with the defaults on a 2-core CPU):
-    PYTHONPATH=. python benchmarks/distributed_step.py
-    PYTHONPATH=. python benchmarks/distributed_step.py --layers 4 --steps 3 --modes ddp
+    python -m benchmarks.distributed_step
+    python -m benchmarks.distributed_step --layers 4 --steps 3 --modes ddp
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ throughput is the machine's practical matmul limit. It prints a markdown table: 
 FLOP/s, that as a fraction of the ``torch.mm`` throughput, and the time relative to torch's NS.
 
 Usage (from the repository root):
-    PYTHONPATH=. python benchmarks/orthogonalize.py                      # CPU, bf16, GPT-small x2 layers
-    PYTHONPATH=. python benchmarks/orthogonalize.py --device cuda --layers 12 --compile
+    python -m benchmarks.orthogonalize                      # CPU, bf16, GPT-small x2 layers
+    python -m benchmarks.orthogonalize --device cuda --layers 12 --compile
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ state and the NS time a matmul running at the ``torch.mm`` throughput measured i
 would need (the floor for a Muon step).
 
 Usage (from the repository root):
-    PYTHONPATH=. python benchmarks/step.py                 # CPU, 2 layers
-    PYTHONPATH=. python benchmarks/step.py --device cuda --layers 12
+    python -m benchmarks.step                 # CPU, 2 layers
+    python -m benchmarks.step --device cuda --layers 12
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ its steps, not their size. The normalised spectral entropy of ``W`` is logged ov
 final nuclear norms are compared with the minimum-nuclear-norm interpolant, solved with cvxpy.
 Writes ``matrix_sensing.png``, ``matrix_sensing.md`` and ``matrix_sensing.json`` to ``--out``.
 
-    python examples/matrix_sensing.py --out runs/matrix_sensing
+    python -m examples.matrix_sensing --out runs/matrix_sensing
 
 Example (in Python):
     >>> from examples.matrix_sensing import make_problem, train, min_nuclear_norm_interpolant

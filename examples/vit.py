@@ -7,10 +7,10 @@ classifier (``heads.head``), LayerNorms and biases go to AdamW (see ``lightning_
 
 Run from the repository root:
 
-    python examples/vit.py fit --config examples/configs/vit_demo.yaml      # CPU, embedded digits
-    python examples/vit.py fit --config examples/configs/vit_paper.yaml \\
+    python -m examples.vit fit --config examples/configs/vit_demo.yaml      # CPU, embedded digits
+    python -m examples.vit fit --config examples/configs/vit_paper.yaml \\
         --data.init_args.root /data/cifar10                                # paper's CIFAR-10 run
-    python examples/vit.py fit --config examples/configs/vit_demo.yaml --model.optimizer adamw
+    python -m examples.vit fit --config examples/configs/vit_demo.yaml --model.optimizer adamw
 
 Example (in Python):
     >>> from examples.vit import LitViT

@@ -112,7 +112,8 @@ resume every rank continues from it).
 
     def _hook(self, i: int):
         def record(grad: Tensor) -> None:
-            self._micro_sq[i] += grad.detach().float().square().sum()
+            # no full-size temporary: the norm accumulates in fp32 inside one kernel
+            self._micro_sq[i] += torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square()
 
         return record
 
