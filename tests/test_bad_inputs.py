@@ -178,3 +178,39 @@ def test_a_single_tensor_instead_of_an_iterable():  # row 20
 def test_unnamed_parameters_warn():  # row 21
     with pytest.warns(UserWarning, match="Shape alone cannot tell an embedding"):
         Muon(Net().parameters())
+
+
+def test_callbacks_with_a_logger_that_is_not_tensorboard(tmp_path):  # row 28
+    import csv
+
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_muon.callbacks import SpectralEntropyMonitor, StableRankMonitor
+
+    class Lit(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16))
+            self.head = nn.Linear(16, 1)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.mse_loss(self.head(self.body(x)), y)
+
+        def configure_optimizers(self):
+            return configure_muon(self, lr=0.01)
+
+    data = DataLoader(TensorDataset(torch.randn(32, 6), torch.randn(32, 1)), batch_size=8)
+    logger = CSVLogger(tmp_path)
+    L.Trainer(max_steps=4, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+              callbacks=[SpectralEntropyMonitor(every_n_steps=2), StableRankMonitor(every_n_steps=2)]).fit(Lit(), data)
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    def steps(tag):
+        return {int(r["step"]): float(r[tag]) for r in rows if r.get(tag)}
+
+    assert sorted(steps("stable_rank/mean")) == [0, 2]  # scalars reach any logger
+    entropy = steps("spectral_entropy/mean")
+    assert sorted(entropy) == [0, 2] and all(0 < v <= 1 for v in entropy.values())
