@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from examples.common import configure_example_optimizer
+from examples.common import configure_from_hparams
 
 # ----------------------------------------------------------------------------- the model
 
@@ -284,12 +284,7 @@ class LitGPT(L.LightningModule):
         self.log("val/perplexity", self.val_perplexity)
 
     def configure_optimizers(self):
-        h = self.hparams
-        return configure_example_optimizer(
-            self, optimizer=h.optimizer, lr=h.lr, adamw_lr=h.adamw_lr, weight_decay=h.weight_decay,
-            momentum=h.momentum, adjust_lr=h.adjust_lr, ns_method=h.ns_method,
-            warmup_steps=h.warmup_steps, schedule=h.schedule,
-        )
+        return configure_from_hparams(self)
 
 
 def cli_main(args: list[str] | None = None):

@@ -36,7 +36,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.models import VisionTransformer
 
-from examples.common import configure_example_optimizer
+from examples.common import configure_from_hparams
 from examples.image_data import ImageDataModule
 
 __all__ = ["LitViT", "ViTCLI", "cli_main"]
@@ -116,12 +116,7 @@ class LitViT(L.LightningModule):
         self.log("val/acc", self.val_acc, prog_bar=True)
 
     def configure_optimizers(self) -> dict | torch.optim.Optimizer:
-        h = self.hparams
-        return configure_example_optimizer(
-            self, optimizer=h.optimizer, lr=h.lr, adamw_lr=h.adamw_lr, weight_decay=h.weight_decay,
-            momentum=h.momentum, adjust_lr=h.adjust_lr, ns_method=h.ns_method, betas=tuple(h.betas),
-            warmup_steps=h.warmup_steps, schedule=h.schedule,
-        )
+        return configure_from_hparams(self)
 
 
 class ViTCLI(LightningCLI):
