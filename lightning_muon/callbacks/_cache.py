@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import weakref
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -44,17 +44,18 @@ class SpectralCache:
             self._matrices[key] = as_matrix(full_tensor(tensor.detach())).float()
         return self._matrices[key]
 
-    def _missing_by_shape(self, kind: str, names: Iterable[str], done: dict) -> dict[tuple, list[str]]:
+    def _missing_by_shape(self, kind: str, names: Iterable[str], done: Callable[[str], bool]) -> dict[tuple, list[str]]:
+        """Names whose result is not cached yet (``done(name)`` is False), grouped by matrix shape."""
         buckets: dict[tuple, list[str]] = defaultdict(list)
         for name in names:
-            if (kind, name) not in done:
+            if not done(name):
                 buckets[tuple(self._matrices[(kind, name)].shape)].append(name)
         return buckets
 
     def spectra(self, kind: str, names: Iterable[str]) -> dict[str, Tensor]:
         """Singular values (descending) of each stored matrix, batched by shape."""
         names = list(names)
-        for bucket in self._missing_by_shape(kind, names, self._spectra).values():
+        for bucket in self._missing_by_shape(kind, names, lambda n: (kind, n) in self._spectra).values():
             s = singular_values(torch.stack([self._matrices[(kind, n)] for n in bucket]))
             for n, row in zip(bucket, s):
                 self._spectra[(kind, n)] = row
@@ -70,7 +71,7 @@ class SpectralCache:
         iteration (``vectors`` holds and receives the start vectors)."""
         names = list(names)
         out = {n: self._spectra[(kind, n)][0] for n in names if (kind, n) in self._spectra}
-        for bucket in self._missing_by_shape(kind, [n for n in names if n not in out], {}).values():
+        for bucket in self._missing_by_shape(kind, names, out.__contains__).values():
             X = torch.stack([self._matrices[(kind, n)] for n in bucket])
             v0 = None
             if all(n in vectors and vectors[n].shape[-1] == X.shape[-1] for n in bucket):
@@ -84,10 +85,7 @@ class SpectralCache:
     def frames(self, kind: str, names: Iterable[str], k: int) -> dict[str, tuple[Tensor, Tensor]]:
         """Top-``k`` left/right singular frames per matrix (``k`` clipped to ``min(m, n)``)."""
         names = list(names)
-        missing: dict[tuple, list[str]] = defaultdict(list)
-        for n in names:
-            if (kind, n, k) not in self._frames:
-                missing[tuple(self._matrices[(kind, n)].shape)].append(n)
+        missing = self._missing_by_shape(kind, names, lambda n: (kind, n, k) in self._frames)
         for shape, bucket in missing.items():
             U, V = top_frames(torch.stack([self._matrices[(kind, n)] for n in bucket]), min(k, *shape))
             for n, u, v in zip(bucket, U, V):
