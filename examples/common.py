@@ -63,3 +63,17 @@ def configure_from_hparams(module: Any) -> dict[str, Any] | torch.optim.Optimize
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])  # YAML gives a list
     return configure_example_optimizer(module, **kwargs)
+
+
+def fully_shard_blocks(lightning_module: Any, model: nn.Module, blocks: Any) -> None:
+    """For ``configure_model``: under ``ModelParallelStrategy`` (FSDP2) shard each block, then the
+    whole model, over the data-parallel mesh; under any other strategy do nothing."""
+    mesh = lightning_module.device_mesh
+    if mesh is None:
+        return
+    from torch.distributed.fsdp import fully_shard
+
+    dp_mesh = mesh["data_parallel"]
+    for block in blocks:
+        fully_shard(block, mesh=dp_mesh)
+    fully_shard(model, mesh=dp_mesh)

@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from examples.common import configure_from_hparams
+from examples.common import configure_from_hparams, fully_shard_blocks
 
 # ----------------------------------------------------------------------------- the model
 
@@ -256,15 +256,7 @@ class LitGPT(L.LightningModule):
         self.val_perplexity = torchmetrics.text.Perplexity()
 
     def configure_model(self) -> None:
-        mesh = self.device_mesh
-        if mesh is None:
-            return
-        from torch.distributed.fsdp import fully_shard
-
-        dp_mesh = mesh["data_parallel"]
-        for block in self.model.h:
-            fully_shard(block, mesh=dp_mesh)
-        fully_shard(self.model, mesh=dp_mesh)
+        fully_shard_blocks(self, self.model, self.model.h)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)

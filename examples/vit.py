@@ -36,7 +36,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.models import VisionTransformer
 
-from examples.common import configure_from_hparams
+from examples.common import configure_from_hparams, fully_shard_blocks
 from examples.image_data import ImageDataModule
 
 __all__ = ["LitViT", "ViTCLI", "cli_main"]
@@ -94,6 +94,10 @@ class LitViT(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes=num_classes)
         self.val_acc = MulticlassAccuracy(num_classes=num_classes)
         self.val_loss = MeanMetric()
+
+    def configure_model(self) -> None:
+        """FSDP2 (ModelParallelStrategy): shard each encoder block, then the model."""
+        fully_shard_blocks(self, self.model, self.model.encoder.layers)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
