@@ -5,7 +5,6 @@ Shared by ``benchmarks/training.py`` (time per step) and ``benchmarks/convergenc
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -50,9 +49,6 @@ class _ValCurve(L.Callback):
 class GPTRun:
     step_times: list[float]
     val_curve: list[tuple[int, float]] = field(default_factory=list)
-
-    def median_step(self, skip: int) -> float:
-        return statistics.median(self.step_times[skip:])
 
 
 _DATA: dict[tuple, GPTDataModule] = {}
