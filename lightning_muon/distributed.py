@@ -35,6 +35,7 @@ from torch import Tensor
 from .newton_schulz import ns_flops, orthogonalize
 
 __all__ = [
+    "AUTO",
     "Bucket",
     "UNSUPPORTED_STRATEGY",
     "assign_owners",
@@ -46,6 +47,9 @@ __all__ = [
     "orthogonalize_buckets",
     "shard_rows",
 ]
+
+#: ``process_group`` default: DDP's default group when ``torch.distributed`` runs with world size > 1.
+AUTO = "auto"
 
 #: The error text for strategies that hand the optimizer flat 1-D shards.
 UNSUPPORTED_STRATEGY = (
@@ -144,15 +148,20 @@ def _by_owner(owners: list[int], world: int) -> list[list[int]]:
     return [[i for i, o in enumerate(owners) if o == r] for r in range(world)]
 
 
-def orthogonalize_buckets(buckets: list[Bucket]) -> list[list[Tensor]]:
+def orthogonalize_buckets(buckets: list[Bucket], group: Any = AUTO) -> list[list[Tensor]]:
     """Orthogonalised updates of every bucket, as this rank needs them.
 
     Returns, per bucket and in its order, an ``(m, n)`` tensor for a plain update and this rank's
-    ``(local_rows, n)`` rows for a DTensor update. Every rank of the group must call it with the
-    same buckets (as every optimizer step does).
+    ``(local_rows, n)`` rows for a DTensor update. ``group`` shares the plain (DDP) matrices:
+    ``"auto"`` is :func:`data_parallel_group`, None means this process alone (no communication),
+    a ProcessGroup its ranks. Every rank of the group must call it with the same buckets (as every
+    optimizer step does). DTensor buckets use their own mesh.
     """
     costs = [ns_flops(*b.shape, b.steps) for b in buckets for _ in b.updates]
-    group = data_parallel_group()
+    if isinstance(group, str):
+        group = data_parallel_group()
+    elif group is not None and group.size() == 1:
+        group = None
     meshes = [b.mesh for b in buckets if b.mesh is not None]
     world = meshes[0].size() if meshes else (group.size() if group is not None else 1)
     owners = assign_owners(costs, world)
@@ -254,8 +263,14 @@ def all_finite(grads: list[Tensor]) -> bool:
     if not grads:
         return True
     local = [local_tensor(g) for g in grads]
-    norms = torch._foreach_norm([g.float() if g.dtype == torch.float16 else g for g in local])
-    ok = torch.stack([x.float() for x in norms]).isfinite().all().to(torch.int32).reshape(1)
+    nonempty = [g for g in local if g.numel()]
+    if nonempty:
+        # max |g| is finite exactly when every element is (NaN and Inf propagate) and, unlike a
+        # 2-norm, cannot overflow for large finite gradients: one kernel per tensor, one host sync.
+        peaks = torch._foreach_norm(nonempty, math.inf)
+        ok = torch.stack([x.float() for x in peaks]).isfinite().all().to(torch.int32).reshape(1)
+    else:
+        ok = torch.ones(1, dtype=torch.int32, device=local[0].device)
     meshes = [g.device_mesh for g in grads if _is_dtensor(g)]
     if meshes:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=meshes[0].get_group())

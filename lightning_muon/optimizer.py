@@ -23,8 +23,10 @@ from torch import Tensor
 from torch.optim.adamw import adamw as _adamw_functional
 
 from .distributed import (
+    AUTO,
     UNSUPPORTED_STRATEGY,
     Bucket,
+    _is_dtensor,
     all_finite,
     check_dtensor_param,
     check_not_flat_shard,
@@ -44,6 +46,19 @@ ADJUST_LR: dict[str, Callable[[int, int], float]] = {
 }
 _NS_DTYPES = ("bfloat16", "float32", "float64")
 _NONFINITE = ("raise", "skip")
+#: Settings of a Muon group (also their keys in ``Muon.defaults``).
+_MUON_KEYS = ("lr", "momentum", "nesterov", "weight_decay", "ns_method", "ns_steps", "ns_dtype", "adjust_lr")
+_MUON_ONLY = ("momentum", "nesterov", "ns_method", "ns_steps", "ns_dtype", "adjust_lr")
+#: Settings of an AdamW group -> their keys in ``Muon.defaults`` (the constructor's argument names).
+_ADAMW_KEYS = {"lr": "adamw_lr", "betas": "adamw_betas", "eps": "adamw_eps", "weight_decay": "adamw_weight_decay",
+               "foreach": "foreach"}
+#: torch optimizer options Muon does not implement, and what to do instead.
+_UNSUPPORTED = {
+    "maximize": "minimise the negated objective instead (loss = -objective)",
+    "capturable": "CUDA-graph capture of the step is not implemented",
+    "differentiable": "differentiating through the step is not implemented",
+    "fused": "the AdamW groups already use torch's fused kernel when foreach=None",
+}
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -129,10 +144,20 @@ class Muon(torch.optim.Optimizer):
         adamw_weight_decay: float | None = None,
         nonfinite: str = "raise",
         foreach: bool | None = None,
+        process_group: Any = AUTO,
+        *,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
     ) -> None:
+        _refuse_unsupported(
+            dict(maximize=maximize, capturable=capturable, differentiable=differentiable, fused=fused), "Muon"
+        )
         if nonfinite not in _NONFINITE:
             raise ValueError(f"Muon: nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
         self.nonfinite = nonfinite
+        self.process_group = _check_process_group(process_group)
         muon_defaults = dict(
             lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
             ns_method=ns_method, ns_steps=ns_steps, ns_dtype=ns_dtype, adjust_lr=adjust_lr,
@@ -146,19 +171,179 @@ class Muon(torch.optim.Optimizer):
         )
         _validate(muon_defaults, "Muon")
         _validate(adamw_defaults, "Muon (AdamW settings)", adamw=True)
-        groups = _as_groups(params)
-        for i, group in enumerate(groups):
-            own = adamw_defaults if not group["use_muon"] else muon_defaults
-            for key, value in own.items():
-                group.setdefault(key, value)
-            group.setdefault("name", "muon" if group["use_muon"] else "adamw")
-            _validate(group, f"Muon param group {i} ({group['name']!r})", adamw=not group["use_muon"])
-        super().__init__(groups, {"use_muon": True})
-        for group in self.param_groups:  # first, so FSDP1/DeepSpeed get the strategy error
-            for p in group["params"]:
-                check_not_flat_shard(p, f"a parameter of group {group['name']!r}")
+        # Both families, so add_param_group can fill any new group: Muon settings under their own
+        # names, AdamW settings under the constructor's names (adamw_lr, ...; foreach as is).
+        defaults = dict(muon_defaults)
+        defaults.update({_ADAMW_KEYS[k]: v for k, v in adamw_defaults.items()})
+        super().__init__(_as_groups(params), defaults)  # calls self.add_param_group per group
+
+    # ------------------------------------------------------------------ groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Route, fill and validate ``param_group`` exactly as the constructor does, then add it.
+
+        ``param_group["params"]`` may hold tensors or ``(name, tensor)`` pairs. With ``use_muon``
+        the group is one family and missing settings come from ``self.defaults`` (an AdamW
+        group's ``lr``, ``betas``, ``eps``, ``weight_decay`` from ``adamw_lr``, ...). Without it,
+        the tensors are routed (by name and shape, or by shape alone) and a group holding both
+        kinds is split: AdamW part(s) first, the Muon part last (so code that adjusts the group
+        it just added via ``param_groups[-1]``, as Lightning's ``BackboneFinetuning`` does,
+        reaches the hidden matrices). In a split group ``lr`` is the Muon part's; the AdamW part
+        keeps the constructor's ``adamw_lr / lr`` ratio unless the dict sets ``adamw_lr`` (also
+        ``adamw_betas``, ``adamw_eps``, ``adamw_weight_decay``). Names: when the optimizer's
+        groups carry parameter names and the new tensors have none, they are named
+        ``"<group #i>"`` (torch refuses mixing); names given to an optimizer without names are
+        dropped after routing. Every check runs before the optimizer changes.
+
+        Example:
+            >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+            >>> opt = Muon([model[1].weight], lr=0.02)
+            >>> opt.add_param_group({"params": list(model[0].parameters()), "lr": 0.002})
+            >>> [(g["name"], g["use_muon"], g["lr"]) for g in opt.param_groups]
+            [('muon', True, 0.02), ('adamw', False, 0.002), ('muon_1', True, 0.002)]
+        """
+        if not isinstance(param_group, dict):
+            raise TypeError(f"Muon.add_param_group: param_group must be a dict, got {type(param_group).__name__}")
+        parts = self._route_group(param_group)
+        taken = {id(p) for g in self.param_groups for p in g["params"]}
+        new = [p for part in parts for p in part["params"]]
+        if len({id(p) for p in new}) != len(new) or taken & {id(p) for p in new}:
+            raise ValueError("some parameters appear in more than one parameter group")
+        named = ("param_names" in self.param_groups[0]) if self.param_groups else ("param_names" in parts[0])
+        for part in parts:
+            if named and "param_names" not in part:
+                part["param_names"] = [f"<{part['name']} #{i}>" for i in range(len(part["params"]))]
+            elif not named:
+                part.pop("param_names", None)
+        self.param_groups.extend(parts)
+
+    def _route_group(self, param_group: dict[str, Any]) -> list[dict]:
+        """The complete, validated group(s) that ``param_group`` becomes (nothing is changed)."""
+        group = dict(param_group)
+        if "params" not in group:
+            raise ValueError("Muon: a param group needs a 'params' key")
+        raw = group.pop("params")
+        if isinstance(raw, set):
+            raise TypeError("Muon: param group params must be an ordered collection (a list), not a set")
+        raw = [raw] if isinstance(raw, Tensor) else list(raw)
+        pairs = [isinstance(x, tuple) for x in raw]
+        if any(pairs) and not all(pairs):
+            raise ValueError("Muon: all params of a group should be with/without names (name, tensor)")
+        names = [x[0] for x in raw] if raw and all(pairs) else None
+        tensors = [x[1] for x in raw] if names is not None else raw
+        for t in tensors:
+            if not isinstance(t, Tensor):
+                raise TypeError(f"Muon: can only optimize Tensors, got {type(t).__name__}")
+            if not (t.is_leaf or t.retains_grad):
+                raise ValueError("Muon: can't optimize a non-leaf Tensor")
+        for label, t in zip(names or [f"of shape {tuple(t.shape)}" for t in tensors], tensors):
+            check_not_flat_shard(t, f"parameter {label}")
+        _refuse_unsupported(group, "Muon param group")
+        start = len(self.param_groups)
+        if "use_muon" in group:
+            if any(k in group for k in _ADAMW_KEYS.values() if k != "foreach"):
+                raise ValueError(
+                    f"Muon: param group {start} sets use_muon and an adamw_* key; set lr, betas, eps, "
+                    "weight_decay directly in an AdamW group (use_muon=False)"
+                )
+            parts = [(group, tensors, names, None)]
+        else:
+            parts = self._split(group, tensors, names)
+        out = []
+        used = {g.get("name") for g in self.param_groups}
+        for i, (settings, ts, ns, kind) in enumerate(parts):
+            part = self._fill(settings)
+            part["params"] = list(ts)
+            if ns is not None:
+                part["param_names"] = list(ns)
+            base = group.get("name")
+            if base is None or kind is not None and len(parts) > 1:
+                suffix = kind or ("muon" if part["use_muon"] else "adamw")
+                part["name"] = suffix if base is None else f"{base}/{suffix}"
+                part["name"] = _unique(part["name"], used)
+            used.add(part["name"])
+            where = f"Muon param group {start + i} ({part['name']!r})"
+            _validate(part, where, adamw=not part["use_muon"])
+            if part["use_muon"] and self.process_group is None and any(_is_dtensor(p) for p in ts):
+                raise ValueError(
+                    f"{where}: process_group=None (this process alone) but its parameters are "
+                    "DTensors sharded over a mesh; leave process_group at its default or pass the mesh"
+                )
+            _check_group_params(part)
+            out.append(part)
+        return out
+
+    def _split(self, group: dict, tensors: list, names: list | None) -> list[tuple]:
+        """Route a group without ``use_muon``: ``(settings, tensors, names, kind)`` per part, Muon last."""
+        if names is not None:
+            by_kind: dict[str, list[tuple[str, Tensor]]] = {}
+            for g in groups_from_routes(route_named_parameters(list(zip(names, tensors)))):
+                by_kind[g["name"]] = g["params"]
+        else:
+            by_kind = {"muon": [], "adamw": []}
+            for t in tensors:
+                by_kind["muon" if why_not_muon(t) is None else "adamw"].append((None, t))
+            if by_kind["muon"] and by_kind["adamw"]:
+                warnings.warn(
+                    f"Muon routed {len(tensors)} unnamed parameters of a new param group by shape: "
+                    f"{len(by_kind['muon'])} with >= 2 dims to Muon, {len(by_kind['adamw'])} to AdamW. "
+                    "Shape alone cannot tell an embedding or output head from a hidden matrix; pass "
+                    "(name, tensor) pairs or groups with use_muon to decide.",
+                    stacklevel=4,
+                )
+        kinds = [k for k in ("adamw", "adamw_no_decay", "muon") if by_kind.get(k)]
+        if not kinds:  # an empty group: AdamW, as before
+            kinds, by_kind = ["adamw"], {"adamw": []}
+        parts = []
+        mixed = len({k == "muon" for k in kinds}) > 1
+        for kind in kinds:
+            settings = dict(group)
+            settings["use_muon"] = kind == "muon"
+            if kind != "muon":
+                adamw = {k: settings.pop(a) for k, a in _ADAMW_KEYS.items() if a in settings and a != k}
+                if mixed and "lr" in settings and "lr" not in adamw:
+                    ratio = self.defaults["adamw_lr"] / self.defaults["lr"] if self.defaults["lr"] else None
+                    settings["lr"] = settings["lr"] * ratio if ratio is not None else self.defaults["adamw_lr"]
+                settings.update(adamw)
+                if kind == "adamw_no_decay":
+                    settings["weight_decay"] = 0.0
+                for k in _MUON_ONLY:
+                    settings.pop(k, None)
+            else:
+                for k in set(_ADAMW_KEYS.values()) | {"betas", "eps", "foreach"}:
+                    settings.pop(k, None)
+            items = by_kind[kind]
+            ts = [t for _, t in items]
+            ns = [n for n, _ in items] if names is not None else None
+            parts.append((settings, ts, ns, kind))
+        return parts
+
+    def _fill(self, settings: dict) -> dict:
+        """A copy of ``settings`` with every missing setting of its family from ``self.defaults``."""
+        part = dict(settings)
+        if part["use_muon"]:
+            for key in _MUON_KEYS:
+                part.setdefault(key, self.defaults[key])
+        else:
+            for key, default in _ADAMW_KEYS.items():
+                part.setdefault(key, self.defaults[default])
+        return part
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(nonfinite=self.nonfinite, process_group=self.process_group)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore (unpickle, ``load_state_dict``): settings an older version lacked are filled in."""
+        super().__setstate__(state)
+        self.__dict__.setdefault("nonfinite", "raise")
+        self.__dict__.setdefault("process_group", AUTO)
+        if "adamw_lr" not in self.defaults:  # pickled when defaults held only use_muon
+            self.defaults = _defaults_from_groups(self.param_groups)
         for group in self.param_groups:
-            _check_group_params(group)
+            if "use_muon" in group:
+                for key, value in self._fill(group).items():
+                    group.setdefault(key, value)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by ``Muon``; check it fits before changing anything.
@@ -223,6 +408,9 @@ class Muon(torch.optim.Optimizer):
             if group["use_muon"] and any(p.ndim < 2 for p in group["params"]):
                 what = f"Muon group {group['name']!r} holds a 1-D tensor at step time"
                 raise ValueError(UNSUPPORTED_STRATEGY.format(what=what))
+        for group in self.param_groups:  # e.g. a Tensor lr assigned after construction
+            if isinstance(group["lr"], Tensor):
+                raise ValueError(f"Muon param group {group['name']!r}: lr as a Tensor is not supported; use a float")
         if all_finite(grads):  # under FSDP2 also agreed over the ranks: all skip or none
             return True
         bad = []
@@ -288,18 +476,77 @@ class Muon(torch.optim.Optimizer):
             updates = torch._foreach_lerp(grads, bufs, beta) if group["nesterov"] else bufs
             for p, update in zip(live, updates):
                 mesh = getattr(p, "device_mesh", None)  # a DTensor's mesh; None for a plain tensor
-                key = (_flat_matrix(p).shape, p.device, mesh, group["ns_method"], group["ns_steps"], group["ns_dtype"])
+                key = (_flat_matrix(p).shape, p.device, p.dtype, mesh, group["ns_method"], group["ns_steps"],
+                       group["ns_dtype"])
                 buckets[key].append((p, update, group))
         plan = [
-            Bucket([u for _, u, _ in items], tuple(shape), method, steps, getattr(torch, dtype), mesh)
-            for (shape, _, mesh, method, steps, dtype), items in buckets.items()
+            Bucket([u for _, u, _ in items], tuple(shape), method, steps, _compute_dtype(method, getattr(torch, dtype)), mesh)
+            for (shape, _, _, mesh, method, steps, dtype), items in buckets.items()
         ]
-        for items, ortho in zip(buckets.values(), orthogonalize_buckets(plan)):
+        for items, ortho in zip(buckets.values(), orthogonalize_buckets(plan, self.process_group)):
             for (p, _, group), o in zip(items, ortho):
                 lr = group["lr"]
                 w = local_tensor(p)
                 w.mul_(1 - lr * group["weight_decay"])
                 w.add_(o.view_as(w).to(w.dtype), alpha=-adjusted_lr(lr, p.shape, group["adjust_lr"]))
+
+
+def _compute_dtype(method: str, dtype: torch.dtype) -> torch.dtype:
+    """Newton–Schulz runs in ``dtype``; an exact SVD always in float32 or wider (no bf16/fp16 kernel)."""
+    return torch.promote_types(dtype, torch.float32) if method == "svd" else dtype
+
+
+def _refuse_unsupported(settings: dict, where: str) -> None:
+    for key, instead in _UNSUPPORTED.items():
+        if settings.get(key):
+            raise ValueError(f"{where}: {key}={settings[key]!r} is not supported by lightning_muon.Muon; {instead}")
+
+
+def _check_process_group(process_group: Any) -> Any:
+    """``"auto"``, None, or a ProcessGroup (a 1-D DeviceMesh is turned into its group)."""
+    if process_group is None or (isinstance(process_group, str) and process_group == AUTO):
+        return process_group
+    if isinstance(process_group, str):
+        raise ValueError(f"Muon: process_group must be 'auto', None, a ProcessGroup or a 1-D DeviceMesh, got {process_group!r}")
+    if type(process_group).__name__ == "DeviceMesh":
+        if process_group.ndim != 1:
+            raise ValueError(
+                f"Muon: process_group must be a 1-D DeviceMesh (the data-parallel ranks), got a "
+                f"{process_group.ndim}-D mesh; pass mesh['data_parallel'] or its process group"
+            )
+        return process_group.get_group()
+    if torch.distributed.is_available() and isinstance(process_group, torch.distributed.ProcessGroup):
+        return process_group
+    raise TypeError(
+        f"Muon: process_group must be 'auto', None, a torch.distributed.ProcessGroup or a 1-D DeviceMesh, "
+        f"got {type(process_group).__name__}"
+    )
+
+
+def _unique(name: str, used: set) -> str:
+    if name not in used:
+        return name
+    k = 1
+    while f"{name}_{k}" in used:
+        k += 1
+    return f"{name}_{k}"
+
+
+def _defaults_from_groups(groups: list[dict]) -> dict:
+    """Both families' defaults recovered from existing groups (a Muon pickled by an older version)."""
+    import inspect
+
+    signature = inspect.signature(Muon.__init__).parameters
+    defaults = {key: signature[key].default for key in _MUON_KEYS}
+    defaults.update({a: signature[a].default for a in _ADAMW_KEYS.values()})
+    defaults["adamw_lr"], defaults["adamw_weight_decay"] = defaults["lr"], defaults["weight_decay"]
+    muon = next((g for g in groups if g.get("use_muon")), None)
+    adamw = next((g for g in groups if g.get("use_muon") is False), None)
+    if muon is not None:
+        defaults.update({key: muon[key] for key in _MUON_KEYS if key in muon})
+    if adamw is not None:
+        defaults.update({a: adamw[k] for k, a in _ADAMW_KEYS.items() if k in adamw})
+    return defaults
 
 
 def _fusable(p: Tensor) -> bool:
@@ -341,23 +588,7 @@ def _as_groups(params: Iterable[Any]) -> list[dict]:
     if not items:
         raise ValueError("Muon: empty parameter list; pass model.parameters() or param groups")
     if all(isinstance(x, dict) for x in items):
-        groups = []
-        for i, group in enumerate(items):
-            group = dict(group)
-            group_params = group["params"]
-            group_params = [group_params] if isinstance(group_params, Tensor) else list(group_params)
-            group["params"] = group_params
-            if "use_muon" not in group:
-                tensors = [x[1] if isinstance(x, tuple) else x for x in group_params]
-                kinds = {why_not_muon(t) is None for t in tensors}
-                if len(kinds) > 1:
-                    raise ValueError(
-                        f"Muon: param group {i} mixes matrices and non-matrices and has no "
-                        "'use_muon' key; set use_muon=True or False, or use muon_param_groups()."
-                    )
-                group["use_muon"] = kinds == {True}
-            groups.append(group)
-        return groups
+        return items  # routed, filled and validated one by one in Muon.add_param_group
     if all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in items):
         return groups_from_routes(route_named_parameters(items))
     if all(isinstance(x, Tensor) for x in items):
@@ -389,6 +620,8 @@ def _validate(group: dict, where: str, adamw: bool = False) -> None:
     def fail(key: str, expected: str) -> None:
         raise ValueError(f"{where}: {'adamw_' if adamw and key != 'lr' else ''}{key} must be {expected}, got {group[key]!r}")
 
+    if isinstance(group["lr"], Tensor):
+        raise ValueError(f"{where}: lr as a Tensor is not supported; pass a Python float (float(lr))")
     if not _number(group["lr"]) or group["lr"] < 0:
         fail("lr", "a finite number >= 0")
     if not _number(group["weight_decay"]) or group["weight_decay"] < 0:

@@ -188,8 +188,9 @@ def test_bad_params_raise_value_error():
         Muon([{"params": [bias], "use_muon": True}])
     with pytest.raises(ValueError, match="'pos' .* vector-like"):
         Muon([{"params": [("pos", nn.Parameter(torch.zeros(1, 5, 4)))], "use_muon": True}])
-    with pytest.raises(ValueError, match="mixes matrices and non-matrices"):
-        Muon([{"params": [bias, nn.Parameter(torch.zeros(3, 3))]}])
+    with pytest.warns(UserWarning, match="by shape"):  # a mixed group without use_muon is split
+        split = Muon([{"params": [bias, nn.Parameter(torch.zeros(3, 3))]}])
+    assert [(g["use_muon"], len(g["params"])) for g in split.param_groups] == [(False, 1), (True, 1)]
     with pytest.raises(ValueError, match="group 0 .*momentum must be"):
         Muon([{"params": [nn.Parameter(torch.zeros(3, 3))], "momentum": 2.0}])
 
