@@ -140,7 +140,17 @@ def _comm_dtype(bucket: Bucket, dtype: torch.dtype) -> torch.dtype:
 
 
 def _orthogonalize(bucket: Bucket, matrices: list[Tensor]) -> Tensor:
-    return orthogonalize(torch.stack(matrices), bucket.method, bucket.steps, dtype=bucket.dtype)
+    return orthogonalize(_tame(torch.stack(matrices)), bucket.method, bucket.steps, dtype=bucket.dtype)
+
+
+def _tame(X: Tensor) -> Tensor:
+    """Matrices with entries >= 2**32 scaled by an exact power of two (others untouched, bit for bit).
+
+    The polar factor is scale-invariant, but Newton–Schulz's Frobenius norm of a finite matrix
+    with entries near 1e20 overflows float32 and would turn the update into zeros.
+    """
+    _, exponent = torch.frexp(X.abs().amax(dim=(-2, -1), keepdim=True).float())
+    return torch.ldexp(X, torch.where(exponent > 32, -exponent, 0))
 
 
 def _by_owner(owners: list[int], world: int) -> list[list[int]]:

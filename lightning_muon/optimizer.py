@@ -344,6 +344,9 @@ class Muon(torch.optim.Optimizer):
             if "use_muon" in group:
                 for key, value in self._fill(group).items():
                     group.setdefault(key, value)
+        for param_state in self.state.values():  # an AdamW step saved as a number
+            if "step" in param_state and not isinstance(param_state["step"], Tensor):
+                param_state["step"] = torch.tensor(float(param_state["step"]), dtype=torch.float32)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by ``Muon``; check it fits before changing anything.
