@@ -130,6 +130,19 @@ def test_add_param_group_unnamed_tensors_to_a_named_optimizer():
     assert "momentum_buffer" in opt.state[model.hidden.weight] and "exp_avg" in opt.state[model.hidden.bias]
 
 
+def test_add_param_group_with_params_only():
+    """Any caller: ``{"params": [...]}`` and no other key gets both families' defaults."""
+    model = Net()
+    model.hidden.requires_grad_(False)
+    opt = Muon(muon_param_groups(model), **KW)
+    model.hidden.requires_grad_(True)
+    with pytest.warns(UserWarning, match="by shape"):
+        opt.add_param_group({"params": model.hidden.parameters()})  # a generator, as torch allows
+    adamw, muon = opt.param_groups[-2:]
+    assert (adamw["lr"], muon["lr"], muon["adjust_lr"]) == (3e-3, 0.02, "original")
+    _train(model, opt, 1)
+
+
 def test_add_param_group_named_pairs_are_routed_like_the_constructor():
     """A ``(name, tensor)`` group without ``use_muon`` is routed by name and shape, as ``Muon(named)`` is."""
     model = Net()
