@@ -125,6 +125,17 @@ class Muon(torch.optim.Optimizer):
             way no parameter or state changes. Costs one host sync per step.
         foreach: the AdamW kernel. None (default): torch's fused kernel for plain float CPU/CUDA
             tensors (DTensors and other devices: torch decides); True/False: foreach or per-tensor.
+        process_group: who shares the orthogonalisation of plain (DDP) matrices. ``"auto"``
+            (default): every rank when ``torch.distributed`` runs with world size > 1; a
+            ``ProcessGroup`` or 1-D ``DeviceMesh``: those ranks, which must step together; None:
+            this process alone, no collective (a model trained on one rank only, or a different
+            model per rank). DTensor (FSDP2) parameters always use their own mesh.
+        maximize, capturable, differentiable, fused: torch optimizer options Muon does not
+            implement; True raises a ValueError saying what to do instead.
+
+    ``self.defaults`` holds both families (Muon settings by name, AdamW settings as ``adamw_lr``,
+    ``adamw_betas``, ``adamw_eps``, ``adamw_weight_decay``, ``foreach``), from which
+    :meth:`add_param_group` fills new groups.
     """
 
     def __init__(
@@ -196,7 +207,7 @@ class Muon(torch.optim.Optimizer):
 
         Example:
             >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
-            >>> opt = Muon([model[1].weight], lr=0.02)
+            >>> opt = Muon([{"params": [model[1].weight], "use_muon": True}], lr=0.02)
             >>> opt.add_param_group({"params": list(model[0].parameters()), "lr": 0.002})
             >>> [(g["name"], g["use_muon"], g["lr"]) for g in opt.param_groups]
             [('muon', True, 0.02), ('adamw', False, 0.002), ('muon_1', True, 0.002)]
