@@ -52,16 +52,22 @@ class Snapshots(Callback):
         self.seen.append((groups, [p.detach().clone() for p in pl_module.backbone.parameters()]))
 
 
+def _trainer(tmp_path, epochs: int, *callbacks) -> L.Trainer:
+    finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=UNFREEZE_AT, lambda_func=lambda epoch: 1.5)
+    return L.Trainer(
+        max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[finetuning, *callbacks], default_root_dir=tmp_path,
+    )
+
+
+@pytest.mark.slow
 def test_backbone_finetuning_unfreezes_into_muon_and_adamw_groups(tmp_path):
     torch.manual_seed(0)
     module = Transfer()
+    start = {k: v.clone() for k, v in module.state_dict().items()}
     initial = [p.detach().clone() for p in module.backbone.parameters()]
     snapshots = Snapshots()
-    finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=UNFREEZE_AT, lambda_func=lambda epoch: 1.5)
-    trainer = L.Trainer(
-        max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[finetuning, snapshots], default_root_dir=tmp_path,
-    )
+    trainer = _trainer(tmp_path, 3, snapshots)
     with pytest.warns(UserWarning, match="by shape"):  # plain tensors: routed by shape, and it says so
         trainer.fit(module)
 
@@ -87,3 +93,30 @@ def test_backbone_finetuning_unfreezes_into_muon_and_adamw_groups(tmp_path):
     assert muon["lr"] == pytest.approx(0.02 * 0.1 * 1.5)
     assert adamw["lr"] == pytest.approx(0.02 * 0.1 * 2e-3 / 0.02)
     assert len({g["name"] for g in opt.param_groups}) == 5
+
+    # Resume after the unfreezing epoch: BaseFinetuning restores the 5 groups (assigning
+    # param_groups) and Muon loads its state into them. (Lightning's callback does not set
+    # requires_grad again on resume, for any optimizer, so the run itself is not compared.)
+    resumed = Transfer()
+    resumed.load_state_dict(start)
+    first = _trainer(tmp_path, 2)
+    with pytest.warns(UserWarning, match="by shape"):
+        first.fit(resumed)
+    first.save_checkpoint(tmp_path / "epoch2.ckpt")
+    saved = first.optimizers[0]
+    expected = {i: {k: v.clone() for k, v in saved.state[p].items()} for i, p in enumerate(resumed.parameters())}
+    loaded = Loaded()
+    _trainer(tmp_path, 3, loaded).fit(Transfer(), ckpt_path=tmp_path / "epoch2.ckpt")
+    assert loaded.use_muon == [True, False, False, False, True]
+    assert loaded.state.keys() == expected.keys()
+    for i, state in expected.items():
+        assert state.keys() == loaded.state[i].keys() and all(torch.equal(v, loaded.state[i][k]) for k, v in state.items())
+
+
+class Loaded(Callback):
+    """The optimizer's groups and per-parameter state (by parameter position) when training resumes."""
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        opt = trainer.optimizers[0]
+        self.use_muon = [g["use_muon"] for g in opt.param_groups]
+        self.state = {i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(pl_module.parameters())}
