@@ -144,13 +144,16 @@ def _orthogonalize(bucket: Bucket, matrices: list[Tensor]) -> Tensor:
 
 
 def _tame(X: Tensor) -> Tensor:
-    """Matrices with entries >= 2**32 scaled by an exact power of two (others untouched, bit for bit).
+    """``X`` (a fresh stack, scaled in place): matrices with entries >= 2**32 divided by an exact
+    power of two, the others multiplied by 1 (bit for bit unchanged).
 
     The polar factor is scale-invariant, but Newton–Schulz's Frobenius norm of a finite matrix
     with entries near 1e20 overflows float32 and would turn the update into zeros.
     """
-    _, exponent = torch.frexp(X.abs().amax(dim=(-2, -1), keepdim=True).float())
-    return torch.ldexp(X, torch.where(exponent > 32, -exponent, 0))
+    low, high = torch.aminmax(X.reshape(X.shape[0], -1), dim=1)
+    _, exponent = torch.frexp(torch.maximum(high, -low).float())
+    scale = torch.ldexp(torch.ones_like(exponent, dtype=X.dtype), torch.where(exponent > 32, -exponent, 0))
+    return X.mul_(scale.view(-1, *([1] * (X.ndim - 1))))
 
 
 def _by_owner(owners: list[int], world: int) -> list[list[int]]:
@@ -268,20 +271,29 @@ def all_finite(grads: list[Tensor]) -> bool:
     """True if every gradient is finite on every rank that holds a shard of it.
 
     Plain (DDP) gradients are identical on all ranks and need no communication; DTensor shards
-    are checked locally and agreed on with one ``all_reduce`` over their mesh.
+    are checked locally and agreed on with one ``all_reduce`` over their mesh. Fast path (one
+    host sync): fused 2-norms. A non-finite norm means a NaN/Inf entry or an overflowing sum of
+    squares (finite entries near 1e19, or float16); only then are those tensors checked
+    element-wise (a second sync), so huge finite gradients are not reported as non-finite.
     """
     if not grads:
         return True
     local = [local_tensor(g) for g in grads]
     nonempty = [g for g in local if g.numel()]
-    if nonempty:
-        # max |g| is finite exactly when every element is (NaN and Inf propagate) and, unlike a
-        # 2-norm, cannot overflow for large finite gradients: one kernel per tensor, one host sync.
-        peaks = torch._foreach_norm(nonempty, math.inf)
-        ok = torch.stack([x.float() for x in peaks]).isfinite().all().to(torch.int32).reshape(1)
-    else:
-        ok = torch.ones(1, dtype=torch.int32, device=local[0].device)
     meshes = [g.device_mesh for g in grads if _is_dtensor(g)]
-    if meshes:
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=meshes[0].get_group())
-    return bool(ok.item())
+    group = meshes[0].get_group() if meshes else None
+    device = local[0].device
+
+    def agreed(ok: Tensor) -> bool:
+        ok = ok.to(torch.int32).reshape(1)
+        if group is not None:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
+        return bool(ok.item())
+
+    norms = torch._foreach_norm(nonempty) if nonempty else []
+    finite = torch.stack([n.float() for n in norms]).isfinite() if norms else torch.ones(0, dtype=torch.bool, device=device)
+    if agreed(finite.all()):
+        return True
+    suspects = [g for g, f in zip(nonempty, finite.tolist()) if not f]
+    exact = torch.stack([g.isfinite().all() for g in suspects]).all() if suspects else torch.ones((), device=device)
+    return agreed(exact)
