@@ -291,7 +291,8 @@ def all_finite(grads: list[Tensor]) -> bool:
         return bool(ok.item())
 
     norms = torch._foreach_norm(nonempty) if nonempty else []
-    finite = torch.stack([n.float() for n in norms]).isfinite() if norms else torch.ones(0, dtype=torch.bool, device=device)
+    none = torch.ones(0, dtype=torch.bool, device=device)
+    finite = torch.stack([n.float() for n in norms]).isfinite() if norms else none
     if agreed(finite.all()):
         return True
     suspects = [g for g, f in zip(nonempty, finite.tolist()) if not f]

@@ -494,7 +494,8 @@ class Muon(torch.optim.Optimizer):
                        group["ns_dtype"])
                 buckets[key].append((p, update, group))
         plan = [
-            Bucket([u for _, u, _ in items], tuple(shape), method, steps, _compute_dtype(method, getattr(torch, dtype)), mesh)
+            Bucket([u for _, u, _ in items], tuple(shape), method, steps,
+                   _compute_dtype(method, getattr(torch, dtype)), mesh)
             for (shape, _, _, mesh, method, steps, dtype), items in buckets.items()
         ]
         for items, ortho in zip(buckets.values(), orthogonalize_buckets(plan, self.process_group)):
@@ -521,7 +522,9 @@ def _check_process_group(process_group: Any) -> Any:
     if process_group is None or (isinstance(process_group, str) and process_group == AUTO):
         return process_group
     if isinstance(process_group, str):
-        raise ValueError(f"Muon: process_group must be 'auto', None, a ProcessGroup or a 1-D DeviceMesh, got {process_group!r}")
+        raise ValueError(
+            f"Muon: process_group must be 'auto', None, a ProcessGroup or a 1-D DeviceMesh, got {process_group!r}"
+        )
     if type(process_group).__name__ == "DeviceMesh":
         if process_group.ndim != 1:
             raise ValueError(

@@ -110,7 +110,8 @@ def test_backbone_finetuning_unfreezes_into_muon_and_adamw_groups(tmp_path):
     assert loaded.use_muon == [True, False, False, False, True]
     assert loaded.state.keys() == expected.keys()
     for i, state in expected.items():
-        assert state.keys() == loaded.state[i].keys() and all(torch.equal(v, loaded.state[i][k]) for k, v in state.items())
+        assert state.keys() == loaded.state[i].keys()
+        assert all(torch.equal(v, loaded.state[i][k]) for k, v in state.items())
 
 
 class Loaded(Callback):

@@ -152,7 +152,8 @@ def test_add_param_group_named_pairs_are_routed_like_the_constructor():
     got = {g["name"]: (g["use_muon"], g["param_names"], g["weight_decay"]) for g in opt.param_groups[1:]}
     assert list(got) == ["rest/adamw", "rest/adamw_no_decay", "rest/muon"]  # Muon part last
     assert got["rest/adamw"] == (False, ["embed.weight", "head.weight"], 0.01)
-    assert got["rest/adamw_no_decay"] == (False, ["hidden.bias", "norm.weight", "norm.bias", "mid.bias", "head.bias"], 0.0)
+    vectors = ["hidden.bias", "norm.weight", "norm.bias", "mid.bias", "head.bias"]
+    assert got["rest/adamw_no_decay"] == (False, vectors, 0.0)
     assert got["rest/muon"] == (True, ["hidden.weight"], 0.01)
     reference = Muon(model.named_parameters(), **KW)
     family = lambda o: {n: g["use_muon"] for g in o.param_groups for n in g["param_names"]}  # noqa: E731
