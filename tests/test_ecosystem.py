@@ -186,21 +186,25 @@ class RankMetrics(pl.Callback):
 
 @pytest.mark.slow
 def test_ddp_every_rank_gets_the_monitor_metric_and_stops_together(tmp_path):
-    # Rank 0 computes the metric; without the broadcast rank 1 has none and its EarlyStopping raises.
+    # Rank 0 computes the metric; without the broadcast rank 1 has none (its EarlyStopping raises).
     # patience=1 with an unreachable min_delta: epoch 0 sets the best, epoch 1 does not improve -> stop.
+    # With CriticalBatchSizeMonitor under a GradientAccumulationScheduler (two batch sizes from 2 ranks):
+    # epoch 0 takes 4 steps (accumulate 1), epoch 1 takes 2 (accumulate 2).
     early = EarlyStopping(monitor=TAG, mode="max", min_delta=1e9, patience=1, strict=True)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor=TAG, mode="max", save_top_k=1, filename="{epoch}")
+    callbacks = [GradientAccumulationScheduler({0: 1, 1: 2}), StableRankMonitor(every_n_steps=1),
+                 CriticalBatchSizeMonitor(every_n_steps=1), RankMetrics(str(tmp_path)), early, ckpt]
     trainer = _trainer(
-        tmp_path, [StableRankMonitor(every_n_steps=1), RankMetrics(str(tmp_path)), early, ckpt],
-        logger=CSVLogger(tmp_path, name="", version="run"), enable_checkpointing=True, log_every_n_steps=1,
-        max_epochs=5, devices=2, strategy="ddp_spawn",
+        tmp_path, callbacks, logger=CSVLogger(tmp_path, name="", version="run"), enable_checkpointing=True,
+        log_every_n_steps=1, max_epochs=5, devices=2, strategy="ddp_spawn",
     )
     trainer.fit(Net(n=2 * N))  # 2 ranks x 4 batches of 16
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]  # the same values, bit for bit, on both ranks
-    assert ranks[0]["epoch"] == 2 and ranks[0]["step"] == 8  # stopped after epoch 1 on both
+    assert ranks[0]["epoch"] == 2 and ranks[0]["step"] == 6  # stopped after epoch 1 on both
     logged = _csv_metrics(tmp_path / "run", TAG)
-    assert ranks[0]["values"] == pytest.approx([logged[3], logged[7]], rel=1e-6)
+    assert ranks[0]["values"] == pytest.approx([logged[3], logged[5]], rel=1e-6)
+    assert sorted(_csv_metrics(tmp_path / "run", "critical_batch_size/grad_sq")) == list(range(6))
     assert Path(ckpt.best_model_path).name == f"epoch={max(range(2), key=ranks[0]['values'].__getitem__)}.ckpt"
 
 
