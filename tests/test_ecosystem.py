@@ -264,13 +264,28 @@ def test_lr_find_with_one_lr_for_both_families(tmp_path):
     assert model.group_lrs[0] == pytest.approx({"muon": suggestion, "adamw": suggestion, "adamw_no_decay": suggestion})
 
 
+class RatioNet(Net):
+    """The README's recipe for a separate AdamW lr: derive it from ``self.lr``, so it follows lr_find."""
+
+    def configure_optimizers(self):
+        return configure_muon(self, lr=self.lr, adamw_lr=0.015 * self.lr, adjust_lr="original",
+                              ns_dtype="float32", weight_decay=0.0)
+
+
 def test_lr_find_sweeps_every_group_at_the_same_lr(tmp_path):
     # With a separate adamw_lr, Lightning's lr_find still sets every group to the same sweep lr:
-    # the Muon/AdamW ratio is NOT kept during the sweep (README, "Works with": lr_find).
-    model = Net(lr=0.02, adamw_lr=3e-4, adjust_lr="original")
-    Tuner(_trainer(tmp_path, max_epochs=10)).lr_find(model, min_lr=1e-4, max_lr=0.1, num_training=8, update_attr=False)
-    assert [len(set(lrs.values())) for lrs in model.group_lrs] == [1] * 8
-    assert model.lr == 0.02  # update_attr=False leaves the module alone
+    # the Muon/AdamW ratio is NOT kept during the sweep (README, "Works with": lr_find) ...
+    model = RatioNet(lr=0.02)
+    trainer = _trainer(tmp_path, max_epochs=10, max_steps=1)
+    result = Tuner(trainer).lr_find(model, min_lr=1e-4, max_lr=0.1, num_training=20, early_stop_threshold=None)
+    assert [len(set(lrs.values())) for lrs in model.group_lrs] == [1] * 20
+    assert result.suggestion() is not None
+    # ... but the fit after it keeps the ratio when adamw_lr is derived from the suggested lr.
+    assert model.lr == result.suggestion()
+    model.group_lrs.clear()
+    trainer.fit(model)
+    lrs = model.group_lrs[0]
+    assert lrs["muon"] == pytest.approx(result.suggestion()) and lrs["adamw"] == pytest.approx(0.015 * lrs["muon"])
 
 
 # ------------------------------------------------------------------ GradientAccumulationScheduler
