@@ -84,6 +84,8 @@ class SpectralMonitor(Callback):
         self.include = _check_patterns(include, "include", where)
         self.exclude = _check_patterns(exclude, "exclude", where) or ()
         self.layers: list[str] = []
+        self._unpublished: dict[str, float] = {}  # rank 0: logged, not yet in callback_metrics
+        self._published_until = 0  # global_step at the previous batch end
 
     @property
     def state_key(self) -> str:
@@ -107,6 +109,9 @@ class SpectralMonitor(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.layers:
             self.layers = select_layers(pl_module, self.include, self.exclude, type(self).__name__)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._unpublished, self._published_until = {}, trainer.global_step
 
     def _write_layout(self, tb: TensorBoardLogger) -> None:
         writer = tb.experiment
@@ -135,17 +140,39 @@ class SpectralMonitor(Callback):
         optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps it
         self.log_metrics(trainer, self.compute(trainer, pl_module, optimizer, params, cache))
 
-    @staticmethod
-    def log_metrics(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
-        """Send ``metrics`` to every logger at ``trainer.global_step``, from rank 0 only."""
+    def log_metrics(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+        """Send ``metrics`` to every logger at ``trainer.global_step``, from rank 0 only, and keep
+        them for ``trainer.callback_metrics`` (published to every rank after the batch)."""
         if trainer.is_global_zero and metrics:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
+            self._unpublished.update(metrics)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         drop_cache(trainer)  # after the optimizer step: free the stored matrices
+        self._publish(trainer, pl_module)
+
+    def _publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Put the metrics computed since the last batch into ``trainer.callback_metrics`` on every
+        rank, so that EarlyStopping and ModelCheckpoint(monitor=...) can use them.
+
+        Rank 0 computed them; under DDP/FSDP one broadcast gives every rank the same values (the
+        stop and save decisions must agree). The decision to broadcast depends only on
+        ``global_step``, which all ranks share: it is taken when an optimizer step at a logging
+        step (``step % every_n_steps == 0``) ran since the previous batch end. The values go
+        through ``pl_module.log(..., logger=False)``: the loggers already got them, at their step.
+        """
+        done, now = self._published_until, trainer.global_step
+        self._published_until = now
+        if -(-done // self.every_n_steps) * self.every_n_steps >= now:  # no logging step in [done, now)
+            return
+        metrics, self._unpublished = self._unpublished, {}
+        if trainer.world_size > 1:
+            metrics = trainer.strategy.broadcast(metrics, src=0)
+        for tag, value in metrics.items():
+            pl_module.log(tag, float(value), on_step=True, on_epoch=False, logger=False, sync_dist=False, batch_size=1)
 
     def compute(
         self,
