@@ -29,6 +29,7 @@ class Section:
     notes: list[str] = field(default_factory=list)
     png: str = ""
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
     data: dict[str, Any] = field(default_factory=dict)
 
     def markdown(self) -> str:
@@ -39,7 +40,7 @@ class Section:
             lines += ["", "Choices where the paper underspecifies:", ""] + [f"- {c}" for c in self.choices]
         if self.notes:
             lines += ["", *self.notes]
-        lines += ["", f"_Wall time: {self.seconds:.1f} s._", ""]
+        lines += ["", f"_Wall time: {self.seconds:.1f} s; CPU time of this process: {self.cpu_seconds:.1f} s._", ""]
         return "\n".join(lines)
 
 
