@@ -79,7 +79,7 @@ def run_figures(keys: list[str], out: Path, quick: bool = False) -> list[Section
 
 
 def main(argv: list[str] | None = None) -> list[Section]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m examples.paper", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="+", default=list(FIGURES), metavar="FIG",
                     help=f"figures to run (default: all of {', '.join(FIGURES)}); commas also separate")
