@@ -43,7 +43,7 @@ def test_fig3_gap_above_one_on_every_seed_and_not_closing(sections):
     d = sections[1]["fig3"].data
     # every seed (and the large instance) stays more than 5% above the cvxpy minimum ...
     assert min(d["gaps"]) > 1.05 and d["large"] > 1.05
-    # ... and the gap does not close after Muon first interpolates (within 5%)
+    # ... and the gap does not close from a quarter into training to the end (within 5%)
     for at_interp, final in zip(d["family_at_interp"] + [d["large_at_interp"]], d["gaps"] + [d["large"]]):
         assert final > 0.95 * at_interp
 
