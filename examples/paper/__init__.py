@@ -99,22 +99,20 @@ def main(argv: list[str] | None = None) -> list[Section]:
     sections = run_figures(keys, args.out, args.quick)
     total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    stamp = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}"
     header = "\n".join([
         "# Reproducing \"The Spectral Dynamics and Noise Geometry of Muon\" (arXiv 2606.08388)",
         "",
-        f"Command: `{' '.join(['python -m examples.paper', *argv])}`" + "  ",
-        f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {_cpu()} "
-        f"({os.cpu_count()} cores, torch CPU capability {torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}, {args.threads} torch thread(s) for the matrix "
-        f"experiments; total {total:.0f} s wall, {cpu:.0f} s CPU time of this process; 1-minute load average at the end "
-        f"{load:.1f} (wall time is inflated by other processes when the load exceeds the core count)"
-        f"{' (quick sizes)' if args.quick else ''}.",
-        "",
-        "| figure | wall (s) | CPU (s) | headline (ours) |",
-        "|---|---|---|---|",
-        *[f"| {s.key} | {s.seconds:.0f} | {s.cpu_seconds:.0f} | {s.rows[0].quantity}: {s.rows[0].ours} |"
-          for s in sections],
+        "Every figure below was run by `python -m examples.paper` (the table says when; figures run by separate "
+        "`--only` invocations into the same `--out` are collected here). Last invocation:  ",
+        f"`{' '.join(['python -m examples.paper', *argv])}` at {stamp} UTC on {_cpu()} "
+        f"({os.cpu_count()} cores, torch CPU capability {torch.backends.cpu.get_cpu_capability()}), "
+        f"torch {torch.__version__}, {args.threads} torch thread(s) for the matrix experiments"
+        f"{' (quick sizes)' if args.quick else ''}: {total:.0f} s wall, {cpu:.0f} s CPU time of this process; "
+        f"1-minute load average at the end {load:.1f} (wall time is inflated by other processes when the load "
+        "exceeds the core count; CPU time is not).",
         "",
     ])
-    path = write_report(sections, args.out, header)
+    path = write_report(sections, args.out, header, stamp, list(FIGURES))
     print(f"[paper] wrote {path} ({total:.0f} s)")
     return sections

@@ -44,9 +44,23 @@ class Section:
         return "\n".join(lines)
 
 
-def write_report(sections: list[Section], out: Path, header: str) -> Path:
+def summary_line(s: Section, stamp: str) -> str:
+    return f"| {s.key} | {stamp} | {s.seconds:.0f} | {s.cpu_seconds:.0f} | {s.rows[0].quantity}: {s.rows[0].ours} |"
+
+
+def write_report(sections: list[Section], out: Path, header: str, stamp: str, order: list[str]) -> Path:
+    """Save each section under ``out/sections/`` and rebuild ``report.md`` from every saved section
+    (in ``order``), so figures run by separate ``--only`` invocations end up in one report."""
+    folder = out / "sections"
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in sections:
+        (folder / f"{s.key}.md").write_text(s.markdown())
+        (folder / f"{s.key}.summary").write_text(summary_line(s, stamp))
+    keys = [k for k in order if (folder / f"{k}.md").exists()]
+    table = ["| figure | run (UTC) | wall (s) | CPU (s) | headline (ours) |", "|---|---|---|---|---|"]
+    table += [(folder / f"{k}.summary").read_text() for k in keys]
     path = out / "report.md"
-    path.write_text(header + "\n" + "\n".join(s.markdown() for s in sections))
+    path.write_text(header + "\n" + "\n".join(table) + "\n\n" + "\n".join((folder / f"{k}.md").read_text() for k in keys))
     return path
 
 

@@ -10,6 +10,7 @@ is the fast path on CPUs without native bf16.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -65,6 +66,7 @@ def run(task: str, optimizer: str, steps: int, out: Path, every: int, quick: boo
                          num_layers=2 if quick else 4, num_heads=4, hidden_dim=64 if quick else 128,
                          mlp_dim=256 if quick else 512, optimizer=optimizer, lr=0.02, adamw_lr=1e-3)
         val_batches = 1.0
+    shutil.rmtree(out / f"{task}_{optimizer}", ignore_errors=True)  # no stale event files from an earlier run
     logger = TensorBoardLogger(str(out), name=f"{task}_{optimizer}", version=0)
     trainer = L.Trainer(
         accelerator="cpu", devices=1, precision="32-true", max_steps=steps, logger=logger,
@@ -85,7 +87,7 @@ def _layers(scalars: dict, prefix: str = "stable_rank/") -> dict[str, float]:
 
 def fig5(out: Path, quick: bool = False) -> Section:
     t0 = time.perf_counter()
-    steps = {"gpt": 6 if quick else 200, "vit": 6 if quick else 200}
+    steps = {"gpt": 6 if quick else 120, "vit": 6 if quick else 120}
     every = 2 if quick else 20
     tb = out / "tb"
     before = torch.get_num_threads()
