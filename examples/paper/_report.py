@@ -33,7 +33,7 @@ class Section:
     data: dict[str, Any] = field(default_factory=dict)
 
     def markdown(self) -> str:
-        lines = [f"## {self.title}", "", f"![{self.key}]({self.png})", "" if self.png else "",
+        lines = [f"## {self.title}", "", *([f"![{self.key}]({self.png})", ""] if self.png else []),
                  "| quantity | paper | ours | setting | seeds |", "|---|---|---|---|---|"]
         lines += [f"| {r.quantity} | {r.paper} | {r.ours} | {r.setting} | {r.seeds} |" for r in self.rows]
         if self.choices:
@@ -60,7 +60,8 @@ def write_report(sections: list[Section], out: Path, header: str, stamp: str, or
     table = ["| figure | run (UTC) | wall (s) | CPU (s) | headline (ours) |", "|---|---|---|---|---|"]
     table += [(folder / f"{k}.summary").read_text() for k in keys]
     path = out / "report.md"
-    path.write_text(header + "\n" + "\n".join(table) + "\n\n" + "\n".join((folder / f"{k}.md").read_text() for k in keys))
+    bodies = "\n".join((folder / f"{k}.md").read_text() for k in keys)
+    path.write_text(header + "\n" + "\n".join(table) + "\n\n" + bodies)
     return path
 
 
@@ -80,10 +81,6 @@ def save(fig, path: Path) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     return path.name
-
-
-def fmt(x: float, digits: int = 3) -> str:
-    return f"{x:.{digits}g}"
 
 
 def mean_range(values: list[float], digits: int = 3) -> str:

@@ -134,9 +134,10 @@ def fig5(out: Path, quick: bool = False) -> Section:
                                 " vs ".join(f"{acc[o]:.3f}" for o in OPTIMIZERS if o in acc), setting, "1"))
         summary[task] = dict(mean_muon=mean_mu, mean_adamw=mean_ad, higher=higher, layers=len(common), val=val)
     notes = [f"Trained with {torch.get_num_threads()} torch thread(s) (`--threads`). Scale: the paper trains 5000 "
-             f"steps (GPT: context 256, batch 64; ViT: CIFAR-10); these are {steps['gpt']} (GPT) / {steps['vit']} (ViT) "
-             "steps on a 2-core CPU, so the loss comparison is an early-training snapshot, not the paper's end point. "
-             "Curves come from the StableRankMonitor's TensorBoard events (EventAccumulator), tags `stable_rank/<layer>`."]
+             f"steps (GPT: context 256, batch 64; ViT: CIFAR-10); these are {steps['gpt']} (GPT) / "
+             f"{steps['vit']} (ViT) steps on a 2-core CPU, so the loss comparison is an early-training snapshot, not "
+             "the paper's end point. Curves come from the StableRankMonitor's TensorBoard events "
+             "(EventAccumulator), tags `stable_rank/<layer>`."]
     choices = ["one seed (0); cosine schedule with 10% warmup for GPT, constant for ViT, as in the demo configs; "
                "validation once, at the end."]
     return Section("fig5", "Fig. 5 / Fig. 1: layerwise stable rank, Muon vs AdamW (GPT and ViT)", rows, choices, notes,

@@ -140,7 +140,7 @@ def fig4(out: Path, quick: bool = False) -> Section:
     rows.append(Row(f"momentum through the polar map (beta={BETA}): E||dP||^2 / (2 eps^2 S)", "(1-b)/(1+b) = 0.0256",
                     f"{mom_ratio:.4f}", f"8x8 flat, eps=1e-4, {n_chain} chains", "1"))
     rows += [Row(f"B_crit, {name}: closed form 2 sigma^2 S/r vs Monte Carlo", "B_crit = 2 sigma^2 S(mu)/r",
-                 f"{c:.4g} vs {m:.4g} ({m / c:.3f}x)", f"16x16, sigma^2=1, B=1e4 B_crit", str(samples))
+                 f"{c:.4g} vs {m:.4g} ({m / c:.3f}x)", "16x16, sigma^2=1, B=1e4 B_crit", str(samples))
              for name, c, m in bc_rows]
     notes = ["Monte Carlo B_crit = B E||polar(mu + sigma Z / sqrt(B)) - polar(mu)||_F^2 / r, i.e. the batch at which "
              "the relative squared polar error is 1 under linearisation; the right panel shows where that "
@@ -152,4 +152,4 @@ def fig4(out: Path, quick: bool = False) -> Section:
                    data=dict(s=s_rows, ar=ar, mom_ratio=mom_ratio, bcrit=bc_rows))
 
 
-__all__ = ["fig4", "polar_mse", "ar1_variance", "with_spectrum", "spectra"]
+__all__ = ["ar1_variance", "fig4", "polar_mse", "spectra", "with_spectrum"]

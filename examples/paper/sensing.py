@@ -21,7 +21,7 @@ from examples.matrix_sensing import (
     nuclear_norm,
     train,
 )
-from examples.paper._report import Row, Section, figure, fmt, mean_range, save
+from examples.paper._report import Row, Section, figure, mean_range, save
 from lightning_muon import polar_misalignment, sin_theta
 
 # The defaults every matrix-sensing figure shares unless it says otherwise (stated in the report).
@@ -138,7 +138,8 @@ def fig3(out: Path, quick: bool = False) -> Section:
                    data=dict(gaps=gaps, large=large["gap"], large_at_interp=large["gap_at_interp"],
                              family_at_interp=[f["gap_at_interp"] for f in family],
                              gd_residual=[f["gd_residual"] for f in family] + [large["gd_residual"]],
-                             ent=[(f["ent_muon"], f["ent_gd"]) for f in family] + [(large["ent_muon"], large["ent_gd"])],
+                             ent=[(f["ent_muon"], f["ent_gd"]) for f in family]
+                             + [(large["ent_muon"], large["ent_gd"])],
                              resc_vs_muon=[f["resc_vs_muon"] for f in family] + [large["resc_vs_muon"]],
                              ablations=ablations))
 
@@ -245,7 +246,7 @@ def fig9(out: Path, quick: bool = False) -> Section:
         pr = make_problem(n=d, rank=WD_RANK, p=int(WD_P_RATIO * d * d), seed=s, underdetermined=WD_P_RATIO < 1)
         U, V = _target_frames(pr, WD_RANK)
         s_star = torch.linalg.svdvals(pr.target)[:WD_RANK]
-        probes = {f"a{i}": (lambda W, i=i: float(U[:, i] @ W @ V[:, i])) for i in range(WD_RANK)}
+        probes = {f"a{i}": (lambda W, i=i, U=U, V=V: float(U[:, i] @ W @ V[:, i])) for i in range(WD_RANK)}
         for mode in res:
             for lam in lambdas:
                 run = train(pr, "muon_svd", steps=steps, lr=WD_LR, seed=s, log_every=2, probes=probes,
@@ -265,7 +266,7 @@ def fig9(out: Path, quick: bool = False) -> Section:
             for s in seeds:
                 pr = make_problem(n=20, rank=WD_RANK, p=600, seed=s, underdetermined=False)
                 U, V = _target_frames(pr, WD_RANK)
-                probes = {f"a{i}": (lambda W, i=i: float(U[:, i] @ W @ V[:, i])) for i in range(WD_RANK)}
+                probes = {f"a{i}": (lambda W, i=i, U=U, V=V: float(U[:, i] @ W @ V[:, i])) for i in range(WD_RANK)}
                 run = train(pr, "muon_svd", steps=steps, lr=WD_LR, seed=s, log_every=2, probes=probes,
                             weight_decay=1e-2, decay=mode)
                 vals_.append(atsr(run.steps, [run.probes[f"a{i}"] for i in range(WD_RANK)]))
@@ -306,7 +307,8 @@ def fig9(out: Path, quick: bool = False) -> Section:
         "lambda W and the contrast vanishes).",
     ]
     return Section("fig9", "Fig. 9/10: weight decay phase diagram (coupled vs decoupled)", rows, choices,
-                   png=png, seconds=time.perf_counter() - t0, data=dict(atsr=mean, raw=res, shrink=shrink, ablation=abl))
+                   png=png, seconds=time.perf_counter() - t0,
+                   data=dict(atsr=mean, raw=res, shrink=shrink, ablation=abl))
 
 
 def fig12(out: Path, quick: bool = False) -> Section:
@@ -351,4 +353,4 @@ def fig12(out: Path, quick: bool = False) -> Section:
                    data={m: dict(start=stat(m, 0), mid=stat(m, n // 2), end=stat(m, -1)) for m in curves})
 
 
-__all__ = ["fig3", "fig7", "fig9", "fig12", "atsr", "acquisition_steps"]
+__all__ = ["acquisition_steps", "atsr", "fig3", "fig7", "fig9", "fig12", "stable_gd_lr"]
