@@ -5,7 +5,7 @@ functions, ``configure_muon``, the callbacks' TensorBoard output) and ``examples
 ``OUT/report.md`` gets one table per figure (the paper's number, ours, the setting, the seeds), the
 choices made where the paper underspecifies, one ablation per choice, and one PNG per figure.
 
-    python -m examples.paper                      # everything, default size (about 10 min on 2 cores)
+    python -m examples.paper                      # everything, default size (about 3 min of CPU time)
     python -m examples.paper --only fig3 fig7     # a selection
     python -m examples.paper --quick --out /tmp/p # small sizes (tests)
 
