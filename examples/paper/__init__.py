@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> list[Section]:
     ap.add_argument("--quick", action="store_true", help="small sizes and few seeds (for tests)")
     ap.add_argument("--out", type=Path, default=Path("runs/paper"))
     ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads for the matrix experiments (small matrices: 1 is fastest)")
+                    help="torch threads for every figure (1 is fastest for the small matrices; fig5 may gain from more)")
     argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
     keys = [k for item in args.only for k in item.split(",") if k]
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> list[Section]:
         "`--only` invocations into the same `--out` are collected here). Last invocation:  ",
         f"`{' '.join(['python -m examples.paper', *argv])}` at {stamp} UTC on {_cpu()} "
         f"({os.cpu_count()} cores, torch CPU capability {torch.backends.cpu.get_cpu_capability()}), "
-        f"torch {torch.__version__}, {args.threads} torch thread(s) for the matrix experiments"
+        f"torch {torch.__version__}, {args.threads} torch thread(s)"
         f"{' (quick sizes)' if args.quick else ''}: {total:.0f} s wall, {cpu:.0f} s CPU time of this process; "
         f"1-minute load average at the end {load:.1f} (wall time is inflated by other processes when the load "
         "exceeds the core count; CPU time is not).",
