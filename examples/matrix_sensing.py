@@ -37,6 +37,7 @@ if __package__ in (None, ""):  # run as a script: make `lightning_muon` importab
 import argparse
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -45,11 +46,13 @@ from torch import Tensor
 from lightning_muon import orthogonalize
 
 __all__ = [
-    "METHODS", "Problem", "Run", "make_problem", "train", "min_nuclear_norm_interpolant",
+    "DECAYS", "METHODS", "SCHEDULES", "Problem", "Run", "make_problem", "train", "min_nuclear_norm_interpolant",
     "normalized_spectral_entropy", "nuclear_norm", "main",
 ]
 
 METHODS = ("muon_svd", "muon_ns", "gd", "gd_rescaled")
+SCHEDULES = ("linear", "constant")
+DECAYS = ("decoupled", "coupled")
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,7 @@ class Run:
     entropy: list[float] = field(default_factory=list)
     nuclear: list[float] = field(default_factory=list)
     residual: list[float] = field(default_factory=list)
+    probes: dict[str, list[float]] = field(default_factory=dict)
 
 
 def normalized_spectral_entropy(W: Tensor) -> float:
@@ -97,14 +101,17 @@ def nuclear_norm(W: Tensor) -> float:
     return float(torch.linalg.matrix_norm(W, ord="nuc"))
 
 
-def make_problem(n: int = 20, rank: int = 2, p: int = 200, seed: int = 0) -> Problem:
-    """Target ``X* = L R^T / sqrt(n)`` with Gaussian ``n x rank`` factors; Gaussian ``A_i`` (float64)."""
+def make_problem(n: int = 20, rank: int = 2, p: int = 200, seed: int = 0, *, underdetermined: bool = True) -> Problem:
+    """Target ``X* = L R^T / sqrt(n)`` with Gaussian ``n x rank`` factors; Gaussian ``A_i`` (float64).
+
+    ``underdetermined=False`` allows ``p >= n*n`` (an identifiable problem whose only interpolant is ``X*``).
+    """
     for name, value in (("n", n), ("rank", rank), ("p", p)):
         if value < 1:
             raise ValueError(f"make_problem: {name} must be >= 1, got {value}")
     if rank > n:
         raise ValueError(f"make_problem: rank must be <= n, got rank={rank}, n={n}")
-    if p >= n * n:
+    if underdetermined and p >= n * n:
         raise ValueError(f"make_problem: p must be < n*n = {n * n} for an underdetermined problem, got {p}")
     g = torch.Generator().manual_seed(seed)
     L = torch.randn(n, rank, generator=g, dtype=torch.float64)
@@ -125,14 +132,27 @@ def train(
     seed: int = 0,
     log_every: int = 10,
     init: Tensor | None = None,
+    schedule: str = "linear",
+    weight_decay: float = 0.0,
+    decay: str = "decoupled",
+    probes: dict[str, Callable[[Tensor], float]] | None = None,
 ) -> Run:
     """Train ``W`` from ``init`` (default ``init_scale * N(0, 1/n)``) with one of :data:`METHODS`.
 
     ``lr`` is the initial step length of the Muon-type methods (decayed linearly to 0 over
-    ``steps``); ``gd_lr`` is plain gradient descent's constant step size.
+    ``steps`` with ``schedule="linear"``, held with ``"constant"``); ``gd_lr`` is plain gradient
+    descent's constant step size. ``weight_decay`` λ is applied ``decay="decoupled"`` (``W <- (1 -
+    lr_t λ) W - lr_t step``) or ``"coupled"`` (``λ W`` added to the gradient before the polar map).
+    ``probes`` maps names to functions of ``W`` recorded at every logged step in ``run.probes``.
     """
     if method not in METHODS:
         raise ValueError(f"train: method must be one of {METHODS}, got {method!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"train: schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if decay not in DECAYS:
+        raise ValueError(f"train: decay must be one of {DECAYS}, got {decay!r}")
+    if weight_decay < 0:
+        raise ValueError(f"train: weight_decay must be >= 0, got {weight_decay}")
     if steps < 1 or log_every < 1:
         raise ValueError(f"train: steps and log_every must be >= 1, got steps={steps}, log_every={log_every}")
     n = problem.target.shape[0]
@@ -143,18 +163,24 @@ def train(
         raise ValueError(f"train: init must have shape {(n, n)}, got {tuple(init.shape)}")
     else:
         W = init.to(torch.float64).clone()
-    run = Run(method, W)
+    run = Run(method, W, probes={name: [] for name in probes or {}})
 
     def log(t: int) -> None:
         run.steps.append(t)
         run.entropy.append(normalized_spectral_entropy(W))
         run.nuclear.append(nuclear_norm(W))
         run.residual.append(problem.residual(W))
+        for name, fn in (probes or {}).items():
+            run.probes[name].append(float(fn(W)))
 
     log(0)
     for t in range(steps):
         G = problem.gradient(W)
-        lr_t = lr * (1 - t / steps)
+        lr_t = lr * (1 - t / steps) if schedule == "linear" else lr
+        if weight_decay and decay == "coupled":
+            G = G + weight_decay * W
+        elif weight_decay:
+            W = W * (1 - (gd_lr if method == "gd" else lr_t) * weight_decay)
         if method == "gd":
             W = W - gd_lr * G
         elif method == "muon_ns":

@@ -108,3 +108,30 @@ def test_make_problem_rejects_bad_sizes(kwargs, match):
 def test_train_rejects_unknown_method(problem):
     with pytest.raises(ValueError, match="method must be one of"):
         train(problem, "adam")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(schedule="cosine"), "schedule must be one of"), (dict(decay="both"), "decay must be one of"),
+     (dict(weight_decay=-0.1), "weight_decay must be >= 0")],
+)
+def test_train_rejects_bad_schedule_and_decay(problem, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        train(problem, "muon_svd", steps=2, **kwargs)
+
+
+def test_coupled_and_decoupled_decay_match_their_definitions(problem):
+    # One step from W0, by hand: decoupled W1 = (1 - lr*wd) W0 - lr*polar(G(W0)),
+    # coupled W1 = W0 - lr*polar(G(W0) + wd*W0); exact polar from torch.linalg.svd.
+    W0 = torch.randn(20, 20, dtype=torch.float64)
+    lr, wd = 0.1, 0.5
+
+    def polar(M):
+        U, _, Vh = torch.linalg.svd(M)
+        return U @ Vh
+
+    G = problem.gradient(W0)
+    dec = train(problem, "muon_svd", steps=1, lr=lr, init=W0, weight_decay=wd, decay="decoupled").W
+    cou = train(problem, "muon_svd", steps=1, lr=lr, init=W0, weight_decay=wd, decay="coupled").W
+    torch.testing.assert_close(dec, (1 - lr * wd) * W0 - lr * polar(G), rtol=0, atol=1e-10)
+    torch.testing.assert_close(cou, W0 - lr * polar(G + wd * W0), rtol=0, atol=1e-10)

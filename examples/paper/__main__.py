@@ -1,0 +1,4 @@
+from examples.paper import main
+
+if __name__ == "__main__":
+    main()
