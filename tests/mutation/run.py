@@ -139,9 +139,13 @@ def _pytest(copy: Path, m: Mutation, timeout: float) -> tuple[str, float, str]:
         done = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return "killed (timeout)", time.perf_counter() - start, ""
-    tail = (done.stdout + done.stderr).strip().splitlines()[-1:] or [""]
-    status = "survived" if done.returncode == 0 else ("error" if done.returncode in (2, 3, 4, 5) else "killed")
-    return status, time.perf_counter() - start, tail[0]
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    failed = [ln.split(" - ")[0].removeprefix("FAILED ") for ln in lines if ln.startswith(("FAILED ", "ERROR "))]
+    detail = failed[0] if failed else (lines[-1] if lines else "")  # the test that killed it
+    # 1: a test failed; 2-4: the run broke (e.g. an import error the mutant caused): also killed;
+    # 5: no test collected (a wrong -k or file list): not a result.
+    status = {0: "survived", 1: "killed", 5: "no tests collected"}.get(done.returncode, "killed (error)")
+    return status, time.perf_counter() - start, detail
 
 
 def _check_imports_copy(copy: Path) -> None:
@@ -197,10 +201,10 @@ def summary(results: list[dict]) -> str:
     killed = sum(r["status"].startswith("killed") for r in results)
     survived = [r for r in results if r["status"].startswith("survived")]
     equivalent = [r for r in survived if "equivalent" in r["status"]]
-    missing = [r for r in results if r["status"].startswith(("pattern", "baseline"))]
+    missing = [r for r in results if r["status"].startswith(("pattern", "baseline", "no tests"))]
     scored = killed + len(survived)
-    lines = ["| mutation | file | tests | result | seconds |", "|---|---|---|---|---|"]
-    lines += [f"| {r['name']} | {r['file']} | {r['tests']} | {r['status']} | {r['seconds']} |" for r in results]
+    lines = ["| mutation | file | result | caught by | seconds |", "|---|---|---|---|---|"]
+    lines += [f"| {r['name']} | {r['file']} | {r['status']} | {r['detail']} | {r['seconds']} |" for r in results]
     score = f"{killed}/{scored} killed ({100 * killed / scored:.0f}%)" if scored else "nothing scored"
     lines.append("")
     lines.append(f"Score: {score}; {len(equivalent)} equivalent survivors; {len(missing)} not run (pattern or baseline).")
