@@ -144,3 +144,17 @@ def test_b_crit_after_100_steps_matches_closed_form_noise(logged):
     assert metrics[TAG.format("b_crit")][100] == pytest.approx(expected, rel=0.15)
 
 
+
+
+@pytest.mark.parametrize("m, n", [(10, 14), (14, 10)])
+def test_noise_edge_is_sqrt_m_plus_sqrt_n(m, n):
+    # Edge sqrt(sigma2 / B) (sqrt m + sqrt n) = 0.309 here; sqrt((m + n) sigma2 / B) would be 0.219.
+    # A singular value of 0.26 between the two is dropped: rank 2, and S over (3, 2) only.
+    gen = torch.Generator().manual_seed(0)
+    s = torch.tensor([3.0, 2.0, 0.26], dtype=torch.float64)
+    U, _ = torch.linalg.qr(torch.randn(m, 3, generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, 3, generator=gen, dtype=torch.float64))
+    out = muon_critical_batch_size((U * s) @ V.T, 0.2, momentum=0.5, batch_size=100)
+    assert out.rank.item() == 2
+    assert out.sensitivity.item() == pytest.approx(2 / 5.0**2, rel=1e-9)
+    assert out.b_crit.item() == pytest.approx(2 * 0.2 * (2 / 25) / 2 * (0.5 / 1.5), rel=1e-9)
