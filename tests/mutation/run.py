@@ -17,6 +17,7 @@ Score = killed / (killed + survived). Usage, from the repository root::
     OMP_NUM_THREADS=1 python tests/mutation/run.py               # all mutations
     python tests/mutation/run.py --list                           # names, files, tests
     python tests/mutation/run.py --only nesterov_weight ema_weight --json results.json
+    python tests/mutation/run.py --only nesterov_weight --tests tests/test_optimizer.py   # another test set
 
 Record the score and every survivor in docs/testing.md.
 """
@@ -31,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -125,7 +126,7 @@ MUTATIONS: list[Mutation] = [
              ["tests/test_callbacks.py"]),
     # ---- routing (lightning_muon/routing.py)
     Mutation("head_pattern_dropped", ROUTING, '("lm_head", "head", "heads", "classifier", "fc_out", "out_head")',
-             '("lm_head", "heads", "classifier", "fc_out", "out_head")', ["tests/test_routing.py", "tests/test_bad_inputs.py"]),
+             '("lm_head", "heads", "classifier", "fc_out", "out_head")', ["tests/test_routing_defaults.py", "tests/test_routing.py", "tests/test_bad_inputs.py"]),
 ]
 
 
@@ -217,8 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per pytest run (a timeout counts as killed)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--tests", nargs="*", help="run these test files instead of each mutation's own (e.g. an older suite)")
     args = parser.parse_args(argv)
     chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
+    if args.tests:
+        chosen = [replace(m, tests=list(args.tests), pytest_args=("-m", "not slow")) for m in chosen]
     if args.only and len(chosen) != len(set(args.only)):
         parser.error(f"unknown mutation(s): {sorted(set(args.only) - {m.name for m in MUTATIONS})}")
     if args.list:
