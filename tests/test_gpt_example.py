@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_muon import lr_lambda
 from examples.gpt import GPTDataModule, LitGPT, TokenBlocks, cli_main, kjv_text, load_tokens
+from lightning_muon import lr_lambda
 
 
 def test_kjv_corpus_is_real_and_split():

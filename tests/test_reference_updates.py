@@ -83,8 +83,10 @@ def test_quintic_composition_matches_keller_coefficients():
 class _MatmulShapes(TorchFunctionMode):
     """Records the output shape of every matrix product torch computes inside the block."""
 
-    PRODUCTS = {torch.mm, torch.bmm, torch.matmul, torch.addmm, torch.baddbmm, torch.Tensor.__matmul__,
-                torch.Tensor.mm, torch.Tensor.bmm, torch.Tensor.matmul, torch.Tensor.addmm, torch.Tensor.baddbmm}
+    PRODUCTS = frozenset({
+        torch.mm, torch.bmm, torch.matmul, torch.addmm, torch.baddbmm, torch.Tensor.__matmul__,
+        torch.Tensor.mm, torch.Tensor.bmm, torch.Tensor.matmul, torch.Tensor.addmm, torch.Tensor.baddbmm,
+    })
 
     def __init__(self):
         super().__init__()

@@ -81,29 +81,39 @@ MUTATIONS: list[Mutation] = [
     Mutation("looped_kernel_b_c_swapped", NS, "torch.addmm(A, A, A, beta=b, alpha=c)",
              "torch.addmm(A, A, A, beta=c, alpha=b)", T_NS),
     # ---- Muon step (lightning_muon/optimizer.py)
-    Mutation("ema_weight", OPT, "torch._foreach_lerp_(bufs, grads, 1 - beta)", "torch._foreach_lerp_(bufs, grads, beta)", T_OPT),
-    Mutation("nesterov_weight", OPT, "torch._foreach_lerp(grads, bufs, beta) if", "torch._foreach_lerp(grads, bufs, 1 - beta) if", T_OPT),
-    Mutation("nesterov_flag_inverted", OPT, 'if group["nesterov"] else bufs', 'if not group["nesterov"] else bufs', T_OPT),
-    Mutation("decay_sign", OPT, 'w.mul_(1 - lr * group["weight_decay"])', 'w.mul_(1 + lr * group["weight_decay"])', T_OPT),
-    Mutation("decay_without_lr", OPT, 'w.mul_(1 - lr * group["weight_decay"])', 'w.mul_(1 - group["weight_decay"])', T_OPT),
+    Mutation("ema_weight", OPT, "torch._foreach_lerp_(bufs, grads, 1 - beta)",
+             "torch._foreach_lerp_(bufs, grads, beta)", T_OPT),
+    Mutation("nesterov_weight", OPT, "torch._foreach_lerp(grads, bufs, beta) if",
+             "torch._foreach_lerp(grads, bufs, 1 - beta) if", T_OPT),
+    Mutation("nesterov_flag_inverted", OPT, 'if group["nesterov"] else bufs', 'if not group["nesterov"] else bufs',
+             T_OPT),
+    Mutation("decay_sign", OPT, 'w.mul_(1 - lr * group["weight_decay"])', 'w.mul_(1 + lr * group["weight_decay"])',
+             T_OPT),
+    Mutation("decay_without_lr", OPT, 'w.mul_(1 - lr * group["weight_decay"])', 'w.mul_(1 - group["weight_decay"])',
+             T_OPT),
     Mutation("update_sign", OPT, 'alpha=-adjusted_lr(lr, p.shape, group["adjust_lr"])',
              'alpha=adjusted_lr(lr, p.shape, group["adjust_lr"])', T_OPT),
-    Mutation("original_scale_transposed", OPT, "math.sqrt(max(1.0, m / n))", "math.sqrt(max(1.0, n / m))", T_OPT),
+    Mutation("original_scale_transposed", OPT, "math.sqrt(max(1.0, m / n))", "math.sqrt(max(1.0, n / m))",
+             T_OPT),
     Mutation("match_rms_min_side", OPT, "0.2 * math.sqrt(max(m, n))", "0.2 * math.sqrt(min(m, n))", T_OPT),
-    Mutation("spectral_scale_transposed", OPT, "lambda m, n: math.sqrt(m / n)", "lambda m, n: math.sqrt(n / m)", T_OPT),
+    Mutation("spectral_scale_transposed", OPT, "lambda m, n: math.sqrt(m / n)", "lambda m, n: math.sqrt(n / m)",
+             T_OPT),
     Mutation("conv_fan_in_not_flattened", OPT, "n = math.prod(shape[1:])", "n = shape[1]", T_OPT),
-    Mutation("adamw_betas_swapped", OPT, 'beta1, beta2 = group["betas"]', 'beta2, beta1 = group["betas"]', T_OPT),
+    Mutation("adamw_betas_swapped", OPT, 'beta1, beta2 = group["betas"]', 'beta2, beta1 = group["betas"]',
+             T_OPT),
     Mutation("adamw_lr_ignored", OPT, "lr=lr if adamw_lr is None else adamw_lr", "lr=lr", T_OPT),
     # ---- DDP / FSDP2 work split (lightning_muon/distributed.py)
     Mutation("ddp_owner_most_loaded", DIST, "rank = min(range(world), key=lambda r: (load[r], r))",
              "rank = max(range(world), key=lambda r: (load[r], r))", ["tests/test_distributed.py"],
              ("-k", "assign_owners or shard_rows")),
     Mutation("shard_rows_floor", DIST, "size = math.ceil(rows / world) if rows else 0",
-             "size = rows // world if rows else 0", ["tests/test_distributed.py"], ("-k", "assign_owners or shard_rows")),
+             "size = rows // world if rows else 0", ["tests/test_distributed.py"],
+             ("-k", "assign_owners or shard_rows")),
     # ---- spectral diagnostics (lightning_muon/spectral.py)
     Mutation("entropy_log2", SPEC, "H = -torch.special.xlogy(p, p).sum(-1)",
              "H = -(p * torch.log2(torch.where(p > 0, p, torch.ones_like(p)))).sum(-1)", T_SPEC),
-    Mutation("entropy_of_squares", SPEC, "p = s / s.sum(-1, keepdim=True)", "p = s**2 / (s**2).sum(-1, keepdim=True)", T_SPEC),
+    Mutation("entropy_of_squares", SPEC, "p = s / s.sum(-1, keepdim=True)",
+             "p = s**2 / (s**2).sum(-1, keepdim=True)", T_SPEC),
     Mutation("stable_rank_sigma_not_squared", SPEC, "return X.square().sum((-2, -1)) / sigma.square()",
              "return X.square().sum((-2, -1)) / sigma", T_SPEC),
     Mutation("sin_theta_no_sqrt", SPEC, "(k - (Ua.mT @ Ub).square().sum((-2, -1))).clamp_min(0).sqrt()",
@@ -117,16 +127,18 @@ MUTATIONS: list[Mutation] = [
     # ---- monitors (lightning_muon/callbacks/)
     Mutation("bcrit_ignores_momentum", CBS, 'beta = group.get("momentum", 0.0) if group.get("use_muon") else 0.0',
              "beta = 0.0", T_CBS),
-    Mutation("micro_batch_scale_not_squared", CBS, "(accumulate / scale) ** 2 / n_micro", "(accumulate / scale) / n_micro", T_CBS),
+    Mutation("micro_batch_scale_not_squared", CBS, "(accumulate / scale) ** 2 / n_micro",
+             "(accumulate / scale) / n_micro", T_CBS),
     Mutation("ema_bias_correction_off_by_one", CBS, "correction = 1 - self.ema**self.ema_steps",
              "correction = 1 - self.ema ** (self.ema_steps + 1)", T_CBS),
     Mutation("sigma2_per_row", CBS, "sigma2 = per_layer.trace_sigma[i] / G.numel()",
              "sigma2 = per_layer.trace_sigma[i] / G.shape[0]", T_CBS),
-    Mutation("misalignment_nesterov_weight", MISALIGN, "return grad.lerp(buf, beta) if", "return grad.lerp(buf, 1 - beta) if",
-             ["tests/test_callbacks.py"]),
+    Mutation("misalignment_nesterov_weight", MISALIGN, "return grad.lerp(buf, beta) if",
+             "return grad.lerp(buf, 1 - beta) if", ["tests/test_callbacks.py"]),
     # ---- routing (lightning_muon/routing.py)
     Mutation("head_pattern_dropped", ROUTING, '("lm_head", "head", "heads", "classifier", "fc_out", "out_head")',
-             '("lm_head", "heads", "classifier", "fc_out", "out_head")', ["tests/test_routing_defaults.py", "tests/test_routing.py", "tests/test_bad_inputs.py"]),
+             '("lm_head", "heads", "classifier", "fc_out", "out_head")',
+             ["tests/test_routing_defaults.py", "tests/test_routing.py", "tests/test_bad_inputs.py"]),
 ]
 
 
@@ -137,7 +149,8 @@ def _pytest(copy: Path, m: Mutation, timeout: float) -> tuple[str, float, str]:
            *m.pytest_args, *m.tests]
     start = time.perf_counter()
     try:
-        done = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout,
+                              check=False)
     except subprocess.TimeoutExpired:
         return "killed (timeout)", time.perf_counter() - start, ""
     lines = (done.stdout + done.stderr).strip().splitlines()
@@ -178,7 +191,8 @@ def run(mutations: list[Mutation], timeout: float) -> list[dict]:
                 continue
             key = (*m.pytest_args, *m.tests)
             if key not in baselines:  # the unmutated copy must pass these tests, else nothing is measured
-                status, seconds, tail = _pytest(copy, Mutation("baseline", m.file, "", "", m.tests, m.pytest_args), timeout)
+                base = Mutation("baseline", m.file, "", "", m.tests, m.pytest_args)
+                status, seconds, tail = _pytest(copy, base, timeout)
                 baselines[key] = status
                 print(f"{'(baseline) ' + ' '.join(key):38s} {status} {seconds:.0f}s {tail}", flush=True)
             if baselines[key] != "survived":
@@ -208,7 +222,8 @@ def summary(results: list[dict]) -> str:
     lines += [f"| {r['name']} | {r['file']} | {r['status']} | {r['detail']} | {r['seconds']} |" for r in results]
     score = f"{killed}/{scored} killed ({100 * killed / scored:.0f}%)" if scored else "nothing scored"
     lines.append("")
-    lines.append(f"Score: {score}; {len(equivalent)} equivalent survivors; {len(missing)} not run (pattern or baseline).")
+    lines.append(f"Score: {score}; {len(equivalent)} equivalent survivors; "
+                 f"{len(missing)} not run (pattern or baseline).")
     return "\n".join(lines)
 
 
@@ -216,9 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="names of the mutations to run (default: all)")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per pytest run (a timeout counts as killed)")
+    parser.add_argument("--timeout", type=float, default=900,
+                        help="seconds per pytest run (a timeout counts as killed)")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--tests", nargs="*", help="run these test files instead of each mutation's own (e.g. an older suite)")
+    parser.add_argument("--tests", nargs="*",
+                        help="run these test files instead of each mutation's own (e.g. an older suite)")
     args = parser.parse_args(argv)
     chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
     if args.tests:
