@@ -19,7 +19,8 @@ Score = killed / (killed + survived). Usage, from the repository root::
     python tests/mutation/run.py --only nesterov_weight ema_weight --json results.json
     python tests/mutation/run.py --only nesterov_weight --tests tests/test_optimizer.py   # another test set
 
-Record the score and every survivor in docs/testing.md.
+Exit status 1 if a mutation survived that is not marked equivalent. Record the score and every
+survivor in docs/testing.md.
 """
 
 from __future__ import annotations
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     print(summary(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
-    return 0
+    return 1 if any(r["status"] == "survived" for r in results) else 0  # a survivor not explained as equivalent
 
 
 if __name__ == "__main__":
