@@ -124,8 +124,9 @@ def test_complex_parameters():  # row 13
     with pytest.raises(ValueError, match="complex dtype"):
         Muon([{"params": [z], "use_muon": True}])
     ref = nn.Parameter(z.detach().clone())
-    opt = Muon([{"params": [z], "use_muon": False}], lr=0.01)  # AdamW supports complex
-    ref_opt = torch.optim.AdamW([ref], lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)  # Muon's defaults
+    opt = Muon([{"params": [z], "use_muon": False}], lr=0.01, adamw_betas=(0.9, 0.95), adamw_eps=1e-8,
+               weight_decay=0.01)  # AdamW supports complex
+    ref_opt = torch.optim.AdamW([ref], lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
     for _ in range(3):
         g = torch.randn(4, 4, dtype=torch.complex64)
         z.grad, ref.grad = g.clone(), g.clone()

@@ -75,7 +75,8 @@ def test_small_cnn_and_a_step():
     assert g["classifier.weight"] == "adamw"
     # One step: each parameter gets its group's rule. Exact polar factor (svd) for the references.
     lr, wd = 0.02, 0.01
-    opt = Muon(muon_param_groups(model), lr=lr, weight_decay=wd, ns_method="svd", ns_dtype="float32")
+    opt = Muon(muon_param_groups(model), lr=lr, weight_decay=wd, ns_method="svd", ns_dtype="float32",
+               adjust_lr="match_rms_adamw", adamw_eps=1e-8)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss = nn.functional.cross_entropy(model(torch.randn(4, 3, 8, 8)), torch.tensor([0, 1, 2, 3]))
     loss.backward()
