@@ -2,6 +2,11 @@
 
 Lightning's ddp launcher re-runs the command line in the other rank and ModelParallelStrategy
 always launches by subprocess, so these run the CLI in a subprocess and check what it wrote.
+
+These are SMOKE tests (named ``*_smoke``): they check that the CLI configs start, train and log
+under 2 processes, not the values. The values under DDP and FSDP2 are compared with one process on
+the same global batch in tests/test_distributed.py (optimizer) and tests/test_callbacks.py
+(monitors); the single-process CLI's logged values are checked in tests/test_gpt_example.py.
 """
 
 import os
@@ -33,21 +38,21 @@ def _cli(config, tmp_path, *extra):
 
 
 @pytest.mark.slow
-def test_gpt_cli_ddp_two_processes(tmp_path):
+def test_gpt_cli_ddp_two_processes_smoke(tmp_path):
     tags = _cli("examples/configs/gpt_demo.yaml", tmp_path, "--trainer.strategy=ddp")
     assert "train/loss" in tags and "val/loss" in tags
     assert "stable_rank/mean" in tags and "critical_batch_size/b_simple" in tags  # logged once, by rank 0
 
 
 @pytest.mark.slow
-def test_gpt_cli_fsdp2_two_processes(tmp_path):
+def test_gpt_cli_fsdp2_two_processes_smoke(tmp_path):
     tags = _cli("examples/configs/gpt2_124m_fsdp2.yaml", tmp_path,
                 "--trainer.strategy.init_args.data_parallel_size=2", "--trainer.max_steps=3")
     assert "train/loss" in tags and "spectral_entropy/mean" in tags and "lr-Muon/muon" in tags
 
 
 @pytest.mark.slow
-def test_vit_cli_fsdp2_two_processes(tmp_path):
+def test_vit_cli_fsdp2_two_processes_smoke(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     args = [sys.executable, "-m", "examples.vit", "fit", "--config", str(ROOT / "examples/configs/vit_fsdp2.yaml"),
             "--data.class_path=examples.image_data.DigitsDataModule", "--data.init_args.batch_size=8",

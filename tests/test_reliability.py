@@ -77,17 +77,33 @@ def test_accumulation_orthogonalises_once_per_optimizer_step(tmp_path, monkeypat
     assert len(calls) == 4 * 2
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
-def test_bf16_training(tmp_path, precision):
-    data = TensorDataset(torch.randn(64, 8), torch.randn(64, 1))
+def _fit_teacher(precision):
+    """4 epochs on a tanh teacher (16 steps per epoch); returns the fp32 full-data loss before and after."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=g)
+    y = torch.tanh(x @ torch.randn(8, 1, generator=g))
+    torch.manual_seed(0)
     model = Counting(1)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=2, precision=precision, logger=False,
+    with torch.no_grad():
+        before = nn.functional.mse_loss(model(x), y).item()
+    trainer = L.Trainer(accelerator="cpu", max_epochs=4, precision=precision, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         gradient_clip_val=1.0)
-    trainer.fit(model, DataLoader(data, batch_size=8))
-    opt = trainer.optimizers[0]
-    assert isinstance(opt, Muon) and trainer.global_step == 16
-    for p in model.parameters():
-        assert torch.isfinite(p.float()).all()
+    trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=16))
+    assert isinstance(trainer.optimizers[0], Muon) and trainer.global_step == 64
+    dtypes = {p.dtype for p in model.parameters()}
+    with torch.no_grad():
+        after = nn.functional.mse_loss(model.float()(x), y).item()
+    return before, after, dtypes
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_bf16_training_reaches_the_fp32_loss(tmp_path, precision):
+    # Same init, data and order in fp32 and in bf16. Measured (AMD EPYC AVX2, torch 2.14.1): loss
+    # 0.81 -> 0.131 in fp32, 0.127 bf16-mixed, 0.126 bf16-true; tolerance 15% of the fp32 loss.
+    before, fp32_loss, _ = _fit_teacher("32-true")
+    _, bf16_loss, dtypes = _fit_teacher(precision)
+    assert fp32_loss < 0.25 * before  # the reference run learned
+    assert bf16_loss == pytest.approx(fp32_loss, rel=0.15)
     if precision == "bf16-true":
-        assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+        assert dtypes == {torch.bfloat16}  # as trained, before the fp32 evaluation cast

@@ -73,11 +73,27 @@ def test_small_cnn_and_a_step():
     assert "flattened to 16 x 27" in next(r.reason for r in routes if r.name == "features.0.weight")
     assert g["features.1.weight"] == "adamw_no_decay"  # BatchNorm gain
     assert g["classifier.weight"] == "adamw"
-    opt = Muon(muon_param_groups(model), lr=0.02)
+    # One step: each parameter gets its group's rule. Exact polar factor (svd) for the references.
+    lr, wd = 0.02, 0.01
+    opt = Muon(muon_param_groups(model), lr=lr, weight_decay=wd, ns_method="svd", ns_dtype="float32",
+               adjust_lr="match_rms_adamw", adamw_eps=1e-8)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss = nn.functional.cross_entropy(model(torch.randn(4, 3, 8, 8)), torch.tensor([0, 1, 2, 3]))
     loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     opt.step()
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    after = dict(model.named_parameters())
+    for name in ("features.0.weight", "features.3.weight"):  # Muon on the (out, in*3*3) matrix
+        m = grads[name].shape[0]
+        U, _, Vh = torch.linalg.svd(grads[name].reshape(m, -1).double(), full_matrices=False)
+        scale = 0.2 * max(U.shape[0], Vh.shape[1]) ** 0.5  # match_rms_adamw on the flattened shape
+        expected = (1 - lr * wd) * before[name] - lr * scale * (U @ Vh).reshape(before[name].shape).float()
+        torch.testing.assert_close(after[name].detach(), expected, atol=1e-6, rtol=0)
+    for name, decay in (("classifier.weight", wd), ("features.1.weight", 0.0), ("features.0.bias", 0.0)):
+        # AdamW's first step: bias-corrected moments give g / (|g| + eps).
+        g = grads[name]
+        expected = (1 - lr * decay) * before[name] - lr * g / (g.abs() + 1e-8)
+        torch.testing.assert_close(after[name].detach(), expected, atol=1e-6, rtol=0)
 
 
 def test_overrides_table_and_frozen():

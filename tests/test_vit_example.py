@@ -17,6 +17,9 @@ DEMO = str(ROOT / "examples" / "configs" / "vit_demo.yaml")
     "optimizer, precision", [("muon", "32-true"), ("adamw", "32-true"), ("muon", "bf16-mixed")]
 )
 def test_cli_fits_a_few_steps_from_the_demo_config(tmp_path, optimizer, precision):
+    # Smoke test of the CLI paths (3 steps): it checks wiring (argument links, optimizer type, log
+    # and checkpoint files) and ranges, not training values; those are checked against references
+    # in test_optimizer.py, test_reference_updates.py and test_reliability.py (bf16 vs fp32).
     cli = cli_main([
         "fit", "--config", DEMO,
         "--model.optimizer", optimizer, "--trainer.precision", precision,
