@@ -7,7 +7,8 @@ throughput is the machine's practical matmul limit. It prints a markdown table: 
 FLOP/s, that as a fraction of the ``torch.mm`` throughput, and the time relative to torch's NS.
 
 Usage (from the repository root):
-    python -m benchmarks.orthogonalize                      # CPU, bf16, GPT-small x2 layers
+    python -m benchmarks.orthogonalize                      # CPU, ns dtype "auto", GPT-small x2 layers
+    python -m benchmarks.orthogonalize --dtype bfloat16     # force bf16 (slow on CPUs without native bf16)
     python -m benchmarks.orthogonalize --device cuda --layers 12 --compile
 """
 
@@ -15,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import sys
 from collections.abc import Callable
 
 import torch
 
-from benchmarks._timing import add_common_args, interleaved_medians, markdown_table, matmul_probe, setup
+from benchmarks._timing import add_common_args, interleaved_medians, markdown_table, matmul_probe, run_header, setup
 from lightning_muon import ns_flops, orthogonalize
 
 NS_STEPS = 5
@@ -64,18 +64,6 @@ def candidates(stacks: list[torch.Tensor], dtype: torch.dtype, args: argparse.Na
     return fns
 
 
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {torch.get_num_threads()} threads"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
@@ -89,8 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     gpt_layers = args.layers or (2 if device.type == "cpu" else 12)
 
     print(f"# orthogonalize benchmark, {datetime.date.today()}")
-    print(f"machine: {machine(device)}; torch {torch.__version__}; dtype {args.dtype}; "
-          f"median of {args.repeats} after {args.warmup} warmup, interleaved")
+    print(run_header(device, args.dtype))
+    print(f"NS and torch.mm in {dtype}; median of {args.repeats} after {args.warmup} warmup, interleaved")
     print(f"command: {' '.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}\n")
     rows = []
     for name in args.sets:
