@@ -22,7 +22,7 @@ relative distance ``|U/a - P| / |P|`` (first step: every update is a multiple of
 
 Usage (from the repository root):
     python -m benchmarks.peers                 # CPU: GPT-small, 1 layer
-    python -m benchmarks.peers --small         # d = 256, 2 layers, vocab 8192: bf16 peers on AVX2 CPUs
+    python -m benchmarks.peers --small         # d = 256, 1 layer, vocab 8192: bf16 peers on AVX2 CPUs
     python -m benchmarks.peers --device cuda --layers 12
 """
 
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=None, help="blocks (default 1 on CPU, 12 on GPU)")
     parser.add_argument("--d", type=int, default=768)
     parser.add_argument("--vocab", type=int, default=50257)
-    parser.add_argument("--small", action="store_true", help="d = 256, 2 layers, vocab 8192")
+    parser.add_argument("--small", action="store_true", help="d = 256, 1 layer, vocab 8192")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--max-seconds", type=float, default=30.0,
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.small:
-        args.d, args.layers, args.vocab = 256, args.layers or 2, 8192
+        args.d, args.layers, args.vocab = 256, args.layers or 1, 8192
     layers = args.layers or (1 if device.type == "cpu" else 12)
 
     torch.manual_seed(0)
