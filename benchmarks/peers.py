@@ -12,10 +12,11 @@ routing (Muon on the transformer blocks' matrices, AdamW on embeddings, gains an
   (``heavyball.utils.compile_mode = None``: its default max-autotune compile takes minutes on CPU).
 
 Two settings: each library's **defaults** (its own NS dtype, coefficients and update scale), and
-**matched**: quintic coefficients, 5 steps, NS in bfloat16 (every peer hard-codes bf16) and, with
-``--matched-fp32``, in float32 for ours and for the peers whose NS function takes a dtype argument
+**matched**: quintic coefficients, 5 steps, NS in bfloat16 (every peer hard-codes bf16) and in
+float32 for ours and for the peers whose NS function takes a dtype argument
 (timm, pytorch_optimizer: their default is patched for the run). Reported per optimizer: median
-step time (a candidate slower than ``--max-seconds`` in total stops after what it ran), optimizer
+step time, wall and this process's CPU time (candidates interleaved round by round; one slower than
+``--max-seconds`` in total sits out the remaining rounds; "vs fastest" uses CPU time on CPU), optimizer
 state bytes, and the first step's update against the exact SVD polar factor ``P`` of the gradient:
 the update divided by its least-squares scale onto ``P`` has singular values in [lo, hi] and
 relative distance ``|U/a - P| / |P|`` (first step: every update is a multiple of NS(gradient)).
@@ -159,35 +160,57 @@ def band(before: list[torch.Tensor], after: list[torch.Tensor], grads: list[torc
     return lo, hi, dist
 
 
-def run(name: str, build, model, init, grads, args, device) -> list[object]:
-    params = list(model.parameters())
-    with torch.no_grad():
-        for p, x in zip(params, init):
-            p.copy_(x)
-    opts = build(model)
-    _, muon, _, _ = split(model)
-    index = {id(p): i for i, p in enumerate(params)}
-    before = [p.detach().clone() for p in muon]
-    times = []
-    start = time.perf_counter()
-    for i in range(args.warmup + args.repeats):
-        for p, g in zip(params, grads):  # some optimizers (heavyball) clear .grad in step()
+class Candidate:
+    """One optimizer (set) on its own copy of the parameters, timed step by step."""
+
+    def __init__(self, name: str, build, model_fn, init, grads) -> None:
+        self.name, self.model = name, model_fn()
+        self.params = list(self.model.parameters())
+        with torch.no_grad():
+            for p, x in zip(self.params, init):
+                p.copy_(x)
+        self.grads = grads
+        self.opts = build(self.model)
+        _, muon, _, _ = split(self.model)
+        index = {id(p): i for i, p in enumerate(self.params)}
+        self.muon, self.muon_grads = muon, [grads[index[id(p)]] for p in muon]
+        self.timed: list[tuple[float, float]] = []  # (wall, CPU) seconds per step
+        self.warm: list[tuple[float, float]] = []
+        self.band: tuple[float, ...] = ()
+
+    def step(self, device: torch.device, record: bool) -> None:
+        for p, g in zip(self.params, self.grads):  # some optimizers (heavyball) clear .grad in step()
             p.grad = g
+        before = [p.detach().clone() for p in self.muon] if not self.band else None
         synchronize(device)
-        t0 = time.perf_counter()
-        for o in opts:
+        t0, c0 = time.perf_counter(), time.process_time()
+        for o in self.opts:
             o.step()
         synchronize(device)
-        if i == 0:
-            lo, hi, dist = band(before, [p.detach() for p in muon], [grads[index[id(p)]] for p in muon])
-        if i >= args.warmup or args.warmup + args.repeats == 1:
-            times.append(time.perf_counter() - t0)
-        if time.perf_counter() - start > args.max_seconds:
-            if not times:
-                times.append(time.perf_counter() - t0)
-            break
-    return [name, f"{statistics.median(times) * 1e3:.1f}", len(times), f"{state_bytes(opts) / 2**20:.1f}",
-            f"[{lo:.3f}, {hi:.3f}]", f"{dist:.3f}"]
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        if before is not None:
+            self.band = band(before, [p.detach() for p in self.muon], self.muon_grads)
+        (self.timed if record else self.warm).append((wall, cpu))
+
+    def row(self) -> list[object]:
+        lo, hi, dist = self.band
+        steps = self.timed or self.warm  # a candidate that only ran its warmup reports that step
+        wall, cpu = (statistics.median(x) for x in zip(*steps))
+        return [self.name, f"{wall * 1e3:.1f}", f"{cpu * 1e3:.1f}", len(steps), f"{state_bytes(self.opts) / 2**20:.1f}", f"[{lo:.3f}, {hi:.3f}]", f"{dist:.3f}"]
+
+
+def run_interleaved(candidates: list[Candidate], args, device) -> list[list[object]]:
+    """Round-robin: warmup, then one step of each candidate per round; a candidate whose total time
+    passes ``--max-seconds`` sits out the remaining rounds (bf16 peers on CPUs without bf16)."""
+    spent = {c.name: 0.0 for c in candidates}
+    for i in range(args.warmup + args.repeats):
+        for c in candidates:
+            if spent[c.name] > args.max_seconds:
+                continue
+            start = time.perf_counter()
+            c.step(device, record=i >= args.warmup)
+            spent[c.name] += time.perf_counter() - start
+    return [c.row() for c in candidates]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -212,8 +235,11 @@ def main(argv: list[str] | None = None) -> None:
         args.d, args.layers, args.vocab = 256, args.layers or 1, 8192
     layers = args.layers or (1 if device.type == "cpu" else 12)
 
+    def make_model() -> torch.nn.Module:
+        return GPTParams(layers, d=args.d, vocab=args.vocab).to(device)
+
     torch.manual_seed(0)
-    model = GPTParams(layers, d=args.d, vocab=args.vocab).to(device)
+    model = make_model()
     init = [p.detach().clone() for p in model.parameters()]
     grads = [torch.randn_like(p) * 1e-3 for p in model.parameters()]
     print(f"# peer optimizers, one step, {datetime.date.today()}")
@@ -222,17 +248,18 @@ def main(argv: list[str] | None = None) -> None:
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params; median of <= {args.repeats} "
           f"after {args.warmup} warmup, <= {args.max_seconds:g} s per candidate")
     print(f"command: {' '.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}\n")
-    header = ["optimizer", "step ms", "steps timed", "state MiB", "update sv / scale", "dist to polar"]
+    header = ["optimizer", "step ms (wall)", "step ms (CPU)", "steps timed", "state MiB", "update sv / scale",
+              "dist to polar"]
     for setting in args.settings:
         matched = None if setting == "defaults" else setting
-        rows = []
         with patched_dtype(torch.float32 if matched == "float32" else None):
-            for name, build in builders(matched).items():
-                rows.append(run(name, build, model, init, grads, args, device))
+            candidates = [Candidate(name, build, make_model, init, grads) for name, build in builders(matched).items()]
+            rows = run_interleaved(candidates, args, device)
         label = "each library's defaults" if matched is None else f"matched: quintic, 5 steps, NS in {matched}"
-        fastest = min(float(r[1]) for r in rows)
+        col = 2 if device.type == "cpu" else 1  # CPU time: robust to other jobs on a shared CPU
+        fastest = min(float(r[col]) for r in rows)
         for r in rows:
-            r.append(f"{float(r[1]) / fastest:.2f}")
+            r.append(f"{float(r[col]) / fastest:.2f}")
         print(f"## {label}\n")
         print(markdown_table([*header, "vs fastest"], rows))
         print()
