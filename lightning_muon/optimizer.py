@@ -170,6 +170,11 @@ class Muon(torch.optim.Optimizer):
 
         Default device: that of the first Muon parameter. After the first step this is the dtype
         the ranks agreed on; before it, this process's own resolution.
+
+        Example:
+            >>> opt = Muon([{"params": [torch.nn.Parameter(torch.randn(4, 4))], "use_muon": True}])
+            >>> opt.resolved_ns_dtype() in (torch.bfloat16, torch.float16, torch.float32)
+            True
         """
         if device is None:
             device = next((p.device for g in self.param_groups if g["use_muon"] for p in g["params"]), "cpu")
