@@ -77,8 +77,8 @@ def test_peers_script_runs_and_reports_bands(capsys):
     # factor. The band is of the update over its least-squares scale onto P, so it straddles 1
     # (measured [0.47, 1.33], distance 0.11 at this size; a 32x32 Gaussian is partly below the
     # design range, hence the loose bounds).
-    lo, hi = (float(x) for x in rows["lightning_muon.Muon"][4].strip("[]").split(", "))
-    assert 0 < lo <= 1 <= hi < 1.5 and float(rows["lightning_muon.Muon"][5]) < 0.3
+    lo, hi = (float(x) for x in rows["lightning_muon.Muon"][5].strip("[]").split(", "))
+    assert 0 < lo <= 1 <= hi < 1.5 and float(rows["lightning_muon.Muon"][6]) < 0.3
 
 
 def test_peers_state_bytes_count_nested_state():
