@@ -196,7 +196,8 @@ class Candidate:
         lo, hi, dist = self.band
         steps = self.timed or self.warm  # a candidate that only ran its warmup reports that step
         wall, cpu = (statistics.median(x) for x in zip(*steps))
-        return [self.name, f"{wall * 1e3:.1f}", f"{cpu * 1e3:.1f}", len(steps), f"{state_bytes(self.opts) / 2**20:.1f}", f"[{lo:.3f}, {hi:.3f}]", f"{dist:.3f}"]
+        return [self.name, f"{wall * 1e3:.1f}", f"{cpu * 1e3:.1f}", len(steps),
+                f"{state_bytes(self.opts) / 2**20:.1f}", f"[{lo:.3f}, {hi:.3f}]", f"{dist:.3f}"]
 
 
 def run_interleaved(candidates: list[Candidate], args, device) -> list[list[object]]:
