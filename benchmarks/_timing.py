@@ -16,14 +16,18 @@ Example:
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
 
 import torch
 
+from lightning_muon.precision import describe_device, ns_dtype_choice, resolve_ns_dtype
+
 __all__ = [
     "add_common_args",
+    "run_header",
     "setup",
     "synchronize",
     "interleaved_medians",
@@ -36,8 +40,9 @@ __all__ = [
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """``--device``, ``--dtype``, ``--repeats``, ``--warmup``, ``--threads``, ``--mm-size``."""
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                        help="compute dtype of Newton–Schulz and of the matmul peak probe")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                        help="compute dtype of Newton–Schulz and of the matmul peak probe (default: auto, "
+                             "what ns_dtype='auto' resolves to on the device)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before the repeats")
     parser.add_argument("--threads", type=int, default=None,
@@ -56,7 +61,20 @@ def setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, int]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     mm_size = args.mm_size or (2048 if device.type == "cpu" else 8192)
-    return device, getattr(torch, args.dtype), mm_size
+    return device, resolve_ns_dtype(device, args.dtype), mm_size
+
+
+def run_header(device: torch.device, ns_dtype: str = "auto") -> str:
+    """What a benchmark ran on: hardware, torch, threads, load, and the Newton–Schulz dtype chosen.
+
+    Every benchmark prints it first, so a recorded number always names its CPU (or GPU).
+    """
+    choice = ns_dtype_choice(device)
+    resolved = resolve_ns_dtype(device, ns_dtype)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    how = f"auto -> {choice.dtype} ({choice.reason})" if ns_dtype == "auto" else f"{resolved} (explicit)"
+    return (f"machine: {describe_device(device)}; torch {torch.__version__}; "
+            f"load average (1 min) {load:.2f}\nns_dtype: {how}")
 
 
 def synchronize(device: torch.device) -> None:

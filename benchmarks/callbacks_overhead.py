@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
+from benchmarks._timing import run_header
 from examples.gpt import LitGPT
 from lightning_muon.callbacks import (
     CriticalBatchSizeMonitor,
@@ -106,6 +107,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(run_header(torch.device("cuda" if args.accelerator in ("gpu", "cuda") else "cpu"), "auto"))
     times: dict[str, list[float]] = {"none": [], "four monitors": []}
     inside: list[float] = []
     for _ in range(args.repeats):  # interleaved, so drift hits both alike

@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 
 from benchmarks._gpt_runs import train_gpt
-from benchmarks._timing import markdown_table
+import torch
+
+from benchmarks._timing import markdown_table, run_header
 
 
 def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
@@ -33,6 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     common = dict(steps=args.steps, val_every=args.val_every, n_layer=args.n_layer,
                   n_embd=args.n_embd, batch_size=args.batch_size, accelerator=args.accelerator)
+    print(run_header(torch.device("cuda" if args.accelerator in ("gpu", "cuda") else "cpu"), "auto"))
     runs = {}
     for lr in args.muon_lrs:  # AdamW part of the Muon run (embeddings, gains) at 1e-3
         runs[("muon", lr)] = train_gpt(optimizer="muon", lr=lr, adamw_lr=1e-3, **common)

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import lightning_muon.distributed as lmd
+from benchmarks._timing import run_header
 from lightning_muon import Muon
 
 D = 768
@@ -92,7 +93,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    parser.add_argument("--ns-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--ns-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     parser.add_argument("--modes", default="ddp,fsdp", help="comma-separated: ddp, fsdp")
     args = parser.parse_args()
     ctx = mp.get_context("spawn")
@@ -102,6 +103,8 @@ def main() -> None:
     for mode, world in configs:
         mp.spawn(worker, args=(world, mode, args, _free_port(), queue), nprocs=world)
         rows += sorted(queue.get() for _ in range(world))
+    torch.set_num_threads(args.threads)
+    print(run_header(torch.device("cpu"), args.ns_dtype))
     print(f"Muon step on GPT-small matrices: {args.layers} layers x {len(SHAPES)} = "
           f"{args.layers * len(SHAPES)} matrices, ns_dtype={args.ns_dtype}, {args.threads} thread(s)/rank, "
           f"gloo on CPU, best of {args.steps} steps")

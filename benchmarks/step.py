@@ -11,8 +11,9 @@ times ``optimizer.step()`` with fixed random gradients, in interleaved rounds (m
 * the two torch rows again with ``AdamW(fused=True)`` (not torch's default on CPU).
 
 All share one parameter set (each keeps its own state), and the same settings: Muon lr 0.02,
-momentum 0.95, Nesterov, quintic NS in bf16, 5 steps, "original" shape scaling; AdamW lr 3e-4,
-betas (0.9, 0.95); weight decay 0.1 (0 on gains and biases). It also prints the bytes of optimizer
+momentum 0.95, Nesterov, 5 NS steps, "original" shape scaling; AdamW lr 3e-4, betas (0.9, 0.95);
+weight decay 0.1 (0 on gains and biases). torch.optim.Muon runs NS in bf16 (hard-coded), ours in
+``--dtype`` (default "auto": bf16 only where the hardware has it natively). It also prints the bytes of optimizer
 state and the NS time a matmul running at the ``torch.mm`` throughput measured in the same rounds
 would need (the floor for a Muon step).
 
@@ -31,9 +32,8 @@ import torch
 from torch import nn
 
 from benchmarks._timing import (
-    add_common_args, interleaved_medians, markdown_table, matmul_probe, setup, state_bytes,
+    add_common_args, interleaved_medians, markdown_table, matmul_probe, run_header, setup, state_bytes,
 )
-from benchmarks.orthogonalize import machine
 from lightning_muon import Muon, muon_param_groups, ns_flops
 
 MUON_LR, ADAMW_LR, MOMENTUM, WEIGHT_DECAY, BETAS = 0.02, 3e-4, 0.95, 0.1, (0.9, 0.95)
@@ -67,12 +67,12 @@ def tensor_groups(groups: list[dict]) -> list[dict]:
     ]
 
 
-def optimizers(model: nn.Module) -> dict[str, list[torch.optim.Optimizer]]:
+def optimizers(model: nn.Module, ns_dtype: str = "auto") -> dict[str, list[torch.optim.Optimizer]]:
     groups = muon_param_groups(model)
     muon = tensor_groups([g for g in groups if g["use_muon"]])
     rest = tensor_groups([g for g in groups if not g["use_muon"]])
     common = dict(lr=MUON_LR, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY,
-                  adjust_lr="original", adamw_lr=ADAMW_LR, adamw_betas=BETAS)
+                  adjust_lr="original", adamw_lr=ADAMW_LR, adamw_betas=BETAS, ns_dtype=ns_dtype)
     return {
         "ours, quintic": [Muon(groups, ns_method="quintic", **common)],
         "ours, polar_express (default)": [Muon(groups, **common)],
@@ -104,15 +104,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab", type=int, default=50257, help="embedding rows (GPT-2: 50257)")
     args = parser.parse_args(argv)
     device, dtype, mm_size = setup(args)
-    if args.dtype != "bfloat16":
-        print("note: --dtype sets only the matmul probe; every optimizer here runs NS in bf16\n")
     layers = args.layers or (2 if device.type == "cpu" else 12)
 
     torch.manual_seed(0)
     model = GPTParams(layers, vocab=args.vocab).to(device)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
-    opts = optimizers(model)
+    opts = optimizers(model, args.dtype)
     mm, mm_flops = matmul_probe(mm_size, dtype, device)
     fns = {"torch.mm": mm} | {name: (lambda os=os: [o.step() for o in os]) for name, os in opts.items()}
     medians = interleaved_medians(fns, warmup=max(1, args.warmup), repeats=args.repeats, device=device)
@@ -122,11 +120,12 @@ def main(argv: list[str] | None = None) -> None:
 
     n_params = sum(p.numel() for p in model.parameters())
     print(f"# optimizer step benchmark, {datetime.date.today()}")
-    print(f"machine: {machine(device)}; torch {torch.__version__}; GPT-small, {layers} layers, "
+    print(run_header(device, args.dtype))
+    print(f"GPT-small, {layers} layers, "
           f"{n_params / 1e6:.1f} M params ({len(matrices)} Muon matrices); "
           f"median of {args.repeats} after {max(1, args.warmup)} warmup, interleaved")
     print(f"command: {' '.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}")
-    print(f"torch.mm {mm_size}^2 in {args.dtype}: {peak / 1e12:.3f} TFLOP/s; "
+    print(f"torch.mm {mm_size}^2 in {dtype}: {peak / 1e12:.3f} TFLOP/s; "
           f"NS of the Muon matrices at that rate: {ns_floor * 1e3:.1f} ms\n")
     ref, adamw = medians["torch.optim.Muon + AdamW"], medians["torch.optim.AdamW alone"]
     rows = [

@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import statistics
 
+import torch
+
 from benchmarks._gpt_runs import train_gpt
-from benchmarks._timing import markdown_table
+from benchmarks._timing import markdown_table, run_header
 
 
 def main() -> None:
@@ -36,6 +38,8 @@ def main() -> None:
         "adamw": dict(optimizer="adamw", lr=1e-3, adamw_lr=1e-3),
         "muon": dict(optimizer="muon", lr=0.02, adamw_lr=1e-3),
     }
+    device = torch.device("cuda" if args.accelerator in ("gpu", "cuda") else "cpu")
+    print(run_header(device, "auto"))
     times: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(args.rounds):
         for name, cfg in configs.items():

@@ -10,6 +10,7 @@ Example:
 
 from .factory import SCHEDULES, configure_muon, lr_lambda
 from .newton_schulz import METHODS, NS_PRESETS, NSPreset, ns_flops, orthogonalize, singular_value_band
+from .precision import NS_DTYPES, NSDtypeChoice, describe_device, ns_dtype_choice, resolve_ns_dtype
 from .optimizer import ADJUST_LR, Muon, NonFiniteGradientError, adjusted_lr
 from .routing import (
     DEFAULT_EMBEDDING_NAMES,
@@ -51,6 +52,7 @@ __all__ = [
     "as_matrix",
     "configure_muon",
     "CriticalBatch",
+    "describe_device",
     "effective_rank",
     "lr_lambda",
     "Muon",
@@ -58,12 +60,16 @@ __all__ = [
     "muon_param_groups",
     "noise_scale",
     "NoiseScale",
+    "NS_DTYPES",
+    "ns_dtype_choice",
+    "NSDtypeChoice",
     "NonFiniteGradientError",
     "ns_flops",
     "NSPreset",
     "orthogonalize",
     "polar_misalignment",
     "polar_sensitivity",
+    "resolve_ns_dtype",
     "Route",
     "route_named_parameters",
     "route_parameters",

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .precision import resolve_ns_dtype
+
 __all__ = [
     "NSPreset", "NS_PRESETS", "METHODS", "orthogonalize", "ns_flops", "singular_value_band", "default_kernel",
 ]
@@ -186,8 +188,9 @@ def orthogonalize(
             (exact, via ``torch.linalg.svd``; for research and tests).
         steps: Newton–Schulz iterations (ignored by ``"svd"``). Past the pinned Polar Express
             schedule, extra steps use the convergent degree-5 Newton–Schulz polynomial.
-        dtype: compute dtype. Default: bfloat16 for Newton–Schulz, float32 (or the input's float64)
-            for ``"svd"``.
+        dtype: compute dtype. Default: for Newton–Schulz :func:`lightning_muon.resolve_ns_dtype`
+            of ``G``'s device (bfloat16 where the hardware computes it natively, else float16 on
+            pre-Ampere GPUs or float32); for ``"svd"`` float32 (or the input's float64).
         kernel: ``"looped"`` (one matrix at a time) or ``"batched"`` (bmm on the stack); both
             compute the same thing. Default: :func:`default_kernel` (by device and size).
         compile: run the Newton–Schulz kernel through ``torch.compile`` (opt-in: the first call
@@ -218,11 +221,18 @@ def orthogonalize(
         out = _polar_svd(X.to(compute))
     else:
         preset = NS_PRESETS[method]
-        compute = dtype or torch.bfloat16
-        X = X.to(compute)  # a new tensor unless G already has the compute dtype
-        acc = torch.promote_types(compute, torch.float32)  # no fp32 copy of a bf16 stack
-        norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=acc)
-        X = X / (norm * preset.norm_scale + preset.norm_eps).to(compute)  # out of place
+        compute = dtype or resolve_ns_dtype(G.device)
+        if torch.finfo(compute).max < 0.5 * torch.finfo(X.dtype).max:
+            # A narrower range than the input's (fp16): normalise before the cast, or large entries
+            # overflow and tiny ones (late-training momentum) underflow.
+            X = X.to(torch.promote_types(X.dtype, torch.float32))
+            norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
+            X = (X / (norm * preset.norm_scale + preset.norm_eps)).to(compute)
+        else:
+            X = X.to(compute)  # a new tensor unless G already has the compute dtype
+            acc = torch.promote_types(compute, torch.float32)  # no fp32 copy of a bf16 stack
+            norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=acc)
+            X = X / (norm * preset.norm_scale + preset.norm_eps).to(compute)  # out of place
         kernel = kernel or default_kernel(X.device, X.shape[-2])
         ns = _compiled(kernel) if compile else _KERNELS[kernel]
         out = ns(X, preset.coefficients(steps))

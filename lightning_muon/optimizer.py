@@ -30,10 +30,12 @@ from .distributed import (
     all_finite,
     check_dtensor_param,
     check_not_flat_shard,
+    data_parallel_group,
     local_tensor,
     orthogonalize_buckets,
 )
 from .newton_schulz import METHODS
+from .precision import NS_DTYPES, agree_ns_dtype, resolve_ns_dtype
 from .routing import groups_from_routes, route_named_parameters, why_not_muon
 
 __all__ = ["Muon", "ADJUST_LR", "adjusted_lr", "NonFiniteGradientError"]
@@ -44,7 +46,6 @@ ADJUST_LR: dict[str, Callable[[int, int], float]] = {
     "match_rms_adamw": lambda m, n: 0.2 * math.sqrt(max(m, n)),  # Moonlight: update RMS 0.2
     "spectral": lambda m, n: math.sqrt(m / n),  # Bernstein: spectral-norm condition
 }
-_NS_DTYPES = ("bfloat16", "float32", "float64")
 _NONFINITE = ("raise", "skip")
 #: Settings of a Muon group (also their keys in ``Muon.defaults``).
 _MUON_KEYS = ("lr", "momentum", "nesterov", "weight_decay", "ns_method", "ns_steps", "ns_dtype", "adjust_lr")
@@ -117,7 +118,10 @@ class Muon(torch.optim.Optimizer):
         weight_decay: decoupled weight decay (also AdamW's when ``adamw_weight_decay`` is None).
         ns_method: ``"polar_express"``, ``"quintic"`` or ``"svd"``.
         ns_steps: Newton–Schulz iterations.
-        ns_dtype: compute dtype of Newton–Schulz: ``"bfloat16"``, ``"float32"`` or ``"float64"``.
+        ns_dtype: compute dtype of Newton–Schulz: ``"auto"`` (default: bfloat16 where the device
+            computes it natively, float16 on pre-Ampere CUDA, else float32; resolved once per device,
+            the same on every rank, see :mod:`lightning_muon.precision` and :meth:`resolved_ns_dtype`),
+            or ``"bfloat16"``, ``"float16"``, ``"float32"``, ``"float64"``.
         adjust_lr: ``"original"``, ``"match_rms_adamw"`` or ``"spectral"``.
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: the AdamW groups' settings.
         nonfinite: what a NaN/Inf gradient does: ``"raise"`` a :class:`NonFiniteGradientError`
@@ -147,7 +151,7 @@ class Muon(torch.optim.Optimizer):
         weight_decay: float = 0.01,
         ns_method: str = "polar_express",
         ns_steps: int = 5,
-        ns_dtype: str = "bfloat16",
+        ns_dtype: str = "auto",
         adjust_lr: str = "match_rms_adamw",
         adamw_lr: float | None = None,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
@@ -359,6 +363,34 @@ class Muon(torch.optim.Optimizer):
             if "step" in param_state and not isinstance(param_state["step"], Tensor):
                 param_state["step"] = torch.tensor(float(param_state["step"]), dtype=torch.float32)
 
+    def resolved_ns_dtype(self, device: torch.device | str | None = None) -> torch.dtype:
+        """The dtype Newton–Schulz runs in on ``device`` for groups with ``ns_dtype="auto"``.
+
+        Default device: that of the first Muon parameter. After the first step this is the dtype
+        the ranks agreed on; before it, this process's own resolution.
+
+        Example:
+            >>> opt = Muon([{"params": [torch.nn.Parameter(torch.randn(4, 4))], "use_muon": True}])
+            >>> opt.resolved_ns_dtype() in (torch.bfloat16, torch.float16, torch.float32)
+            True
+        """
+        if device is None:
+            device = next((p.device for g in self.param_groups if g["use_muon"] for p in g["params"]), "cpu")
+        device = torch.device(device)
+        return self.__dict__.get("_auto_ns_dtypes", {}).get(device) or resolve_ns_dtype(device)
+
+    def _ns_dtype(self, name: str, method: str, device: torch.device, mesh: Any) -> torch.dtype:
+        """A group's ``ns_dtype`` as a dtype; "auto" resolved once per device, agreed over the ranks."""
+        if name != "auto":
+            return getattr(torch, name)
+        if method == "svd":  # torch.linalg.svd has no half-precision kernels
+            return torch.float32
+        cache = self.__dict__.setdefault("_auto_ns_dtypes", {})
+        if device not in cache:  # first step: every rank reaches this with the same buckets
+            group = mesh.get_group() if mesh is not None else _dp_group(self.process_group)
+            cache[device] = agree_ns_dtype(resolve_ns_dtype(device), device, group)
+        return cache[device]
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by ``Muon``; check it fits before changing anything.
 
@@ -495,8 +527,8 @@ class Muon(torch.optim.Optimizer):
                 buckets[key].append((p, update, group))
         plan = [
             Bucket([u for _, u, _ in items], tuple(shape), method, steps,
-                   _compute_dtype(method, getattr(torch, dtype)), mesh)
-            for (shape, _, _, mesh, method, steps, dtype), items in buckets.items()
+                   _compute_dtype(method, self._ns_dtype(ns_dtype, method, device, mesh)), mesh)
+            for (shape, device, _, mesh, method, steps, ns_dtype), items in buckets.items()
         ]
         for items, ortho in zip(buckets.values(), orthogonalize_buckets(plan, self.process_group)):
             for (p, _, group), o in zip(items, ortho):
@@ -504,6 +536,11 @@ class Muon(torch.optim.Optimizer):
                 w = local_tensor(p)
                 w.mul_(1 - lr * group["weight_decay"])
                 w.add_(o.view_as(w).to(w.dtype), alpha=-adjusted_lr(lr, p.shape, group["adjust_lr"]))
+
+
+def _dp_group(process_group: Any) -> Any:
+    """The process group that shares plain (DDP) matrices: ``"auto"`` detects it, None is this process alone."""
+    return data_parallel_group() if isinstance(process_group, str) else process_group
 
 
 def _compute_dtype(method: str, dtype: torch.dtype) -> torch.dtype:
@@ -657,8 +694,8 @@ def _validate(group: dict, where: str, adamw: bool = False) -> None:
     steps = group["ns_steps"]
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         fail("ns_steps", "an integer >= 1")
-    if group["ns_dtype"] not in _NS_DTYPES:
-        fail("ns_dtype", f"one of {_NS_DTYPES}")
+    if group["ns_dtype"] not in NS_DTYPES:
+        fail("ns_dtype", f"one of {NS_DTYPES}")
     if group["adjust_lr"] not in ADJUST_LR:
         fail("adjust_lr", f"one of {tuple(ADJUST_LR)}")
     if not isinstance(group["nesterov"], bool):

@@ -1,5 +1,6 @@
 """The benchmark scripts run, and what they report besides timings is right (no timing asserted)."""
 
+import pytest
 import torch
 
 from benchmarks import orthogonalize as bench_ortho
@@ -44,3 +45,51 @@ def test_orthogonalize_script_prints_a_table(capsys):
 
 def test_markdown_table():
     assert markdown_table(["a", "b"], [[1, 0.12345]]) == "| a | b |\n|---|---|\n| 1 | 0.123 |"
+
+
+def test_run_header_names_the_hardware_and_dtype():
+    from benchmarks._timing import run_header
+    from lightning_muon import resolve_ns_dtype
+
+    text = run_header(torch.device("cpu"), "auto")
+    assert "threads" in text and torch.__version__ in text and "load average" in text
+    assert f"auto -> {resolve_ns_dtype('cpu')}" in text
+    assert "torch.bfloat16 (explicit)" in run_header(torch.device("cpu"), "bfloat16")
+
+
+@pytest.mark.slow  # imports every installed peer library (timm, heavyball: ~10 s each on a loaded machine)
+def test_peers_script_runs_and_reports_bands(capsys):
+    import importlib.util
+
+    from benchmarks import peers
+
+    peers.main(["--d", "32", "--layers", "1", "--vocab", "64", "--repeats", "1", "--warmup", "0",
+                "--max-seconds", "5", "--settings", "defaults"])
+    out = capsys.readouterr().out
+    assert "machine:" in out and "ns_dtype: auto" in out
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.splitlines() if line.startswith("| ")}
+    names = ["lightning_muon.Muon", "torch.optim.Muon + AdamW(fused)"] + [
+        name for module, name in (("timm", "timm.optim.Muon"), ("pytorch_optimizer", "pytorch_optimizer.Muon"),
+                                  ("heavyball", "heavyball.MuonAdamW")) if importlib.util.find_spec(module)
+    ]
+    assert set(names) <= set(rows)
+    # Ours at defaults (polar_express): the first update's direction is close to the exact polar
+    # factor. The band is of the update over its least-squares scale onto P, so it straddles 1
+    # (measured [0.47, 1.33], distance 0.11 at this size; a 32x32 Gaussian is partly below the
+    # design range, hence the loose bounds).
+    lo, hi = (float(x) for x in rows["lightning_muon.Muon"][5].strip("[]").split(", "))
+    assert 0 < lo <= 1 <= hi < 1.5 and float(rows["lightning_muon.Muon"][6]) < 0.3
+
+
+def test_peers_state_bytes_count_nested_state():
+    from benchmarks import peers
+    from benchmarks._timing import state_bytes as flat_state_bytes
+
+    model = bench_step.GPTParams(layers=1, d=16, vocab=40, context=8)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt = bench_step.optimizers(model)["ours, quintic"][0]
+    opt.step()
+    assert peers.state_bytes([opt]) == flat_state_bytes(opt) > 0
+    opt.state[next(iter(opt.state))]["nested"] = {"a": [torch.zeros(3)]}
+    assert peers.state_bytes([opt]) == flat_state_bytes(opt) + 12
