@@ -288,11 +288,13 @@ class Muon(torch.optim.Optimizer):
             updates = torch._foreach_lerp(grads, bufs, beta) if group["nesterov"] else bufs
             for p, update in zip(live, updates):
                 mesh = getattr(p, "device_mesh", None)  # a DTensor's mesh; None for a plain tensor
-                key = (_flat_matrix(p).shape, p.device, mesh, group["ns_method"], group["ns_steps"], group["ns_dtype"])
+                layout = (tuple(p.shape), tuple(p.placements)) if mesh is not None else None
+                ns = (group["ns_method"], group["ns_steps"], group["ns_dtype"])
+                key = (_flat_matrix(p).shape, p.device, mesh, layout, *ns)
                 buckets[key].append((p, update, group))
         plan = [
-            Bucket([u for _, u, _ in items], tuple(shape), method, steps, getattr(torch, dtype), mesh)
-            for (shape, _, mesh, method, steps, dtype), items in buckets.items()
+            Bucket([u for _, u, _ in items], tuple(shape), method, steps, getattr(torch, dtype), mesh, layout)
+            for (shape, _, mesh, layout, method, steps, dtype), items in buckets.items()
         ]
         for items, ortho in zip(buckets.values(), orthogonalize_buckets(plan)):
             for (p, _, group), o in zip(items, ortho):
