@@ -7,7 +7,7 @@ resuming from ``--resume``, and writes to OUT_DIR:
   e{k-1}.ckpt     Lightning's checkpoint after epoch k (a file; a DCP directory under FSDP2)
   rank{r}.json    matrices this rank orthogonalised, and collectives per optimizer step
 
-Usage: python lightning_gpt.py OUT_DIR {single,ddp,fsdp,tp} EPOCHS [--resume CKPT] [--dp N --tp M]
+Usage: python lightning_gpt.py OUT_DIR {single,ddp,fsdp,tp} EPOCHS [--resume CKPT] [--dp N --tp M] [--hidden H]
 ("tp": ModelParallelStrategy(N, M), tensor parallel blocks as in examples/gpt.py, then FSDP2.)
 """
 
@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # no
 import lightning_muon.distributed as lmd  # noqa: E402
 from lightning_muon import Muon, configure_muon  # noqa: E402
 
-VOCAB, CONTEXT, DIM, HIDDEN, HEADS = 65, 16, 32, 97, 2  # odd sizes: uneven FSDP2 row shards
+VOCAB, CONTEXT, DIM, HEADS = 65, 16, 32, 2
+HIDDEN = 97  # odd: uneven FSDP2 row shards; --hidden 98 for tensor parallelism (49 per TP rank, uneven FSDP2)
 SEQUENCES, GLOBAL_BATCH = 32, 8
 
 
@@ -161,5 +162,7 @@ if __name__ == "__main__":
     parser.add_argument("--dp", type=int, default=1)
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--ns-dtype", default="float32", help="float32: parity is not blurred by bf16")
+    parser.add_argument("--hidden", type=int, default=HIDDEN)
     ARGS = parser.parse_args()
+    HIDDEN = ARGS.hidden
     main()
