@@ -52,7 +52,7 @@ __all__ = [
 
 #: The error text for strategies that hand the optimizer flat 1-D shards.
 UNSUPPORTED_STRATEGY = (
-    "Muon needs every weight matrix whole (DDP) or as a row-sharded DTensor (FSDP2), but {what}. "
+    "Muon needs every weight matrix whole (DDP) or as a DTensor (FSDP2, tensor parallel), but {what}. "
     "This is what FSDPStrategy (FSDP1, FlatParameter) and DeepSpeed ZeRO do: they hand the "
     "optimizer flat 1-D shards that cut across matrices, so no polar factor can be computed. "
     "Supported strategies: 'ddp', 'ddp_spawn', a single device, and ModelParallelStrategy (FSDP2: "

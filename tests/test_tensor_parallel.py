@@ -89,6 +89,38 @@ def test_partial_dtensor_refused_at_construction(single_rank_group) -> None:
         Muon([{"params": [weight], "use_muon": True}])
 
 
+class _MeshShape:
+    """Only the attributes of a DeviceMesh that the checks read (a real mesh needs that many processes)."""
+
+    def __init__(self, shape, names, root=None):
+        self.mesh, self.mesh_dim_names, self.ndim, self._root = torch.zeros(shape), names, len(shape), root
+
+    def _get_root_mesh(self):
+        return self._root or self
+
+    def size(self):
+        return int(self.mesh.numel())
+
+
+def test_multi_dim_mesh_over_some_processes_refused(single_rank_group) -> None:
+    from lightning_muon.sharded import mesh_domain
+
+    root = _MeshShape((1, 1, 1), ("pp", "dp", "tp"))
+    flattened = _MeshShape((1, 1), ("pp_dp", "tp"), root=root)  # not a slice of the root by names
+    with pytest.raises(ValueError, match="needs a multi-dim mesh to span every process"):
+        mesh_domain(flattened)
+
+
+def test_gpt_example_tensor_parallel_needs_whole_heads() -> None:
+    from examples.gpt import GPT, GPTConfig, tensor_parallelize
+
+    model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=4, n_embd=16))
+    before = model.h[0].attn.c_attn.weight
+    with pytest.raises(ValueError, match=r"tensor_parallel_size 3 must divide n_head \(4\)"):
+        tensor_parallelize(model, _MeshShape((3,), ("tensor_parallel",)))
+    assert model.h[0].attn.c_attn.weight is before  # nothing was split
+
+
 def test_one_process_two_d_mesh_steps_like_plain_tensors(single_rank_group) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import distribute_tensor

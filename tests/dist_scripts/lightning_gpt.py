@@ -8,7 +8,8 @@ resuming from ``--resume``, and writes to OUT_DIR:
   rank{r}.json    matrices this rank orthogonalised, and collectives per optimizer step
 
 Usage: python lightning_gpt.py OUT_DIR {single,ddp,fsdp,tp} EPOCHS [--resume CKPT] [--dp N --tp M] [--hidden H]
-("tp": ModelParallelStrategy(N, M), tensor parallel blocks as in examples/gpt.py, then FSDP2.)
+("tp": ModelParallelStrategy(N, M), tensor parallel blocks as in examples/gpt.py, then FSDP2;
+"hsdp": 4 processes, fully_shard over a (replicate 2, shard 2) mesh built in configure_model.)
 """
 
 import argparse
@@ -71,6 +72,10 @@ class TinyGPT(L.LightningModule):
                 for block in self.blocks:
                     parallelize_module(block, self.device_mesh["tensor_parallel"], plan)
             mesh = self.device_mesh["data_parallel"]
+            if ARGS.strategy == "hsdp":  # HSDP, built by the user: replicate over 2 x shard over 2
+                from torch.distributed.device_mesh import init_device_mesh
+
+                mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
             for block in self.blocks:
                 fully_shard(block, mesh=mesh)
             fully_shard(self, mesh=mesh)
@@ -135,10 +140,10 @@ def count_work_and_comms(out: str, rank_of) -> None:
 
 def main() -> None:
     L.seed_everything(0, verbose=False)
-    if ARGS.strategy in ("fsdp", "tp"):
+    if ARGS.strategy in ("fsdp", "tp", "hsdp"):
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        dp, tp = (2, 1) if ARGS.strategy == "fsdp" else (ARGS.dp, ARGS.tp)
+        dp, tp = {"fsdp": (2, 1), "hsdp": (4, 1)}.get(ARGS.strategy, (ARGS.dp, ARGS.tp))
         strategy, devices = ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=tp), dp * tp
     else:
         strategy, devices = ("ddp", 2) if ARGS.strategy == "ddp" else ("auto", 1)
@@ -149,14 +154,14 @@ def main() -> None:
         callbacks=[L.pytorch.callbacks.ModelCheckpoint(ARGS.out, "e{epoch}", save_top_k=-1, auto_insert_metric_name=False)],
     )
     count_work_and_comms(ARGS.out, lambda: trainer.global_rank)
-    model = TinyGPT(fsdp=ARGS.strategy in ("fsdp", "tp"))
+    model = TinyGPT(fsdp=ARGS.strategy in ("fsdp", "tp", "hsdp"))
     trainer.fit(model, ckpt_path=ARGS.resume)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
-    parser.add_argument("strategy", choices=["single", "ddp", "fsdp", "tp"])
+    parser.add_argument("strategy", choices=["single", "ddp", "fsdp", "tp", "hsdp"])
     parser.add_argument("epochs", type=int)
     parser.add_argument("--resume", default=None)
     parser.add_argument("--dp", type=int, default=1)
