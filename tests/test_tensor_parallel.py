@@ -169,7 +169,7 @@ GPT = {
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    dirs = {n: tmp_path_factory.mktemp(n) for n in [*RAW, *RAW_RESUMED, *GPT, "tp22_to_12"]}
+    dirs = {n: tmp_path_factory.mktemp(n) for n in [*RAW, *RAW_RESUMED, *GPT, "tp22_to_12", "tp22_to_1", "hsdp"]}
     _wait(
         [_launch("tp_step.py", str(dirs[n]), dp, tp, "run") for n, (dp, tp) in RAW.items()]
         + [_launch("lightning_gpt.py", str(dirs[n]), *args) for n, args in GPT.items()]
@@ -177,6 +177,9 @@ def runs(tmp_path_factory):
     _wait(
         [_launch("tp_step.py", str(dirs[n]), dp, tp, "resume", str(dirs["raw22"] / "dcp"))
          for n, (dp, tp) in RAW_RESUMED.items()]
+        + [_launch("lightning_gpt.py", str(dirs["hsdp"]), "hsdp", "2", "--hidden", "98")]
+        + [_launch("lightning_gpt.py", str(dirs["tp22_to_1"]), "tp", "3", "--dp", "1", "--tp", "1", "--hidden", "98",
+                   "--resume", str(dirs["tp22"] / "e1.ckpt"))]
         + [_launch("lightning_gpt.py", str(dirs["tp22_to_12"]), "tp", "3", "--dp", "1", "--tp", "2", "--hidden", "98",
                    "--resume", str(dirs["tp22"] / "e1.ckpt"))]
     )
@@ -266,8 +269,17 @@ def test_gpt_tensor_parallel_matches_one_process(runs, run: str) -> None:
 
 
 @pytest.mark.slow
-def test_gpt_dcp_checkpoint_from_2x2_resumes_on_1x2(runs) -> None:
-    _assert_same_training(runs["tp22_to_12"], runs["single"], epoch=3)
+def test_gpt_hsdp_mesh_built_in_configure_model_matches_one_process(runs) -> None:
+    _assert_same_training(runs["hsdp"], runs["single"], epoch=2)  # fully_shard over (replicate 2, shard 2)
+    for r in range(4):
+        comms = json.loads((runs["hsdp"] / f"rank{r}.json").read_text())["comms"]
+        assert comms == [{"c10d.alltoall_base_": 8, "c10d.allreduce_": 1}] * len(comms)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["tp22_to_12", "tp22_to_1"])
+def test_gpt_dcp_checkpoint_from_2x2_resumes_on_1x2_and_one_process(runs, run: str) -> None:
+    _assert_same_training(runs[run], runs["single"], epoch=3)  # ModelParallelStrategy(1, 2) and (1, 1)
 
 
 @pytest.mark.slow
