@@ -45,6 +45,7 @@ __all__ = [
     "check_dtensor_param",
     "check_not_flat_shard",
     "data_parallel_group",
+    "local_grad",
     "local_tensor",
     "orthogonalize_buckets",
     "shard_rows",
@@ -88,6 +89,15 @@ def _is_dtensor(t: Tensor) -> bool:
 def local_tensor(t: Tensor) -> Tensor:
     """This rank's part of ``t``: the local shard of a DTensor, ``t`` itself otherwise."""
     return t.to_local() if _is_dtensor(t) else t
+
+
+def local_grad(param: Tensor) -> Tensor:
+    """This rank's part of ``param.grad`` in ``param``'s own layout: a DTensor gradient placed
+    otherwise (e.g. ``Partial()``, a pending sum, under tensor parallelism) is redistributed first."""
+    grad = param.grad
+    if _is_dtensor(grad) and tuple(grad.placements) != tuple(param.placements):
+        grad = grad.redistribute(param.device_mesh, param.placements)
+    return local_tensor(grad)
 
 
 def data_parallel_group() -> dist.ProcessGroup | None:

@@ -28,6 +28,7 @@ from .distributed import (
     all_finite,
     check_dtensor_param,
     check_not_flat_shard,
+    local_grad,
     local_tensor,
     orthogonalize_buckets,
 )
@@ -282,7 +283,7 @@ class Muon(torch.optim.Optimizer):
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             # Local tensors throughout: under FSDP2 the state stays a sharded DTensor.
             bufs = [local_tensor(self.state[p]["momentum_buffer"]) for p in live]
-            grads = [local_tensor(p.grad).to(b.dtype) for p, b in zip(live, bufs)]
+            grads = [local_grad(p).to(b.dtype) for p, b in zip(live, bufs)]
             beta = group["momentum"]
             torch._foreach_lerp_(bufs, grads, 1 - beta)
             updates = torch._foreach_lerp(grads, bufs, beta) if group["nesterov"] else bufs

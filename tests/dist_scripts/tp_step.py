@@ -40,7 +40,7 @@ CASES = [
     ((4, 2, 3, 3), "2d", ("S0", "S1")),  # a conv kernel, in-channels split over tp
     ((6, 6), "dp", ("S0",)),  # FSDP2 only (a matrix left out of tensor parallelism)
     ((6, 6), "tp", ("S1",)),  # TP only
-    ((3, 5), "2d", ("R", "R")),
+    ((3, 5), "2d", ("R", "R")),  # its gradient arrives as (Replicate(), Partial()): a pending sum over tp
     ((6,), "2d", ("S0", "R")),  # a vector: AdamW
 ]
 STEPS = 2
@@ -107,6 +107,11 @@ def worker(rank: int, world: int, dp: int, tp: int, mode: str, out: str, ckpt: s
         mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
         params = [torch.nn.Parameter(distribute(p, mesh, c, tp)) for p, c in zip(init, CASES)]
         grads = [[distribute(g, mesh, c, tp) for g, c in zip(step, CASES)] for step in grads]
+        from torch.distributed.tensor import DTensor, Partial, Replicate
+
+        partial = next(i for i, c in enumerate(CASES) if c[2] == ("R", "R"))
+        for step in grads:  # each tp rank holds half of the gradient; Muon must sum before using it
+            step[partial] = DTensor.from_local(step[partial].to_local() / tp, mesh, [Replicate(), Partial()])
     else:
         params = [torch.nn.Parameter(p.clone()) for p in init]
     opt = Muon(groups(params), **settings())
