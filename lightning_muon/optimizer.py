@@ -82,8 +82,9 @@ class Muon(torch.optim.Optimizer):
 
     Distributed (see :mod:`lightning_muon.distributed`): under DDP (``torch.distributed``
     initialised with world size > 1) each matrix is orthogonalised on one owner rank and shared
-    with one collective per shape bucket; under FSDP2 (DTensor params) momentum stays sharded and
-    each matrix is gathered once, on its owner. FSDP1 and DeepSpeed ZeRO flat shards are refused.
+    with one collective per shape bucket; under FSDP2, tensor parallelism, FSDP2 x TP and HSDP
+    (DTensor params) momentum stays sharded and each matrix is assembled once, on its owner. FSDP1
+    and DeepSpeed ZeRO flat shards are refused.
 
     AdamW groups run ``torch.optim.AdamW``'s own functional kernel with ``adamw_lr``,
     ``adamw_betas``, ``adamw_eps`` and ``adamw_weight_decay``.
