@@ -168,21 +168,28 @@ GPT = {
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    dirs = {n: tmp_path_factory.mktemp(n) for n in [*RAW, *RAW_RESUMED, *GPT, "tp22_to_12", "tp22_to_1", "hsdp"]}
-    _wait(
-        [_launch("tp_step.py", str(dirs[n]), dp, tp, "run") for n, (dp, tp) in RAW.items()]
-        + [_launch("lightning_gpt.py", str(dirs[n]), *args) for n, args in GPT.items()]
-    )
-    _wait(
-        [_launch("tp_step.py", str(dirs[n]), dp, tp, "resume", str(dirs["raw22"] / "dcp"))
-         for n, (dp, tp) in RAW_RESUMED.items()]
-        + [_launch("lightning_gpt.py", str(dirs["hsdp"]), "hsdp", "2", "--hidden", "98")]
-        + [_launch("lightning_gpt.py", str(dirs["tp22_to_1"]), "tp", "3", "--dp", "1", "--tp", "1", "--hidden", "98",
-                   "--resume", str(dirs["tp22"] / "e1.ckpt"))]
-        + [_launch("lightning_gpt.py", str(dirs["tp22_to_12"]), "tp", "3", "--dp", "1", "--tp", "2", "--hidden", "98",
-                   "--resume", str(dirs["tp22"] / "e1.ckpt"))]
-    )
+def raw_runs(tmp_path_factory):
+    """The raw torch.distributed runs: 2 x 2 and 1 x 2, then resumed from 2 x 2's DCP checkpoint."""
+    dirs = {n: tmp_path_factory.mktemp(n) for n in [*RAW, *RAW_RESUMED]}
+    _wait([_launch("tp_step.py", str(dirs[n]), dp, tp, "run") for n, (dp, tp) in RAW.items()])
+    _wait([
+        _launch("tp_step.py", str(dirs[n]), dp, tp, "resume", str(dirs["raw22"] / "dcp"))
+        for n, (dp, tp) in RAW_RESUMED.items()
+    ])
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def gpt_runs(tmp_path_factory):
+    """The Lightning runs: one process, 2 x 2 and 1 x 2; then HSDP and 2 x 2 resumed on 1 x 2 and 1 x 1."""
+    dirs = {n: tmp_path_factory.mktemp(n) for n in [*GPT, "tp22_to_12", "tp22_to_1", "hsdp"]}
+    _wait([_launch("lightning_gpt.py", str(dirs[n]), *args) for n, args in GPT.items()])
+    resume = ["--hidden", "98", "--resume", str(dirs["tp22"] / "e1.ckpt")]
+    _wait([
+        _launch("lightning_gpt.py", str(dirs["hsdp"]), "hsdp", "2", "--hidden", "98"),
+        _launch("lightning_gpt.py", str(dirs["tp22_to_12"]), "tp", "3", "--dp", "1", "--tp", "2", *resume),
+        _launch("lightning_gpt.py", str(dirs["tp22_to_1"]), "tp", "3", "--dp", "1", "--tp", "1", *resume),
+    ])
     return dirs
 
 
@@ -212,8 +219,8 @@ def _assert_same(ranks: list[dict], steps: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("run", list(RAW))
-def test_raw_tp_steps_match_one_process(runs, run: str) -> None:
-    ranks = _ranks(runs[run])
+def test_raw_tp_steps_match_one_process(raw_runs, run: str) -> None:
+    ranks = _ranks(raw_runs[run])
     assert len(ranks) == int(RAW[run][0]) * int(RAW[run][1])
     _assert_same(ranks, tp_step.STEPS)
     assert all(r["momentum_is_local_shard"] for r in ranks)  # state stays a DTensor of the param's layout
@@ -221,8 +228,8 @@ def test_raw_tp_steps_match_one_process(runs, run: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("run", list(RAW_RESUMED))
-def test_raw_dcp_checkpoint_from_2x2_resumes_on_other_layouts(runs, run: str) -> None:
-    ranks = _ranks(runs[run])
+def test_raw_dcp_checkpoint_from_2x2_resumes_on_other_layouts(raw_runs, run: str) -> None:
+    ranks = _ranks(raw_runs[run])
     assert len(ranks) == int(RAW_RESUMED[run][0]) * int(RAW_RESUMED[run][1])
     _assert_same(ranks, tp_step.STEPS + 1)
 
@@ -237,12 +244,13 @@ def _raw_matrices() -> list[tuple[int, int]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("run", list(RAW))
-def test_raw_tp_collectives_per_bucket_and_work_split(runs, run: str) -> None:
-    ranks = _ranks(runs[run])
-    # per shape bucket: pieces to owners, results back; all_reduce: the finite check, and the sum of
-    # the one gradient that arrives Partial() (tp_step.py)
+def test_raw_tp_collectives_per_bucket_and_work_split(raw_runs, run: str) -> None:
+    ranks = _ranks(raw_runs[run])
+    # per shape bucket: pieces to owners, results back; the finite-check all_reduce, and DTensor's own
+    # all_reduce that sums the one gradient that arrives Partial() (tp_step.py)
+    expected = {"c10d.alltoall_base_": 2 * _raw_buckets(), "c10d.allreduce_": 1, "c10d_functional.all_reduce": 1}
     for rank in ranks:
-        assert rank["comms"] == [{"c10d.alltoall_base_": 2 * _raw_buckets(), "c10d.allreduce_": 2}] * tp_step.STEPS
+        assert rank["comms"] == [expected] * tp_step.STEPS
     everything = Counter({m: c * tp_step.STEPS for m, c in Counter(_raw_matrices()).items()})
     done = [Counter(tuple(m) for m in r["orthogonalized"]) for r in ranks]
     assert sum(done, Counter()) == everything  # each matrix once per step, on one rank of the whole mesh
@@ -266,31 +274,31 @@ def _assert_same_training(got: Path, want: Path, epoch: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("run", ["tp22", "tp12"])
-def test_gpt_tensor_parallel_matches_one_process(runs, run: str) -> None:
-    _assert_same_training(runs[run], runs["single"], epoch=2)
+def test_gpt_tensor_parallel_matches_one_process(gpt_runs, run: str) -> None:
+    _assert_same_training(gpt_runs[run], gpt_runs["single"], epoch=2)
 
 
 @pytest.mark.slow
-def test_gpt_hsdp_mesh_built_in_configure_model_matches_one_process(runs) -> None:
-    _assert_same_training(runs["hsdp"], runs["single"], epoch=2)  # fully_shard over (replicate 2, shard 2)
+def test_gpt_hsdp_mesh_built_in_configure_model_matches_one_process(gpt_runs) -> None:
+    _assert_same_training(gpt_runs["hsdp"], gpt_runs["single"], epoch=2)  # fully_shard over (replicate 2, shard 2)
     for r in range(4):
-        comms = json.loads((runs["hsdp"] / f"rank{r}.json").read_text())["comms"]
+        comms = json.loads((gpt_runs["hsdp"] / f"rank{r}.json").read_text())["comms"]
         assert comms == [{"c10d.alltoall_base_": 8, "c10d.allreduce_": 1}] * len(comms)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("run", ["tp22_to_12", "tp22_to_1"])
-def test_gpt_dcp_checkpoint_from_2x2_resumes_on_1x2_and_one_process(runs, run: str) -> None:
-    _assert_same_training(runs[run], runs["single"], epoch=3)  # ModelParallelStrategy(1, 2) and (1, 1)
+def test_gpt_dcp_checkpoint_from_2x2_resumes_on_1x2_and_one_process(gpt_runs, run: str) -> None:
+    _assert_same_training(gpt_runs[run], gpt_runs["single"], epoch=3)  # ModelParallelStrategy(1, 2) and (1, 1)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("run,world", [("tp22", 4), ("tp12", 2)])
-def test_gpt_tensor_parallel_work_split_and_collectives(runs, run: str, world: int) -> None:
-    single = json.loads((runs["single"] / "rank0.json").read_text())
+def test_gpt_tensor_parallel_work_split_and_collectives(gpt_runs, run: str, world: int) -> None:
+    single = json.loads((gpt_runs["single"] / "rank0.json").read_text())
     per_step = Counter(map(tuple, single["orthogonalized"]))
     steps = len(single["comms"])
-    ranks = [json.loads((runs[run] / f"rank{r}.json").read_text()) for r in range(world)]
+    ranks = [json.loads((gpt_runs[run] / f"rank{r}.json").read_text()) for r in range(world)]
     done = [Counter(map(tuple, r["orthogonalized"])) for r in ranks]
     run_steps = len(ranks[0]["comms"])
     assert sum(done, Counter()) == Counter({m: c * run_steps // steps for m, c in per_step.items()})
