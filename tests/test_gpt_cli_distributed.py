@@ -1,4 +1,4 @@
-"""The GPT example's CLI under 2-process DDP and FSDP2 (ModelParallelStrategy) on CPU/gloo.
+"""The GPT example's CLI under 2-process DDP, FSDP2 and tensor parallelism (ModelParallelStrategy) on CPU/gloo.
 
 Lightning's ddp launcher re-runs the command line in the other rank and ModelParallelStrategy
 always launches by subprocess, so these run the CLI in a subprocess and check what it wrote.
@@ -49,6 +49,15 @@ def test_gpt_cli_fsdp2_two_processes_smoke(tmp_path):
     tags = _cli("examples/configs/gpt2_124m_fsdp2.yaml", tmp_path,
                 "--trainer.strategy.init_args.data_parallel_size=2", "--trainer.max_steps=3")
     assert "train/loss" in tags and "spectral_entropy/mean" in tags and "lr-Muon/muon" in tags
+
+
+@pytest.mark.slow
+def test_gpt_cli_tensor_parallel_two_processes(tmp_path):
+    # 1 (FSDP2) x 2 (tensor parallel): one head per rank; the spectral monitors gather full matrices
+    tags = _cli("examples/configs/gpt2_124m_tp.yaml", tmp_path, "--trainer.strategy.init_args.data_parallel_size=1")
+    assert "train/loss" in tags and "val/loss" in tags and "lr-Muon/muon" in tags
+    for tag in ("spectral_entropy/mean", "stable_rank/mean", "polar_misalignment/update_sin_theta/mean"):
+        assert tag in tags, tag
 
 
 @pytest.mark.slow

@@ -7,7 +7,9 @@ resuming from ``--resume``, and writes to OUT_DIR:
   e{k-1}.ckpt     Lightning's checkpoint after epoch k (a file; a DCP directory under FSDP2)
   rank{r}.json    matrices this rank orthogonalised, and collectives per optimizer step
 
-Usage: python lightning_gpt.py OUT_DIR {single,ddp,fsdp} EPOCHS [--resume CKPT]
+Usage: python lightning_gpt.py OUT_DIR {single,ddp,fsdp,tp} EPOCHS [--resume CKPT] [--dp N --tp M] [--hidden H]
+("tp": ModelParallelStrategy(N, M), tensor parallel blocks as in examples/gpt.py, then FSDP2;
+"hsdp": 4 processes, fully_shard over a (replicate 2, shard 2) mesh built in configure_model.)
 """
 
 import argparse
@@ -28,7 +30,8 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # no
 import lightning_muon.distributed as lmd  # noqa: E402
 from lightning_muon import Muon, configure_muon  # noqa: E402
 
-VOCAB, CONTEXT, DIM, HIDDEN, HEADS = 65, 16, 32, 97, 2  # odd sizes: uneven FSDP2 row shards
+VOCAB, CONTEXT, DIM, HEADS = 65, 16, 32, 2
+HIDDEN = 97  # odd: uneven FSDP2 row shards; --hidden 98 for tensor parallelism (49 per TP rank, uneven FSDP2)
 SEQUENCES, GLOBAL_BATCH = 32, 8
 
 
@@ -40,10 +43,10 @@ class Block(nn.Module):
         self.fc, self.out = nn.Linear(DIM, HIDDEN), nn.Linear(HIDDEN, DIM)
 
     def forward(self, x):
-        b, t, _ = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, HEADS, DIM // HEADS).transpose(1, 3).unbind(2)
+        b, t, _ = x.shape  # qkv rows ordered (head, q/k/v, head_dim): a column split keeps whole heads
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, -1, 3, DIM // HEADS).permute(3, 0, 2, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(y.transpose(1, 2).reshape(b, t, DIM))
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, -1))
         return x + self.out(F.gelu(self.fc(self.ln2(x))))
 
 
@@ -61,8 +64,18 @@ class TinyGPT(L.LightningModule):
     def configure_model(self) -> None:
         if self.fsdp:
             from torch.distributed.fsdp import fully_shard
+            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+            if self.device_mesh["tensor_parallel"].size() > 1:
+                plan = {"qkv": ColwiseParallel(), "proj": RowwiseParallel(), "fc": ColwiseParallel(),
+                        "out": RowwiseParallel()}
+                for block in self.blocks:
+                    parallelize_module(block, self.device_mesh["tensor_parallel"], plan)
             mesh = self.device_mesh["data_parallel"]
+            if ARGS.strategy == "hsdp":  # HSDP, built by the user: replicate over 2 x shard over 2
+                from torch.distributed.device_mesh import init_device_mesh
+
+                mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
             for block in self.blocks:
                 fully_shard(block, mesh=mesh)
             fully_shard(self, mesh=mesh)
@@ -85,7 +98,8 @@ class TinyGPT(L.LightningModule):
         g = torch.Generator().manual_seed(0)
         data = torch.randint(0, VOCAB, (SEQUENCES, CONTEXT + 1), generator=g)
         ds = TensorDataset(data[:, :-1], data[:, 1:])
-        world, rank = self.trainer.world_size, self.trainer.global_rank
+        kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}  # data-parallel ranks
+        world, rank = kwargs.get("num_replicas", 1), kwargs.get("rank", 0)
         sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False)
         return DataLoader(ds, batch_size=GLOBAL_BATCH // world, sampler=sampler)
 
@@ -126,10 +140,11 @@ def count_work_and_comms(out: str, rank_of) -> None:
 
 def main() -> None:
     L.seed_everything(0, verbose=False)
-    if ARGS.strategy == "fsdp":
+    if ARGS.strategy in ("fsdp", "tp", "hsdp"):
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        strategy, devices = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), 2
+        dp, tp = {"fsdp": (2, 1), "hsdp": (4, 1)}.get(ARGS.strategy, (ARGS.dp, ARGS.tp))
+        strategy, devices = ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=tp), dp * tp
     else:
         strategy, devices = ("ddp", 2) if ARGS.strategy == "ddp" else ("auto", 1)
     trainer = L.Trainer(
@@ -139,16 +154,20 @@ def main() -> None:
         callbacks=[L.pytorch.callbacks.ModelCheckpoint(ARGS.out, "e{epoch}", save_top_k=-1, auto_insert_metric_name=False)],
     )
     count_work_and_comms(ARGS.out, lambda: trainer.global_rank)
-    model = TinyGPT(fsdp=ARGS.strategy == "fsdp")
+    model = TinyGPT(fsdp=ARGS.strategy in ("fsdp", "tp", "hsdp"))
     trainer.fit(model, ckpt_path=ARGS.resume)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
-    parser.add_argument("strategy", choices=["single", "ddp", "fsdp"])
+    parser.add_argument("strategy", choices=["single", "ddp", "fsdp", "tp", "hsdp"])
     parser.add_argument("epochs", type=int)
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--dp", type=int, default=1)
+    parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--ns-dtype", default="float32", help="float32: parity is not blurred by bf16")
+    parser.add_argument("--hidden", type=int, default=HIDDEN)
     ARGS = parser.parse_args()
+    HIDDEN = ARGS.hidden
     main()
