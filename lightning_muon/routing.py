@@ -4,12 +4,29 @@ Muon is for hidden weight matrices. Embeddings, the output head (also when tied 
 embedding), gains, biases and tensors that are not really matrices go to AdamW inside the same
 optimizer. This module decides, per parameter, and says why, so a user can read the decision once.
 
+Names decide first (``nn.Embedding``, ``*embed*``, ``lm_head``, ``classifier``, ...); where they
+do not, the module tree does: the output head is the last layer outside the repeated blocks
+(ResNet's ``fc``), the input stem the first layer before them (ResNet's ``conv1``).
+
 Example:
     >>> import torch.nn as nn
     >>> from lightning_muon import muon_param_groups, routing_table
-    >>> model = nn.Sequential(nn.Embedding(100, 16), nn.Linear(16, 16), nn.LayerNorm(16))
+    >>> model = nn.Sequential(nn.Embedding(100, 16), nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16),
+    ...                       nn.LayerNorm(16), nn.Linear(16, 100))
     >>> [(g["name"], len(g["params"])) for g in muon_param_groups(model)]
-    [('muon', 1), ('adamw', 1), ('adamw_no_decay', 2)]
+    [('muon', 2), ('adamw', 2), ('adamw_no_decay', 5)]
+    >>> print(routing_table(model))
+    parameter  shape   group           reason
+    -------------------------------------...
+    0.weight   100x16  adamw           embedding (Embedding)
+    1.weight   64x16   muon            hidden matrix
+    1.bias     64      adamw_no_decay  1-D (gain or bias)
+    3.weight   16x64   muon            hidden matrix
+    3.bias     16      adamw_no_decay  1-D (gain or bias)
+    4.weight   16      adamw_no_decay  1-D (gain or bias)
+    4.bias     16      adamw_no_decay  1-D (gain or bias)
+    5.weight   100x16  adamw           output head (last layer outside the repeated blocks)
+    5.bias     100     adamw_no_decay  1-D (gain or bias)
 """
 
 from __future__ import annotations
@@ -64,8 +81,11 @@ def why_not_muon(param: Tensor) -> str | None:
     sides exceed 1 and it is real-valued and non-empty.
 
     Example:
+        >>> import torch
         >>> why_not_muon(torch.zeros(1, 197, 768))
         'vector-like: flattens to 1 x 151296 (e.g. a positional embedding or class token)'
+        >>> why_not_muon(torch.zeros(64, 3, 7, 7)) is None  # a conv kernel: a 64 x 147 matrix
+        True
     """
     if param.is_complex():
         return "complex dtype (Muon is defined for real matrices)"
@@ -83,10 +103,16 @@ def why_not_muon(param: Tensor) -> str | None:
 
 
 def _matches(name: str, patterns: Sequence[str]) -> str | None:
-    """First pattern matching the full dotted name or one of its components."""
+    """First pattern matching the full dotted name, one of its components, or a module prefix
+    (``"decoder.proj"`` matches ``decoder.proj.weight``)."""
     parts = name.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(2, len(parts))]
     for pattern in patterns:
-        if fnmatch.fnmatchcase(name, pattern) or any(fnmatch.fnmatchcase(p, pattern) for p in parts):
+        if (
+            fnmatch.fnmatchcase(name, pattern)
+            or any(fnmatch.fnmatchcase(p, pattern) for p in parts)
+            or any(fnmatch.fnmatchcase(p, pattern) for p in prefixes)
+        ):
             return pattern
     return None
 
@@ -312,8 +338,8 @@ def route_parameters(
 
     Rules, first match wins:
 
-    1. ``adamw_names`` / ``muon_names`` overrides (fnmatch patterns on the dotted name or any of
-       its components);
+    1. ``adamw_names`` / ``muon_names`` overrides (fnmatch patterns on the dotted name, any of
+       its components, or a module prefix such as ``"decoder.proj"``);
     2. tensors that are not matrices (see :func:`why_not_muon`) to AdamW, without weight decay
        when 1-D;
     3. ``nn.Embedding`` weights and names matching ``embedding_names`` to AdamW;
@@ -458,7 +484,18 @@ def muon_param_groups(
     :func:`route_parameters` for the rules and :func:`routing_table` to print them.
 
     Example:
+        >>> from lightning_muon import Muon
+        >>> model = nn.ModuleDict({"encoder": nn.Linear(8, 8), "decoder": nn.ModuleDict({"proj": nn.Linear(8, 8)}),
+        ...                        "out": nn.Linear(8, 3)})
         >>> groups = muon_param_groups(model, adamw_names=["decoder.proj"], verbose=True)
+        parameter            shape  group           reason
+        ---------------------...
+        encoder.weight       8x8    muon            hidden matrix
+        encoder.bias         8      adamw_no_decay  1-D (gain or bias)
+        decoder.proj.weight  8x8    adamw           adamw_names pattern 'decoder.proj'
+        decoder.proj.bias    8      adamw_no_decay  adamw_names pattern 'decoder.proj'
+        out.weight           3x8    adamw           output head (last layer outside the repeated blocks)
+        out.bias             3      adamw_no_decay  1-D (gain or bias)
         >>> optimizer = Muon(groups, lr=0.02)
     """
     routes = route_parameters(

@@ -4,6 +4,10 @@ import warnings
 import pytest
 import torch
 
+# Scripts that tests launch as subprocesses: not test modules, and importing them (as
+# --doctest-modules would) runs their module-level setup (e.g. torch.set_num_threads(1)).
+collect_ignore_glob = ["dist_scripts/*", "scripts/*"]
+
 os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

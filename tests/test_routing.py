@@ -97,6 +97,10 @@ def test_overrides_table_and_frozen():
     assert "adamw_names pattern 'features.3.weight'" in table and table.splitlines()[0].startswith("parameter")
     with pytest.raises(ValueError, match=r"features\.1\.weight.*cannot be a Muon matrix: 1-D"):
         route_parameters(model, muon_names=["features.1.*"])
+    # A module path matches all of its parameters (a dotted prefix), not only whole names or components.
+    g = _groups(route_parameters(model, adamw_names=["features.3"]))
+    assert g["features.3.weight"] == "adamw" and g["features.3.bias"] == "adamw_no_decay"
+    assert g["features.4.weight"] == "adamw_no_decay" and g["classifier.weight"] == "adamw"
 
 
 def test_warnings_on_suspicious_routing():
