@@ -12,9 +12,9 @@
 # Slow (downloads torch, about 3 GB with its CUDA libraries, then the suite): not part of .ci/run.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-TORCH=${TORCH:-2.6.0}
-TORCHVISION=${TORCHVISION:-0.21.0}
-LIGHTNING=${LIGHTNING:-2.4.0}
+TORCH=${TORCH:-2.7.0}
+TORCHVISION=${TORCHVISION:-0.22.0}
+LIGHTNING=${LIGHTNING:-2.5.0}
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-${TMPDIR:-/tmp}/lightning_muon_floor_venv}
 
