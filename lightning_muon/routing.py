@@ -137,7 +137,6 @@ class _Structure:
     modules: dict[str, nn.Module]
     stem: tuple[str, str] | None = None  # (layer name, reason)
     head: tuple[str, str] | None = None
-    aux_heads: dict[str, str] = field(default_factory=dict)
 
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -203,20 +202,33 @@ def _analyse(module: nn.Module) -> _Structure:
 
 
 def _find_aux_heads(structure: _Structure, head: str) -> dict[str, str]:
-    """Other top-level branches ending in a layer of the head's kind and output size (e.g. GoogLeNet's aux1.fc2)."""
+    """Side branches ending in a layer of the head's kind and output size (GoogLeNet's ``aux1.fc2``).
+
+    A side branch is a top-level child registered after a repeated block, holding at least two
+    matrix layers, whose last layer is not inside a repeated block of its own.
+    """
     by_name = {layer.name: layer for layer in structure.layers}
     if head not in by_name:
         return {}
     ref = by_name[head]
     last_in_branch: dict[str, _Layer] = {}
+    layers_in_branch: dict[str, int] = {}
+    after_body: set[str] = set()
+    first_body_branch = None  # the branch holding the first repeated block
     for layer in structure.layers:
+        branch = layer.name.split(".")[0]
         if "." in layer.name:
-            last_in_branch[layer.name.split(".")[0]] = layer
+            last_in_branch[branch] = layer
+            layers_in_branch[branch] = layers_in_branch.get(branch, 0) + 1
+            if first_body_branch is not None and branch != first_body_branch:
+                after_body.add(branch)
+        if layer.in_body and first_body_branch is None:
+            first_body_branch = branch
     aux = {}
     for branch, layer in last_in_branch.items():
         if (
-            branch != head.split(".")[0] and not layer.branch_in_body
-            and type(layer.module) is type(ref.module) and layer.out_dim == ref.out_dim
+            branch != head.split(".")[0] and branch in after_body and layers_in_branch[branch] >= 2
+            and not layer.branch_in_body and type(layer.module) is type(ref.module) and layer.out_dim == ref.out_dim
         ):
             aux[layer.name] = f"auxiliary output head (last layer of {branch!r}, the head's kind and output size)"
     return aux

@@ -158,6 +158,15 @@ def test_head_names_on_a_sequential_mark_only_its_last_layer():
     assert routes["body.weight"].group == "muon"  # a dense first layer without a body after it
 
 
+def test_a_branch_with_the_heads_output_size_is_not_an_auxiliary_head():
+    """A feature MLP whose last layer has the head's width is no side branch (nothing repeated before it)."""
+    model = nn.Module()
+    model.features = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64))
+    model.head = nn.Linear(64, 64)
+    g = _groups(route_parameters(model))
+    assert g["features.2.weight"] == "muon" and g["head.weight"] == "adamw"
+
+
 class _ResBlock(nn.Module):
     """A block whose MLP is called ``fc1``/``fc2``, next to a classifier called ``fc``: names alone can't tell."""
 
