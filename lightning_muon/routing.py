@@ -234,7 +234,9 @@ def _find_aux_heads(structure: _Structure, head: str) -> dict[str, str]:
     return aux
 
 
-def _head_by_name(name: str, layer: str | None, structure: _Structure, head_names: Sequence[str]) -> tuple[str, str] | None:
+def _head_by_name(
+    name: str, layer: str | None, structure: _Structure, head_names: Sequence[str]
+) -> tuple[str, str] | None:
     """``(kind, pattern)`` if a head pattern matches ``name``: kind "head", or "hidden" for an earlier layer of a
     head ``nn.Sequential`` (VGG's ``classifier.0``: only the container's last layer is the output)."""
     if pattern := _matches(name, head_names):
@@ -380,7 +382,8 @@ def route_parameters(
         ...     def __init__(self):
         ...         super().__init__()
         ...         self.conv1 = nn.Conv2d(3, 8, 3)
-        ...         self.blocks = nn.Sequential(*[nn.Sequential(nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3)) for _ in range(2)])
+        ...         block = lambda: nn.Sequential(nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3))  # noqa: E731
+        ...         self.blocks = nn.Sequential(block(), block())
         ...         self.fc = nn.Linear(8, 10)
         >>> for r in route_parameters(Net()):
         ...     if r.name.endswith("weight"):
