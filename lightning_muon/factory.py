@@ -1,10 +1,18 @@
 """``configure_muon``: the one line a LightningModule's ``configure_optimizers`` needs.
 
 Example:
-    >>> class LitGPT(L.LightningModule):
+    >>> import lightning as L
+    >>> from torch import nn
+    >>> class LitMLP(L.LightningModule):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
     ...     def configure_optimizers(self):
     ...         return configure_muon(self, lr=0.02, adjust_lr="original", adamw_lr=3e-4,
-    ...                               warmup_steps=100, schedule="cosine")
+    ...                               warmup_steps=100, schedule="cosine", max_steps=1000)
+    >>> config = LitMLP().configure_optimizers()
+    >>> [g["name"] for g in config["optimizer"].param_groups], config["lr_scheduler"]["interval"]
+    (['muon', 'adamw', 'adamw_no_decay'], 'step')
 """
 
 from __future__ import annotations

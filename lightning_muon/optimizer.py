@@ -5,8 +5,14 @@ AdamW, in the same optimizer object, so Lightning's automatic optimization, LR s
 gradient clipping, checkpoints and LearningRateMonitor see a single optimizer.
 
 Example:
+    >>> import torch
+    >>> from torch import nn
     >>> from lightning_muon import Muon, muon_param_groups
+    >>> model = nn.Sequential(nn.Embedding(10, 16), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 10))
     >>> optimizer = Muon(muon_param_groups(model), lr=0.02, adjust_lr="original", adamw_lr=3e-4)
+    >>> [(g["name"], len(g["params"])) for g in optimizer.param_groups]
+    [('muon', 1), ('adamw', 2), ('adamw_no_decay', 2)]
+    >>> x = torch.tensor([1, 2, 3])
     >>> loss = model(x).sum(); loss.backward(); optimizer.step(); optimizer.zero_grad()
 """
 

@@ -4,12 +4,29 @@ Muon is for hidden weight matrices. Embeddings, the output head (also when tied 
 embedding), gains, biases and tensors that are not really matrices go to AdamW inside the same
 optimizer. This module decides, per parameter, and says why, so a user can read the decision once.
 
+Names decide first (``nn.Embedding``, ``*embed*``, ``lm_head``, ``classifier``, ...); where they
+do not, the module tree does: the output head is the last layer outside the repeated blocks
+(ResNet's ``fc``), the input stem the first layer before them (ResNet's ``conv1``).
+
 Example:
     >>> import torch.nn as nn
     >>> from lightning_muon import muon_param_groups, routing_table
-    >>> model = nn.Sequential(nn.Embedding(100, 16), nn.Linear(16, 16), nn.LayerNorm(16))
+    >>> model = nn.Sequential(nn.Embedding(100, 16), nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16),
+    ...                       nn.LayerNorm(16), nn.Linear(16, 100))
     >>> [(g["name"], len(g["params"])) for g in muon_param_groups(model)]
-    [('muon', 1), ('adamw', 1), ('adamw_no_decay', 2)]
+    [('muon', 2), ('adamw', 2), ('adamw_no_decay', 5)]
+    >>> print(routing_table(model))
+    parameter  shape   group           reason
+    -------------------------------------...
+    0.weight   100x16  adamw           embedding (Embedding)
+    1.weight   64x16   muon            hidden matrix
+    1.bias     64      adamw_no_decay  1-D (gain or bias)
+    3.weight   16x64   muon            hidden matrix
+    3.bias     16      adamw_no_decay  1-D (gain or bias)
+    4.weight   16      adamw_no_decay  1-D (gain or bias)
+    4.bias     16      adamw_no_decay  1-D (gain or bias)
+    5.weight   100x16  adamw           output head (last layer outside the repeated blocks)
+    5.bias     100     adamw_no_decay  1-D (gain or bias)
 """
 
 from __future__ import annotations
@@ -32,9 +49,10 @@ __all__ = [
     "routing_table",
 ]
 
-#: Name components (of a parameter or its module) that mark an input embedding. fnmatch patterns.
+#: Name components (of a parameter or its module) that mark an input embedding or a learned lookup
+#: table (Swin's and MaxViT's ``relative_position_bias_table``). fnmatch patterns.
 DEFAULT_EMBEDDING_NAMES: tuple[str, ...] = (
-    "*embed*", "wte", "wpe", "conv_proj", "class_token", "cls_token", "*pos_emb*", "*token_emb*",
+    "*embed*", "wte", "wpe", "conv_proj", "class_token", "cls_token", "*pos_emb*", "*token_emb*", "*bias_table*",
 )
 #: Name components that mark the output head or classifier. fnmatch patterns.
 DEFAULT_HEAD_NAMES: tuple[str, ...] = ("lm_head", "head", "heads", "classifier", "fc_out", "out_head")
@@ -63,8 +81,11 @@ def why_not_muon(param: Tensor) -> str | None:
     sides exceed 1 and it is real-valued and non-empty.
 
     Example:
+        >>> import torch
         >>> why_not_muon(torch.zeros(1, 197, 768))
         'vector-like: flattens to 1 x 151296 (e.g. a positional embedding or class token)'
+        >>> why_not_muon(torch.zeros(64, 3, 7, 7)) is None  # a conv kernel: a 64 x 147 matrix
+        True
     """
     if param.is_complex():
         return "complex dtype (Muon is defined for real matrices)"
@@ -82,11 +103,162 @@ def why_not_muon(param: Tensor) -> str | None:
 
 
 def _matches(name: str, patterns: Sequence[str]) -> str | None:
-    """First pattern matching the full dotted name or one of its components."""
+    """First pattern matching the full dotted name, one of its components, or a module prefix
+    (``"decoder.proj"`` matches ``decoder.proj.weight``)."""
     parts = name.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(2, len(parts))]
     for pattern in patterns:
-        if fnmatch.fnmatchcase(name, pattern) or any(fnmatch.fnmatchcase(p, pattern) for p in parts):
+        if (
+            fnmatch.fnmatchcase(name, pattern)
+            or any(fnmatch.fnmatchcase(p, pattern) for p in parts)
+            or any(fnmatch.fnmatchcase(p, pattern) for p in prefixes)
+        ):
             return pattern
+    return None
+
+
+@dataclass
+class _Layer:
+    """A module holding a trainable matrix parameter directly (a Linear, a Conv, an attention's in_proj)."""
+
+    name: str
+    module: nn.Module
+    out_dim: int
+    in_body: bool  # inside a repeated block
+    branch_in_body: bool  # inside a repeated block below its top-level child
+
+
+@dataclass
+class _Structure:
+    """What the module tree says: matrix layers in registration order, the stem, the head, aux heads."""
+
+    layers: list[_Layer]
+    owner_layer: dict[int, str]  # id(param) -> name of the layer holding it directly
+    modules: dict[str, nn.Module]
+    stem: tuple[str, str] | None = None  # (layer name, reason)
+    head: tuple[str, str] | None = None
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _analyse(module: nn.Module) -> _Structure:
+    modules = dict(module.named_modules())
+    layers: list[tuple[str, nn.Module, int]] = []
+    owner_layer: dict[int, str] = {}
+    for name, mod in modules.items():
+        mats = [p for p in mod.parameters(recurse=False) if p.requires_grad and why_not_muon(p) is None]
+        if mats:
+            layers.append((name, mod, int(mats[0].shape[0])))
+            for p in mats:
+                owner_layer.setdefault(id(p), name)
+    # Matrix layers below each module (a "block" holds at least two).
+    count: dict[str, int] = {}
+    for name, _, _ in layers:
+        parts = name.split(".") if name else []
+        for i in range(len(parts) + 1):
+            prefix = ".".join(parts[:i])
+            count[prefix] = count.get(prefix, 0) + 1
+    # Repeated blocks: blocks of one class seen at least twice (plain containers: of identical structure).
+    signatures: dict[int, int] = {}
+    interned: dict[tuple, int] = {}
+
+    def signature(m: nn.Module) -> int:
+        if id(m) not in signatures:
+            key = (type(m).__qualname__, tuple(signature(c) for c in m.children()))
+            signatures[id(m)] = interned.setdefault(key, len(interned))
+        return signatures[id(m)]
+
+    keys: dict[str, object] = {}
+    for name, mod in modules.items():
+        if name and count.get(name, 0) >= 2:
+            keys[name] = ("structure", signature(mod)) if type(mod) in _CONTAINERS else type(mod)
+    seen: dict[object, int] = {}
+    for key in keys.values():
+        seen[key] = seen.get(key, 0) + 1
+    repeated = {name for name, key in keys.items() if seen[key] >= 2}
+
+    def in_repeated(name: str, start: int = 0) -> bool:
+        parts = name.split(".")
+        return any(".".join(parts[: i + 1]) in repeated for i in range(start, len(parts)))
+
+    out = _Structure(
+        [_Layer(n, m, d, bool(n) and in_repeated(n), bool(n) and in_repeated(n, 1)) for n, m, d in layers],
+        owner_layer, modules,
+    )
+    if len(out.layers) < 2:
+        return out  # one matrix layer: nothing to tell input, hidden and output apart
+    first = out.layers[0]
+    has_body = any(layer.in_body for layer in out.layers[1:])
+    if not first.in_body:
+        if has_body:
+            out.stem = (first.name, "input stem (first layer, before the repeated blocks)")
+        elif isinstance(first.module, nn.modules.conv._ConvNd):
+            out.stem = (first.name, "input stem (first layer, a convolution reading the input)")
+    outside = [layer for layer in out.layers if not layer.in_body]
+    if outside and outside[-1] is not first:
+        out.head = (outside[-1].name, "output head (last layer outside the repeated blocks)")
+    return out
+
+
+def _find_aux_heads(structure: _Structure, head: str) -> dict[str, str]:
+    """Side branches ending in a layer of the head's kind and output size (GoogLeNet's ``aux1.fc2``).
+
+    A side branch is a top-level child registered after a repeated block, holding at least two
+    matrix layers, whose last layer is not inside a repeated block of its own.
+    """
+    by_name = {layer.name: layer for layer in structure.layers}
+    if head not in by_name:
+        return {}
+    ref = by_name[head]
+    last_in_branch: dict[str, _Layer] = {}
+    layers_in_branch: dict[str, int] = {}
+    after_body: set[str] = set()
+    first_body_branch = None  # the branch holding the first repeated block
+    for layer in structure.layers:
+        branch = layer.name.split(".")[0]
+        if "." in layer.name:
+            last_in_branch[branch] = layer
+            layers_in_branch[branch] = layers_in_branch.get(branch, 0) + 1
+            if first_body_branch is not None and branch != first_body_branch:
+                after_body.add(branch)
+        if layer.in_body and first_body_branch is None:
+            first_body_branch = branch
+    aux = {}
+    for branch, layer in last_in_branch.items():
+        if (
+            branch != head.split(".")[0] and branch in after_body and layers_in_branch[branch] >= 2
+            and not layer.branch_in_body and type(layer.module) is type(ref.module) and layer.out_dim == ref.out_dim
+        ):
+            aux[layer.name] = f"auxiliary output head (last layer of {branch!r}, the head's kind and output size)"
+    return aux
+
+
+def _head_by_name(
+    name: str, layer: str | None, structure: _Structure, head_names: Sequence[str]
+) -> tuple[str, str] | None:
+    """``(kind, pattern)`` if a head pattern matches ``name``: kind "head", or "hidden" for an earlier layer of a
+    head ``nn.Sequential`` (VGG's ``classifier.0``: only the container's last layer is the output)."""
+    if pattern := _matches(name, head_names):
+        parts = name.split(".")
+        if layer is None or not name.startswith(layer + ".") or not any(
+            fnmatch.fnmatchcase(p, pattern) for p in parts[:-1]
+        ):
+            return "head", pattern
+        start = next(i for i, p in enumerate(parts[:-1]) if fnmatch.fnmatchcase(p, pattern))
+        lparts = layer.split(".")
+        for i in range(start + 1, len(lparts)):
+            parent = structure.modules.get(".".join(lparts[:i]))
+            if isinstance(parent, nn.Sequential):
+                later = [c for c, _ in parent.named_children()]
+                after = later[later.index(lparts[i]) + 1:]
+                prefix = ".".join(lparts[:i])
+                if any(
+                    any(m.name == f"{prefix}.{c}" or m.name.startswith(f"{prefix}.{c}.") for m in structure.layers)
+                    for c in after
+                ):
+                    return "hidden", pattern
+        return "head", pattern
     return None
 
 
@@ -99,6 +271,8 @@ def _route_one(
     head_names: Sequence[str],
     adamw_names: Sequence[str],
     muon_names: Sequence[str],
+    head_verdict: tuple[str, str] | None = None,
+    role: str | None = None,
 ) -> Route:
     name = names[0]
     aliases = f" (tied: {', '.join(names[1:])})" if len(names) > 1 else ""
@@ -123,9 +297,20 @@ def _route_one(
     for n in names:
         if pattern := _matches(n, embedding_names):
             return Route(name, param, ADAMW, f"embedding (name matches {pattern!r}){aliases}")
-    for n in names:
-        if pattern := _matches(n, head_names):
+    if head_verdict is None:
+        head_verdict = next(
+            (("head", p) for n in names if (p := _matches(n, head_names))), None
+        )
+    if head_verdict is not None:
+        kind, pattern = head_verdict
+        if kind == "head":
             return Route(name, param, ADAMW, f"output head (name matches {pattern!r}){aliases}")
+        return Route(
+            name, param, MUON,
+            f"hidden matrix inside the head {pattern!r} (an nn.Sequential whose last layer is the output){aliases}",
+        )
+    if role is not None:
+        return Route(name, param, ADAMW, role + aliases)
     if param.ndim > 2:
         rest = param.numel() // param.shape[0]
         return Route(name, param, MUON, f"hidden {param.ndim}-D kernel, flattened to {param.shape[0]} x {rest}")
@@ -135,15 +320,15 @@ def _route_one(
 def _warn_suspicious(routes: list[Route], head_found: bool, has_modules: bool) -> None:
     if has_modules and not head_found and any(r.use_muon for r in routes):
         warnings.warn(
-            "lightning_muon: no output head or classifier was recognised by name "
-            f"(patterns {DEFAULT_HEAD_NAMES}); if the model has one it is being trained by Muon. "
+            "lightning_muon: no output head or classifier was recognised, neither by name "
+            f"(patterns {DEFAULT_HEAD_NAMES}) nor by structure (a last layer outside the repeated blocks); "
+            "if the model has one it is being trained by Muon. "
             "Pass adamw_names=['<head name>'] to route it to AdamW.",
             stacklevel=3,
         )
     for r in routes:
-        if r.use_muon:
-            rows = r.param.shape[0]
-            cols = r.param.numel() // rows
+        if r.use_muon and r.param.ndim == 2:  # embeddings and heads are 2-D; conv kernels never warn
+            rows, cols = r.param.shape
             if max(rows, cols) >= 16 * min(rows, cols) and max(rows, cols) >= 1024:
                 warnings.warn(
                     f"lightning_muon: {r.name} ({rows} x {cols}) is routed to Muon but its shape "
@@ -160,16 +345,55 @@ def route_parameters(
     head_names: Sequence[str] = DEFAULT_HEAD_NAMES,
     adamw_names: Sequence[str] = (),
     muon_names: Sequence[str] = (),
+    structure: bool = True,
     warn: bool = True,
 ) -> list[Route]:
     """Route every trainable parameter of ``module`` (frozen ones are left out).
 
-    Rules, first match wins: ``adamw_names`` / ``muon_names`` overrides (fnmatch patterns on the
-    dotted name or any of its components); tensors that are not matrices (see
-    :func:`why_not_muon`) to AdamW, without weight decay when 1-D; ``nn.Embedding`` weights and
-    names matching ``embedding_names`` to AdamW; names matching ``head_names`` to AdamW (a head
-    tied to the embedding is one tensor and is matched through either name); everything else,
-    conv kernels included, to Muon.
+    Rules, first match wins:
+
+    1. ``adamw_names`` / ``muon_names`` overrides (fnmatch patterns on the dotted name, any of
+       its components, or a module prefix such as ``"decoder.proj"``);
+    2. tensors that are not matrices (see :func:`why_not_muon`) to AdamW, without weight decay
+       when 1-D;
+    3. ``nn.Embedding`` weights and names matching ``embedding_names`` to AdamW;
+    4. names matching ``head_names`` to AdamW (a head tied to the embedding is one tensor, matched
+       through either name); when the match is an ``nn.Sequential`` of several layers (VGG's
+       ``classifier``), only its last layer is the output head, the earlier ones are hidden;
+    5. with ``structure=True``, what the module tree says where names do not settle it. A
+       *repeated block* holds two or more matrix layers and recurs in the model (same class; plain
+       containers: identical structure): ResNet's ``BasicBlock``, a transformer layer. Then
+
+       * **output head**: when no name matched, the last matrix layer outside the repeated blocks
+         (ResNet's and RegNet's ``fc``);
+       * **auxiliary heads**: the last layer of another top-level branch, of the head's kind and
+         output size (GoogLeNet's ``aux1.fc2``, Inception's ``AuxLogits.fc``);
+       * **input stem**: the first matrix layer when repeated blocks follow it (ResNet's
+         ``conv1``) or when it is a convolution (VGG's ``features.0``), to AdamW as Keller
+         Jordan keeps the first layer off Muon. A flat MLP's first ``Linear`` stays on Muon.
+
+       A model with a single matrix layer has no head, stem or hidden layer to tell apart;
+
+    6. everything else, conv kernels included, to Muon ("hidden matrix").
+
+    Example:
+        >>> import torch.nn as nn
+        >>> class Net(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.conv1 = nn.Conv2d(3, 8, 3)
+        ...         block = lambda: nn.Sequential(nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3))  # noqa: E731
+        ...         self.blocks = nn.Sequential(block(), block())
+        ...         self.fc = nn.Linear(8, 10)
+        >>> for r in route_parameters(Net()):
+        ...     if r.name.endswith("weight"):
+        ...         print(f"{r.name:18} {r.group:6} {r.reason}")
+        conv1.weight       adamw  input stem (first layer, before the repeated blocks)
+        blocks.0.0.weight  muon   hidden 4-D kernel, flattened to 8 x 72
+        blocks.0.1.weight  muon   hidden 4-D kernel, flattened to 8 x 72
+        blocks.1.0.weight  muon   hidden 4-D kernel, flattened to 8 x 72
+        blocks.1.1.weight  muon   hidden 4-D kernel, flattened to 8 x 72
+        fc.weight          adamw  output head (last layer outside the repeated blocks)
     """
     owner: dict[int, nn.Module] = {}
     for mod in module.modules():
@@ -180,19 +404,45 @@ def route_parameters(
     for name, p in module.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(name)
         params[id(p)] = p
-    routes: list[Route] = []
-    head_found = False
-    for key, names in aliases.items():
-        p = params[key]
-        if not p.requires_grad:
-            continue
-        if any(_matches(n, head_names) for n in names):
+    trainable = [key for key in aliases if params[key].requires_grad]
+    tree = _analyse(module) if structure else None
+    # Name verdicts first: the structural head is only sought where no name matched.
+    verdicts: dict[int, tuple[str, str]] = {}
+    named_head_layer = None
+    for key in trainable:
+        layer = tree.owner_layer.get(key) if tree else None
+        for n in aliases[key]:
+            if tree is not None:
+                verdict = _head_by_name(n, layer, tree, head_names)
+            else:
+                verdict = ("head", pat) if (pat := _matches(n, head_names)) else None
+            if verdict:
+                verdicts[key] = verdict
+                if verdict[0] == "head" and named_head_layer is None and layer is not None:
+                    named_head_layer = layer
+                break
+    head_found = any(v[0] == "head" for v in verdicts.values())
+    roles: dict[str, str] = {}
+    if tree is not None:
+        if tree.stem:
+            roles[tree.stem[0]] = tree.stem[1]
+        head_layer = named_head_layer
+        if not head_found and tree.head:
+            head_layer = tree.head[0]
+            roles[head_layer] = tree.head[1]
             head_found = True
+        if head_layer is not None:
+            roles.update(_find_aux_heads(tree, head_layer))
+    routes: list[Route] = []
+    for key in trainable:
+        names, p = aliases[key], params[key]
+        layer = tree.owner_layer.get(key) if tree else None
         routes.append(
             _route_one(
                 names, p, owner.get(key),
                 embedding_names=embedding_names, head_names=head_names,
                 adamw_names=adamw_names, muon_names=muon_names,
+                head_verdict=verdicts.get(key), role=roles.get(layer) if layer is not None else None,
             )
         )
     head_found = head_found or any(_matches(n, adamw_names) for key in aliases for n in aliases[key])
@@ -249,7 +499,18 @@ def muon_param_groups(
     :func:`route_parameters` for the rules and :func:`routing_table` to print them.
 
     Example:
+        >>> from lightning_muon import Muon
+        >>> model = nn.ModuleDict({"encoder": nn.Linear(8, 8), "decoder": nn.ModuleDict({"proj": nn.Linear(8, 8)}),
+        ...                        "out": nn.Linear(8, 3)})
         >>> groups = muon_param_groups(model, adamw_names=["decoder.proj"], verbose=True)
+        parameter            shape  group           reason
+        ---------------------...
+        encoder.weight       8x8    muon            hidden matrix
+        encoder.bias         8      adamw_no_decay  1-D (gain or bias)
+        decoder.proj.weight  8x8    adamw           adamw_names pattern 'decoder.proj'
+        decoder.proj.bias    8      adamw_no_decay  adamw_names pattern 'decoder.proj'
+        out.weight           3x8    adamw           output head (last layer outside the repeated blocks)
+        out.bias             3      adamw_no_decay  1-D (gain or bias)
         >>> optimizer = Muon(groups, lr=0.02)
     """
     routes = route_parameters(

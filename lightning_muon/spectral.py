@@ -83,8 +83,14 @@ def top_singular_value(W: Tensor, num_iters: int = 30, v0: Tensor | None = None)
     ``sigma_1 = ||W v||`` is a lower bound that converges like ``(s_2/s_1)^(2 num_iters)``.
 
     Example:
-        >>> s, v = top_singular_value(W)            # cold start
+        >>> W = torch.diag(torch.tensor([3.0, 1.0, 0.5]))
+        >>> s, v = top_singular_value(W)             # cold start
+        >>> s
+        tensor(3.0000)
+        >>> W_next = W + 0.01 * torch.ones(3, 3)
         >>> s, v = top_singular_value(W_next, 5, v)  # a few steps suffice after a small change
+        >>> torch.allclose(s, torch.linalg.matrix_norm(W_next, ord=2), rtol=1e-4)
+        True
     """
     X = _fp32(W, "top_singular_value")
     if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
@@ -151,7 +157,9 @@ def spectral_entropy(W: Tensor, normalized: bool = True) -> Tensor:
 
     Example:
         >>> spectral_entropy(torch.eye(8))
-        tensor(1.)
+        tensor(1.0000)
+        >>> spectral_entropy(torch.outer(torch.ones(4), torch.ones(6)))  # rank one
+        tensor(0.)
     """
     return _entropy(singular_values(W), normalized)
 
@@ -175,7 +183,12 @@ def sin_theta(A: Tensor, B: Tensor, k: int, side: str = "max") -> Tensor:
     inside a cluster of equal singular values are not unique; see :func:`polar_misalignment`.
 
     Example:
+        >>> W = torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0, 0.5, 0.25]))
+        >>> R, _ = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(0)))
         >>> sin_theta(W, W @ R, k=4, side="left")  # a right rotation leaves left frames alone
+        tensor(0.)
+        >>> sin_theta(W, torch.eye(6)[[1, 0, 2, 3, 4, 5]] @ W, k=1, side="left")  # top direction moved: sqrt(1)
+        tensor(1.)
     """
     if side not in _SIDES:
         raise ValueError(f"sin_theta: side must be one of {_SIDES}, got {side!r}")
@@ -200,6 +213,7 @@ def polar_misalignment(W: Tensor, G: Tensor, method: str = "svd") -> Tensor:
     spectrum. ``method`` is passed to :func:`lightning_muon.orthogonalize` (``"svd"``: exact).
 
     Example:
+        >>> W = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
         >>> polar_misalignment(W, W)  # W shares its own singular vectors
         tensor(0.)
     """
@@ -293,8 +307,12 @@ def muon_critical_batch_size(
             ``sqrt(sigma2 / batch_size) (sqrt m + sqrt n)`` are left out, else the numerical rank.
         singular_values_: ``mu``'s singular values if already computed (skips the decomposition).
 
-    ``r = 0`` gives NaN. Example:
-        >>> muon_critical_batch_size(G, sigma2=1e-4, momentum=0.95, batch_size=256).b_crit
+    ``r = 0`` gives NaN. Example (a flat spectrum ``s0 = 2``, ``r = 4``: ``S = r (r - 1) / (4 s0^2) = 0.75``,
+    ``b_crit = 2 * 1 * 0.75 / 4 = 0.375`` without momentum, times ``0.05 / 1.95`` with ``beta = 0.95``):
+        >>> muon_critical_batch_size(2 * torch.eye(4), sigma2=1.0)
+        CriticalBatch(b_crit=tensor(0.3750), rank=tensor(4.), sigma2=tensor(1.), sensitivity=tensor(0.7500))
+        >>> muon_critical_batch_size(2 * torch.eye(4), sigma2=1.0, momentum=0.95).b_crit
+        tensor(0.0096)
     """
     if not 0 <= momentum < 1:
         raise ValueError(f"muon_critical_batch_size: momentum must be in [0, 1), got {momentum!r}")

@@ -3,9 +3,23 @@ import warnings
 
 import pytest
 import torch
+from packaging.version import Version
+
+# Scripts that tests launch as subprocesses: not test modules, and importing them (as
+# --doctest-modules would) runs their module-level setup (e.g. torch.set_num_threads(1)).
+collect_ignore_glob = ["dist_scripts/*", "scripts/*"]
 
 os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_runtest_setup(item):
+    # @pytest.mark.requires_torch("2.9", "torch.optim.Muon"): skipped, with the reason, on an older
+    # torch (the floor run, tests/compat/run_floor.sh, installs the oldest supported one).
+    for mark in item.iter_markers("requires_torch"):
+        version, why = mark.args
+        if Version(torch.__version__).release < Version(version).release:
+            pytest.skip(f"needs torch >= {version} ({why}); this is torch {torch.__version__}")
 
 
 @pytest.fixture(autouse=True)

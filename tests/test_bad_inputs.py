@@ -166,6 +166,7 @@ def test_resume_with_a_different_model_shape():  # row 15
     _unchanged(model, opt, snap)
 
 
+@pytest.mark.requires_torch("2.9", "torch.optim.Muon")
 def test_state_dict_from_another_optimizer():  # row 16
     model = Net()
     adamw = torch.optim.AdamW(model.parameters())

@@ -8,6 +8,7 @@ from benchmarks import step as bench_step
 from benchmarks._timing import markdown_table, state_bytes
 
 
+@pytest.mark.requires_torch("2.9", "the benchmark's torch.optim.Muon baseline")
 def test_state_bytes_match_the_optimizers_definitions():
     # Exact counts from the algorithms: Muon keeps one momentum buffer per matrix; AdamW two
     # moments per tensor plus a float32 step scalar (torch and ours alike).
@@ -36,6 +37,7 @@ def test_matrix_sets_are_the_models_muon_matrices():
     assert sorted(routed) == sorted(bench_ortho.matrix_set("gpt-small", 2))
 
 
+@pytest.mark.requires_torch("2.9", "the benchmark's torch.optim._muon baseline")
 def test_orthogonalize_script_prints_a_table(capsys):
     bench_ortho.main(["--sets", "vit-small", "--repeats", "1", "--warmup", "0", "--mm-size", "64"])
     out = capsys.readouterr().out

@@ -57,7 +57,9 @@ def _wait(procs: list[subprocess.Popen]) -> None:
 def test_shard_rows_matches_dtensor_shard0(rows: int, world: int) -> None:
     from torch.distributed.tensor.placement_types import Shard
 
-    reference = [Shard.local_shard_size_and_offset(rows, world, r)[0] for r in range(world)]
+    # Public since torch 2.8; torch 2.7 (the floor) has the same static method under a private name.
+    size_and_offset = getattr(Shard, "local_shard_size_and_offset", None) or Shard._local_shard_size_on_dim
+    reference = [size_and_offset(rows, world, r)[0] for r in range(world)]
     assert shard_rows(rows, world) == reference
 
 

@@ -110,6 +110,7 @@ def test_default_kernel_per_device():
     assert default_kernel("cuda", 768) == "batched"  # no GPU needed to ask
 
 
+@pytest.mark.requires_torch("2.9", "torch.optim._muon")
 def test_quintic_matches_torch_muon_newton_schulz():
     from torch.optim._muon import _zeropower_via_newtonschulz
 

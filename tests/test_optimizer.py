@@ -25,6 +25,7 @@ def _set_grads(*param_lists, seed):
             p.grad = grad.clone()
 
 
+@pytest.mark.requires_torch("2.9", "torch.optim.Muon")
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_matches_torch_optim_muon(nesterov):
     # Same (quintic) coefficients, "original" scaling, same momentum, NS in bf16 like torch's:

@@ -1,4 +1,7 @@
-"""Routing: a nanoGPT-style GPT with tied embeddings, torchvision's ViT and a small CNN."""
+"""Routing: a nanoGPT-style GPT with tied embeddings, torchvision's ViT and a small CNN.
+
+The whole torchvision classification zoo and a Hugging Face-style GPT layout are in
+tests/test_routing_zoo.py."""
 
 import warnings
 
@@ -69,8 +72,11 @@ def test_small_cnn_and_a_step():
     model = SmallCNN()
     routes = route_parameters(model)
     g = _groups(routes)
-    assert g["features.0.weight"] == "muon" and g["features.3.weight"] == "muon"
-    assert "flattened to 16 x 27" in next(r.reason for r in routes if r.name == "features.0.weight")
+    # The first layer is a convolution reading the image: the input stem, on AdamW (Keller Jordan's rule).
+    assert g["features.0.weight"] == "adamw" and g["features.3.weight"] == "muon"
+    reasons = {r.name: r.reason for r in routes}
+    assert reasons["features.0.weight"] == "input stem (first layer, a convolution reading the input)"
+    assert reasons["features.3.weight"] == "hidden 4-D kernel, flattened to 32 x 144"
     assert g["features.1.weight"] == "adamw_no_decay"  # BatchNorm gain
     assert g["classifier.weight"] == "adamw"
     # One step: each parameter gets its group's rule. Exact polar factor (svd) for the references.
@@ -107,12 +113,26 @@ def test_overrides_table_and_frozen():
     assert "adamw_names pattern 'features.3.weight'" in table and table.splitlines()[0].startswith("parameter")
     with pytest.raises(ValueError, match=r"features\.1\.weight.*cannot be a Muon matrix: 1-D"):
         route_parameters(model, muon_names=["features.1.*"])
+    # A module path matches all of its parameters (a dotted prefix), not only whole names or components.
+    g = _groups(route_parameters(model, adamw_names=["features.3"]))
+    assert g["features.3.weight"] == "adamw" and g["features.3.bias"] == "adamw_no_decay"
+    assert g["features.4.weight"] == "adamw_no_decay" and g["classifier.weight"] == "adamw"
 
 
 def test_warnings_on_suspicious_routing():
-    body = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    # A backbone that ends in its repeated blocks has no head, by name or by structure.
+    body = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8)) for _ in range(2)])
+    with pytest.warns(UserWarning, match="no output head .* nor by structure"):
+        routes = route_parameters(body)
+    assert {r.group for r in routes if r.param.ndim == 2} == {"muon"}
     with pytest.warns(UserWarning, match="no output head"):
-        route_parameters(body)
+        route_parameters(nn.Linear(8, 8))  # one matrix layer: nothing to tell apart, it stays on Muon
+    with warnings.catch_warnings():  # two plain layers: the last one is the head (structure)
+        warnings.simplefilter("error")
+        routes = route_parameters(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)))
+    assert [r.reason for r in routes if r.param.ndim == 2] == [
+        "hidden matrix", "output head (last layer outside the repeated blocks)"
+    ]
     wide = nn.ModuleDict({"proj": nn.Linear(32, 4096), "head": nn.Linear(4096, 4)})
     with pytest.warns(UserWarning, match="proj.weight .*looks like an embedding"):
         route_parameters(wide)
@@ -126,3 +146,86 @@ def test_warnings_on_suspicious_routing():
 )
 def test_why_not_muon(shape, ok):
     assert (why_not_muon(torch.zeros(shape)) is None) == ok
+
+
+def test_structure_false_keeps_names_and_shapes_only():
+    model = SmallCNN()
+    model.fc = model.classifier  # alias: the tensor now also has the name fc.weight
+    del model.classifier
+    g = _groups(route_parameters(model, structure=False, warn=False))
+    assert g["features.0.weight"] == "muon" and g["fc.weight"] == "muon"
+    g = _groups(route_parameters(model))
+    assert g["features.0.weight"] == "adamw" and g["fc.weight"] == "adamw"
+
+
+def test_head_names_on_a_sequential_mark_only_its_last_layer():
+    """VGG-style ``classifier = Sequential(Linear, ReLU, Linear)``: the first Linear is hidden.
+    A ModuleList of heads (multi-task) is parallel: every member is an output head."""
+    model = nn.Module()
+    model.body = nn.Linear(8, 16)
+    model.classifier = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    model.heads = nn.ModuleList([nn.Linear(16, 2), nn.Linear(16, 5)])
+    routes = {r.name: r for r in route_parameters(model)}
+    assert routes["classifier.0.weight"].group == "muon"
+    assert routes["classifier.0.weight"].reason.startswith("hidden matrix inside the head 'classifier'")
+    assert routes["classifier.2.weight"].group == "adamw"
+    assert routes["classifier.2.weight"].reason == "output head (name matches 'classifier')"
+    assert routes["heads.0.weight"].group == routes["heads.1.weight"].group == "adamw"
+    assert routes["body.weight"].group == "muon"  # a dense first layer without a body after it
+
+
+def test_a_branch_with_the_heads_output_size_is_not_an_auxiliary_head():
+    """A feature MLP whose last layer has the head's width is no side branch (nothing repeated before it)."""
+    model = nn.Module()
+    model.features = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64))
+    model.head = nn.Linear(64, 64)
+    g = _groups(route_parameters(model))
+    assert g["features.2.weight"] == "muon" and g["head.weight"] == "adamw"
+
+
+class _ResBlock(nn.Module):
+    """A block whose MLP is called ``fc1``/``fc2``, next to a classifier called ``fc``: names alone can't tell."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class _ResMLP(nn.Module):
+    def __init__(self, d=16, depth=3, classes=5):
+        super().__init__()
+        self.fc_in = nn.Linear(12, d)
+        self.blocks = nn.ModuleList(_ResBlock(d) for _ in range(depth))
+        self.norm = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, classes)
+
+    def forward(self, x):
+        x = self.fc_in(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.fc(self.norm(x))
+
+
+def test_head_and_stem_from_structure_where_names_do_not_settle_it():
+    model = _ResMLP()
+    routes = {r.name: r for r in route_parameters(model)}
+    assert routes["fc.weight"].group == "adamw"
+    assert routes["fc.weight"].reason == "output head (last layer outside the repeated blocks)"
+    assert routes["fc_in.weight"].group == "adamw"
+    assert routes["fc_in.weight"].reason == "input stem (first layer, before the repeated blocks)"
+    for i in range(3):
+        for name in ("fc1", "fc2"):
+            assert routes[f"blocks.{i}.{name}.weight"].group == "muon"
+            assert routes[f"blocks.{i}.{name}.weight"].reason == "hidden matrix"
+    assert routes["fc.bias"].group == "adamw_no_decay"
+    # Overrides still win over structure.
+    g = _groups(route_parameters(model, muon_names=["fc_in.weight"], adamw_names=["blocks.0.fc1.weight"]))
+    assert g["fc_in.weight"] == "muon" and g["blocks.0.fc1.weight"] == "adamw"
+    # And the routed model trains: one step, all finite.
+    opt = Muon(muon_param_groups(model), lr=0.02)
+    nn.functional.cross_entropy(model(torch.randn(4, 12)), torch.tensor([0, 1, 2, 3])).backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -3,9 +3,13 @@
 Each works alone or with the others; together they share one decomposition per matrix per step.
 
 Example:
+    >>> import lightning as L
+    >>> from lightning.pytorch.loggers import TensorBoardLogger
     >>> from lightning_muon.callbacks import SpectralEntropyMonitor, StableRankMonitor
-    >>> trainer = L.Trainer(logger=TensorBoardLogger("logs"),
+    >>> trainer = L.Trainer(logger=TensorBoardLogger("logs"), max_steps=100, enable_progress_bar=False,
     ...                     callbacks=[SpectralEntropyMonitor(), StableRankMonitor()])
+    >>> sorted(type(c).__name__ for c in trainer.callbacks if "Monitor" in type(c).__name__)
+    ['SpectralEntropyMonitor', 'StableRankMonitor']
 """
 
 from .critical_batch_size import CriticalBatchSizeMonitor

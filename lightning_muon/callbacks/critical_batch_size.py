@@ -51,6 +51,7 @@ class CriticalBatchSizeMonitor(SpectralMonitor):
 resume every rank continues from it).
 
     Example:
+        >>> import lightning as L
         >>> trainer = L.Trainer(accumulate_grad_batches=4, callbacks=[CriticalBatchSizeMonitor()])
     """
 

@@ -49,6 +49,7 @@ class PolarMisalignmentMonitor(SpectralMonitor):
     frames by ``svd_lowrank`` of W, G and the update, and two Newton–Schulz polar factors (fp32).
 
     Example:
+        >>> import lightning as L
         >>> trainer = L.Trainer(callbacks=[PolarMisalignmentMonitor(k=8, every_n_steps=100)])
     """
 

@@ -27,6 +27,7 @@ class SpectralEntropyMonitor(SpectralMonitor):
     the other monitors.
 
     Example:
+        >>> import lightning as L
         >>> trainer = L.Trainer(callbacks=[SpectralEntropyMonitor(every_n_steps=100)])
     """
 

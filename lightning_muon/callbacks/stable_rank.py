@@ -24,6 +24,7 @@ class StableRankMonitor(SpectralMonitor):
     vectors are saved in checkpoints.
 
     Example:
+        >>> import lightning as L
         >>> trainer = L.Trainer(callbacks=[StableRankMonitor(every_n_steps=100)])
     """
 
