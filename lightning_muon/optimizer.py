@@ -43,8 +43,8 @@ from .distributed import (
 )
 from .newton_schulz import METHODS
 from .precision import NS_DTYPES, agree_ns_dtype, resolve_ns_dtype
-from .sharded import mesh_domain
 from .routing import groups_from_routes, route_named_parameters, why_not_muon
+from .sharded import mesh_domain
 
 __all__ = ["Muon", "ADJUST_LR", "adjusted_lr", "NonFiniteGradientError"]
 
