@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import socket
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -26,29 +23,12 @@ from lightning_muon.distributed import assign_owners, shard_rows
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(SCRIPTS))
+from _launch import launch as _launch, wait as _wait  # noqa: E402
 import raw_step  # noqa: E402  (the worker's parameters and gradients, for the in-process reference)
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
-def _launch(script: str, *args: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PORT=_free_port(), MASTER_PORT=_free_port(), OMP_NUM_THREADS="1")
-    return subprocess.Popen(
-        [sys.executable, str(SCRIPTS / script), *args], cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-
-
-def _wait(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        out, _ = p.communicate(timeout=400)
-        assert p.returncode == 0, out[-4000:]
 
 
 # ---------------------------------------------------------------- in-process: plans and errors

@@ -5,8 +5,6 @@ Real 2-process gloo runs (tests/dist_scripts/process_group.py), compared with on
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,15 +17,11 @@ from lightning_muon import Muon
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(SCRIPTS))
+from _launch import launch  # noqa: E402
 import raw_step  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def _single_process(seed: int) -> list[torch.Tensor]:
@@ -47,11 +41,7 @@ def _close(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
 
 
 def test_process_group_none_explicit_group_and_mesh(tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PORT=_free_port(), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPTS / "process_group.py"), str(tmp_path)], cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    proc = launch("process_group.py", str(tmp_path))
     try:
         out, _ = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:

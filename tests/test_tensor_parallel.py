@@ -10,9 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
-import socket
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -29,6 +26,7 @@ from lightning_muon.sharded import check_placements, chunk_indices
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(SCRIPTS))
+from _launch import launch as _launch, wait as _wait  # noqa: E402
 import tp_step  # noqa: E402  (the worker's parameters, gradients and layouts, for the reference)
 
 
@@ -137,24 +135,6 @@ def test_one_process_two_d_mesh_steps_like_plain_tensors(single_rank_group) -> N
 
 
 # ---------------------------------------------------------------- subprocess runs
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
-def _launch(script: str, *args: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PORT=_free_port(), MASTER_PORT=_free_port(), OMP_NUM_THREADS="1")
-    return subprocess.Popen(
-        [sys.executable, str(SCRIPTS / script), *args], cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-
-
-def _wait(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        out, _ = p.communicate(timeout=600)
-        assert p.returncode == 0, out[-4000:]
 
 
 RAW = {"raw22": ("2", "2"), "raw12": ("1", "2")}

@@ -1,0 +1,35 @@
+"""Start the worker scripts of this folder as subprocesses (each spawns its own gloo ranks) and wait for them."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPTS = Path(__file__).parent
+ROOT = SCRIPTS.parents[1]
+
+
+def free_port() -> str:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def launch(script: str, *args: str) -> subprocess.Popen:
+    """Run ``script`` (a file of this folder) with this repository first on the path, one thread per rank."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PORT=free_port(), MASTER_PORT=free_port(), OMP_NUM_THREADS="1")
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPTS / script), *args], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def wait(procs: list[subprocess.Popen], timeout: float = 600) -> None:
+    """Wait for every process; fail with the end of its output if one exits non-zero."""
+    for p in procs:
+        out, _ = p.communicate(timeout=timeout)
+        assert p.returncode == 0, out[-4000:]
