@@ -11,6 +11,7 @@ Example:
 from .factory import SCHEDULES, configure_muon, lr_lambda
 from .newton_schulz import METHODS, NS_PRESETS, NSPreset, ns_flops, orthogonalize, singular_value_band
 from .optimizer import ADJUST_LR, Muon, NonFiniteGradientError, adjusted_lr
+from .per_example import PerExampleNorms, linear_grad_norms, norm_grad_norms, per_example_noise_scale
 from .routing import (
     DEFAULT_EMBEDDING_NAMES,
     DEFAULT_HEAD_NAMES,
@@ -52,14 +53,18 @@ __all__ = [
     "configure_muon",
     "CriticalBatch",
     "effective_rank",
+    "linear_grad_norms",
     "lr_lambda",
     "Muon",
     "muon_critical_batch_size",
     "muon_param_groups",
     "noise_scale",
+    "norm_grad_norms",
     "NoiseScale",
     "NonFiniteGradientError",
     "ns_flops",
+    "per_example_noise_scale",
+    "PerExampleNorms",
     "NSPreset",
     "orthogonalize",
     "polar_misalignment",
