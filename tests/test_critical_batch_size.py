@@ -286,14 +286,52 @@ def test_warmup_resumes_from_a_checkpoint_like_an_uninterrupted_run(tmp_path):
     assert windows.lrs == pytest.approx(full_windows.lrs[-len(windows.lrs):])
 
 
-@pytest.mark.slow
-def test_ddp_two_processes_agree(tmp_path):
-    script = Path(__file__).parent / "scripts" / "ddp_batch_warmup.py"
+def _two_processes(tmp_path, mode):
+    script = Path(__file__).parent / "scripts" / "noise_scale_2proc.py"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    done = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    out = tmp_path / mode
+    done = subprocess.run([sys.executable, str(script), str(out), mode], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def _two_process_reference():
+    """The first measurement by hand: rank r's first micro-batch is examples r, r + 2, ..., r + 14."""
+    sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+    try:
+        from noise_scale_2proc import MICRO as micro, data, make_net
+    finally:
+        sys.path.pop(0)
+    net, (x, y) = make_net(), data()
+    params = {n: p.detach() for n, p in net.named_parameters()}
+
+    def loss(p, xi, yi):
+        return nn.functional.mse_loss(functional_call(net, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    small, big = torch.zeros(2), torch.zeros(2)
+    for rank in range(2):
+        idx = torch.arange(rank, 2 * micro, 2)
+        g = vmap(grad(loss), in_dims=(None, 0, 0))(params, x[idx], y[idx])
+        for i, name in enumerate(("0.weight", "2.weight")):
+            flat = g[name].reshape(micro, -1)
+            small[i] += flat.square().sum(1).mean() / 2
+            big[i] += flat.mean(0).square().sum() / 2
+    return small, big
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_two_processes_per_example_and_warmup_agree(tmp_path, mode):
+    # Real 2-process runs (gloo): per-example norms from local activations, reduced across ranks;
+    # the warmup decision broadcast: every rank holds the same estimate, history and windows.
+    ranks = _two_processes(tmp_path, mode)
+    assert ranks[0]["mode"] == "per_example"
     assert ranks[0]["history"] == ranks[1]["history"] and len(ranks[0]["history"]) > 1
     assert ranks[0]["windows"] == ranks[1]["windows"]
-    assert all(n == a for n, a in ranks[0]["windows"])
+    assert all(n == a for n, a in ranks[0]["windows"])  # whole accumulation windows
     assert ranks[0]["b_simple"] == ranks[1]["b_simple"]  # reduced: identical on every rank
+    small, big = _two_process_reference()
+    first = ranks[0]["first"]
+    assert first["b"] == [1.0, 8.0]
+    torch.testing.assert_close(torch.tensor(first["small"]), small, rtol=1e-4, atol=0)  # fp32 vs fp32 vmap
+    torch.testing.assert_close(torch.tensor(first["big"]), big, rtol=1e-4, atol=0)
