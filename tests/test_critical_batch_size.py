@@ -220,6 +220,53 @@ def test_misconfigured_trainers(tmp_path):
         _trainer(tmp_path, [CriticalBatchSizeMonitor(), BatchSizeWarmup(64)]).fit(Net(manual=True))
 
 
+class ConvNet(Net):
+    """A 1-D conv in front of the Linear layers: the conv kernel has no per-example estimate."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(6, 6, 1)
+
+    def forward(self, x):
+        return super().forward(self.conv(x.mT).mT)
+
+
+def test_layers_without_per_example_norms(tmp_path):
+    with pytest.raises(MisconfigurationException, match="no nn.LayerNorm"):
+        _trainer(tmp_path, [CriticalBatchSizeMonitor(estimator="layernorm")]).fit(Regression())
+    with pytest.raises(MisconfigurationException, match="none of the monitored"):
+        _trainer(tmp_path, [CriticalBatchSizeMonitor(estimator="per_example", include=["conv.weight"])]).fit(ConvNet())
+    with pytest.warns(UserWarning, match="no per-example estimate for \\['conv.weight'\\]"):
+        monitor = CriticalBatchSizeMonitor(every_n_steps=1, include=["conv.weight", "fc1.weight"])
+        _trainer(tmp_path, [monitor]).fit(ConvNet())  # auto, one device: per-example on the Linear
+    assert monitor.mode == "per_example"
+    assert dict(zip(monitor.slots, monitor.ema_counts.tolist())) == {"fc1.weight": 1.0, "conv.weight": 0.0}
+    monitor = CriticalBatchSizeMonitor(every_n_steps=1, include=["conv.weight", "fc1.weight"])
+    _trainer(tmp_path, [monitor], accumulate_grad_batches=2).fit(ConvNet())
+    assert monitor.mode == "two_batch"  # auto with accumulation: the estimator that covers the conv
+
+
+def test_tensorboard_layout_puts_the_batch_next_to_the_estimates(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    monitor = CriticalBatchSizeMonitor(every_n_steps=2, sample_every_n_steps=1)
+    logger = TensorBoardLogger(tmp_path, name="", version="tb")
+    _trainer(tmp_path, [monitor, BatchSizeWarmup(64, min_interval=0)], max_steps=6, logger=logger).fit(Net())
+    ea = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "tensors": 0})
+    ea.Reload()
+    layout = layout_pb2.Layout.FromString(ea.Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0])
+    charts = {c.title: c.multiline.tag for cat in layout.category for c in cat.chart}
+    regex = charts["global batch vs B_simple and B_crit"][0]
+    import re
+
+    for tag in ("batch_size/global", "critical_batch_size/b_simple", "critical_batch_size/b_crit/mean"):
+        assert re.search(regex, tag)
+    assert not re.search(regex, "critical_batch_size/b_simple/fc1.weight")
+    assert "batch_size/global" in ea.Tags()["scalars"]
+
+
 # ----------------------------------------------------------------------------- BatchSizeWarmup
 
 
