@@ -126,7 +126,7 @@ def _plot(results: list[dict], path: str, args) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--batches", type=int, default=384, help="micro-batches per run (the token budget)")
@@ -147,7 +147,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--plot", default="docs/img/batch_size_warmup.png")
     p.add_argument("--compare-estimators", action="store_true")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     dm = GPTDataModule(block_size=args.block_size, batch_size=args.batch_size)

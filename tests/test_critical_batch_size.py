@@ -21,7 +21,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_muon import configure_muon, noise_scale
+from lightning_muon import configure_muon, muon_critical_batch_size, noise_scale
 from lightning_muon.callbacks import BatchSizeWarmup, CriticalBatchSizeMonitor
 
 MICRO = 8
@@ -123,7 +123,16 @@ def test_per_example_step0_matches_vmap_grad(tmp_path, setting):
         ref_small, ref_big = _reference(ref_model, batches, [name])
         assert small[i].item() == pytest.approx(ref_small, rel=1e-4)
         assert big[i].item() == pytest.approx(ref_big, rel=1e-4)
-        assert any(r.get(f"critical_batch_size/rank/{name}") for r in rows)  # b_crit's inputs logged
+        if setting == "default":  # Muon's B_crit with the group's momentum (0.95), from the same pieces
+            x, y = batches[0]
+            G = _per_example_grads(ref_model, x, y)[name].mean(0)
+            sigma2 = noise_scale(ref_small, ref_big, 1, MICRO).trace_sigma / G.numel()
+            expect = muon_critical_batch_size(G.double(), sigma2.double(), momentum=0.95, batch_size=MICRO).b_crit
+            est = muon_critical_batch_size(G.double(), sigma2.double(), momentum=0.95, batch_size=MICRO)
+            # noise-dominated at 8 examples (r = 0 or 1 above the noise edge): b_crit NaN or 0; its inputs exact
+            assert _logged(rows, f"critical_batch_size/b_crit/{name}") == pytest.approx(expect.item(), rel=1e-3, nan_ok=True)
+            assert _logged(rows, f"critical_batch_size/sigma2/{name}") == pytest.approx(est.sigma2.item(), rel=1e-4)
+            assert _logged(rows, f"critical_batch_size/rank/{name}") == est.rank.item()
     assert all(not m._forward_hooks for m in model.modules())  # hooks gone after the measured step
 
 
@@ -382,3 +391,16 @@ def test_two_processes_per_example_and_warmup_agree(tmp_path, mode):
     assert first["b"] == [1.0, 8.0]
     torch.testing.assert_close(torch.tensor(first["small"]), small, rtol=1e-4, atol=0)  # fp32 vs fp32 vmap
     torch.testing.assert_close(torch.tensor(first["big"]), big, rtol=1e-4, atol=0)
+
+
+@pytest.mark.slow
+def test_warmup_benchmark_prints_the_table_and_saves_a_plot(tmp_path, capsys):
+    from benchmarks import batch_size_warmup
+
+    plot = tmp_path / "p.png"
+    batch_size_warmup.main(["--seeds", "0", "--batches", "16", "--n-layer", "1", "--n-embd", "16", "--block-size", "16",
+                            "--val-batches", "2", "--max-accumulate", "2", "--plot", str(plot)])
+    out = capsys.readouterr().out
+    assert "| fixed small (8)" in out and "| fixed large (16)" in out and "| warmup (8 -> <= 16)" in out
+    assert "|            16.0 |" in out and "|             8.0 |" in out  # optimizer steps: 16 small, 8 large
+    assert plot.stat().st_size > 0
