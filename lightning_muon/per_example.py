@@ -130,10 +130,13 @@ def norm_grad_norms(
         torch.Size([3])
     """
     where = "norm_grad_norms"
-    if isinstance(normalized_ndim, bool) or not isinstance(normalized_ndim, int) or not 1 <= normalized_ndim < inputs.ndim:
-        raise ValueError(f"{where}: normalized_ndim must be an integer in [1, inputs.ndim - 1], got {normalized_ndim!r}")
+    nd = normalized_ndim
+    if isinstance(nd, bool) or not isinstance(nd, int) or not 1 <= nd < inputs.ndim:
+        raise ValueError(f"{where}: normalized_ndim must be an integer in [1, inputs.ndim - 1], got {nd!r}")
     if inputs.shape != grad_outputs.shape:
-        raise ValueError(f"{where}: inputs {tuple(inputs.shape)} and grad_outputs {tuple(grad_outputs.shape)} must have one shape")
+        raise ValueError(
+            f"{where}: inputs {tuple(inputs.shape)} and grad_outputs {tuple(grad_outputs.shape)} must have one shape"
+        )
     if not (weight or bias):
         raise ValueError(f"{where}: nothing to measure: weight and bias are both False")
     x = inputs.detach()

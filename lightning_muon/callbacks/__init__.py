@@ -14,4 +14,10 @@ from .polar_misalignment import PolarMisalignmentMonitor
 from .spectral_entropy import SpectralEntropyMonitor
 from .stable_rank import StableRankMonitor
 
-__all__ = ["BatchSizeWarmup", "CriticalBatchSizeMonitor", "PolarMisalignmentMonitor", "SpectralEntropyMonitor", "StableRankMonitor"]
+__all__ = [
+    "BatchSizeWarmup",
+    "CriticalBatchSizeMonitor",
+    "PolarMisalignmentMonitor",
+    "SpectralEntropyMonitor",
+    "StableRankMonitor",
+]

@@ -65,7 +65,7 @@ class BatchSizeWarmup(Callback):
         where = "BatchSizeWarmup"
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"{where}: max_batch_size must be an integer >= 1 (examples), got {max_batch_size!r}")
-        if isinstance(safety, bool) or not isinstance(safety, (int, float)) or not (0 < safety and math.isfinite(safety)):
+        if isinstance(safety, bool) or not isinstance(safety, (int, float)) or not (0 < safety < math.inf):
             raise ValueError(f"{where}: safety must be a finite number > 0, got {safety!r}")
         for name, value in (("min_interval", min_interval), ("min_measurements", min_measurements)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -108,11 +108,14 @@ class BatchSizeWarmup(Callback):
             )
         if trainer.strategy.handles_gradient_accumulation:
             raise MisconfigurationException(
-                f"BatchSizeWarmup: {type(trainer.strategy).__name__} handles accumulation itself; it cannot change mid-run."
+                f"BatchSizeWarmup: {type(trainer.strategy).__name__} handles accumulation itself; "
+                "it cannot change mid-run."
             )
         self._monitor = monitors[0]
         if self.source == "b_crit" and self._monitor.estimator == "layernorm":
-            raise MisconfigurationException("BatchSizeWarmup(source='b_crit'): the 'layernorm' estimator gives no b_crit.")
+            raise MisconfigurationException(
+                "BatchSizeWarmup(source='b_crit'): the 'layernorm' estimator gives no b_crit."
+            )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.accumulate is None:  # a fresh run: start from the Trainer's value
@@ -125,7 +128,9 @@ class BatchSizeWarmup(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._maybe_apply(trainer, ready=0)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.micro_batch is None:
             self.micro_batch = extract_batch_size(batch)
 

@@ -84,7 +84,9 @@ class CriticalBatchSizeMonitor(SpectralMonitor):
     charts = {
         "B_simple (SGD noise scale)": r"^critical_batch_size/b_simple",
         "Muon B_crit": r"^critical_batch_size/b_crit/",
-        "global batch vs B_simple and B_crit": r"^(batch_size/global|critical_batch_size/b_simple|critical_batch_size/b_crit/mean)$",
+        "global batch vs B_simple and B_crit": (
+            r"^(batch_size/global|critical_batch_size/b_simple|critical_batch_size/b_crit/mean)$"
+        ),
         "inputs: |G|^2, tr Sigma": r"^critical_batch_size/(grad_sq|trace_sigma)$",
         "inputs: rank r": r"^critical_batch_size/rank/",
         "inputs: sigma^2": r"^critical_batch_size/sigma2/",
@@ -106,14 +108,14 @@ class CriticalBatchSizeMonitor(SpectralMonitor):
         where = "CriticalBatchSizeMonitor"
         if not isinstance(ema, (int, float)) or isinstance(ema, bool) or not 0 <= ema < 1:
             raise ValueError(f"{where}: ema must be a decay in [0, 1), got {ema!r}")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        if batch_size is not None and not _positive_int(batch_size):
             raise ValueError(f"{where}: batch_size must be an integer >= 1 or None, got {batch_size!r}")
         if estimator not in ESTIMATORS:
             raise ValueError(f"{where}: estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        if sample_every_n_steps is not None and (
-            isinstance(sample_every_n_steps, bool) or not isinstance(sample_every_n_steps, int) or sample_every_n_steps < 1
-        ):
-            raise ValueError(f"{where}: sample_every_n_steps must be an integer >= 1 or None, got {sample_every_n_steps!r}")
+        if sample_every_n_steps is not None and not _positive_int(sample_every_n_steps):
+            raise ValueError(
+                f"{where}: sample_every_n_steps must be an integer >= 1 or None, got {sample_every_n_steps!r}"
+            )
         if method not in LINEAR_METHODS:
             raise ValueError(f"{where}: method must be one of {LINEAR_METHODS}, got {method!r}")
         self.ema = float(ema)
@@ -191,7 +193,9 @@ class CriticalBatchSizeMonitor(SpectralMonitor):
                     f"layers {self.slots} is one; use estimator='two_batch' (with accumulation or DDP)."
                 )
             if missing:
-                warnings.warn(f"CriticalBatchSizeMonitor: no per-example estimate for {missing} (not nn.Linear weights)")
+                warnings.warn(
+                    f"CriticalBatchSizeMonitor: no per-example estimate for {missing} (not nn.Linear weights)"
+                )
         self.mode = mode
         self._modules = linear
 
@@ -199,7 +203,9 @@ class CriticalBatchSizeMonitor(SpectralMonitor):
     def _measured(self, step: int) -> bool:
         return step % self.sample_every_n_steps == 0
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if not self._measured(step):
             return
@@ -217,7 +223,9 @@ class CriticalBatchSizeMonitor(SpectralMonitor):
             params = self.params(pl_module)
             self._handles = [params[n].register_hook(self._param_hook(i)) for i, n in enumerate(self.slots)]
         else:
-            self._handles = [m.register_forward_hook(self._forward_hook(i)) for i, m in enumerate(self._modules) if m is not None]
+            self._handles = [
+                m.register_forward_hook(self._forward_hook(i)) for i, m in enumerate(self._modules) if m is not None
+            ]
 
     def _param_hook(self, i: int):
         def record(grad: Tensor) -> None:  # no full-size temporary: the norm accumulates in fp32 in one kernel
@@ -354,7 +362,9 @@ class CriticalBatchSizeMonitor(SpectralMonitor):
         total = noise_scale(small[valid].sum(), big[valid].sum(), b, B)
         per_slot = noise_scale(small, big, b, B)
         metrics = {  # the two unbiased pieces as they are (either can be negative), the ratio if both > 0
-            f"{p}b_simple": _ratio(total), f"{p}grad_sq": float(total.grad_sq), f"{p}trace_sigma": float(total.trace_sigma),
+            f"{p}b_simple": _ratio(total),
+            f"{p}grad_sq": float(total.grad_sq),
+            f"{p}trace_sigma": float(total.trace_sigma),
         }
         for i, n in enumerate(self.slots):
             if valid[i]:
@@ -377,15 +387,21 @@ class CriticalBatchSizeMonitor(SpectralMonitor):
             group = groups.get(id(params[n]), {})
             beta = group.get("momentum", 0.0) if group.get("use_muon") else 0.0
             sigma2 = per_slot.trace_sigma[index[n]] / G.numel()
-            est = muon_critical_batch_size(G, sigma2, momentum=beta, batch_size=global_batch, singular_values_=spectra[n])
+            est = muon_critical_batch_size(
+                G, sigma2, momentum=beta, batch_size=global_batch, singular_values_=spectra[n]
+            )
             b_crit[f"{p}b_crit/{n}"] = _num(est.b_crit)
-            metrics.update({f"{p}rank/{n}": _num(est.rank), f"{p}sigma2/{n}": _num(est.sigma2), f"{p}sensitivity/{n}": _num(est.sensitivity)})
+            metrics.update({
+                f"{p}rank/{n}": _num(est.rank), f"{p}sigma2/{n}": _num(est.sigma2),
+                f"{p}sensitivity/{n}": _num(est.sensitivity),
+            })
         metrics.update(b_crit)
         metrics.update(aggregates(f"{p}b_crit", b_crit))
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
-        state = {k: (v.detach().cpu().clone() if isinstance(v, Tensor) else v) for k, v in ((k, getattr(self, k)) for k in _STATE)}
+        values = ((k, getattr(self, k)) for k in _STATE)
+        state = {k: (v.detach().cpu().clone() if isinstance(v, Tensor) else v) for k, v in values}
         state["ema_counts"] = None if self.ema_counts is None else self.ema_counts.detach().cpu().clone()
         return state
 
@@ -397,6 +413,10 @@ class CriticalBatchSizeMonitor(SpectralMonitor):
             counts = torch.full_like(self.ema_small, float(self.ema_steps))
         self.ema_counts = counts
         self.last["b_simple"] = self.b_simple()
+
+
+def _positive_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
 
 
 def _linear_module(named: dict[str, nn.Module], param_name: str) -> nn.Linear | None:
