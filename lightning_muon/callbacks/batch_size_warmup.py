@@ -49,8 +49,9 @@ class BatchSizeWarmup(Callback):
     optimizer and scheduler state carry the scaled learning rates. Needs automatic optimization.
 
     Example:
+        >>> import lightning as L
         >>> trainer = L.Trainer(callbacks=[CriticalBatchSizeMonitor(sample_every_n_steps=10),
-        ...                                BatchSizeWarmup(max_batch_size=512)])
+        ...                                BatchSizeWarmup(max_batch_size=512)], logger=False)
     """
 
     def __init__(

@@ -77,7 +77,8 @@ class CriticalBatchSizeMonitor(SpectralMonitor):
     one forward gets no estimate). EMA state is saved in checkpoints.
 
     Example:
-        >>> trainer = L.Trainer(callbacks=[CriticalBatchSizeMonitor()])  # any Trainer
+        >>> import lightning as L
+        >>> trainer = L.Trainer(callbacks=[CriticalBatchSizeMonitor()], logger=False)  # any Trainer (+ a logger)
     """
 
     prefix = "critical_batch_size/"
@@ -141,6 +142,12 @@ class CriticalBatchSizeMonitor(SpectralMonitor):
         self._micro_sizes: list[int] = []
         self._window = -1  # the global step whose micro-batches are being measured
         self.ema_counts: Tensor | None = None  # per slot, measurements that gave a finite value
+
+    @property
+    def state_key(self) -> str:  # two monitors with different estimators can share a Trainer
+        return self._generate_state_key(
+            every_n_steps=self.every_n_steps, include=self.include, exclude=self.exclude, estimator=self.estimator
+        )
 
     # -------------------------------------------------------------- setup
     def _two_batch_ok(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str | None:
