@@ -27,10 +27,10 @@ def make_net() -> nn.Sequential:
     return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
 
 
-def data() -> tuple[torch.Tensor, torch.Tensor]:
+def data() -> tuple[torch.Tensor, torch.Tensor]:  # 32 micro-batches of 8 per rank
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(1024, 8, generator=g)
-    return x, 0.1 * x[:, :4] + torch.randn(1024, 4, generator=g)  # mostly noise: B_simple in the hundreds
+    x = torch.randn(512, 8, generator=g)
+    return x, 0.1 * x[:, :4] + torch.randn(512, 4, generator=g)  # mostly noise: B_simple in the hundreds
 
 
 class Model(pl.LightningModule):
