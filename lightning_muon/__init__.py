@@ -12,6 +12,7 @@ from .factory import SCHEDULES, configure_muon, lr_lambda
 from .newton_schulz import METHODS, NS_PRESETS, NSPreset, ns_flops, orthogonalize, singular_value_band
 from .precision import NS_DTYPES, NSDtypeChoice, describe_device, ns_dtype_choice, resolve_ns_dtype
 from .optimizer import ADJUST_LR, Muon, NonFiniteGradientError, adjusted_lr
+from .per_example import PerExampleNorms, linear_grad_norms, norm_grad_norms, per_example_noise_scale
 from .routing import (
     DEFAULT_EMBEDDING_NAMES,
     DEFAULT_HEAD_NAMES,
@@ -54,17 +55,21 @@ __all__ = [
     "CriticalBatch",
     "describe_device",
     "effective_rank",
+    "linear_grad_norms",
     "lr_lambda",
     "Muon",
     "muon_critical_batch_size",
     "muon_param_groups",
     "noise_scale",
+    "norm_grad_norms",
     "NoiseScale",
     "NS_DTYPES",
     "ns_dtype_choice",
     "NSDtypeChoice",
     "NonFiniteGradientError",
     "ns_flops",
+    "per_example_noise_scale",
+    "PerExampleNorms",
     "NSPreset",
     "orthogonalize",
     "polar_misalignment",

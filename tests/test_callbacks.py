@@ -104,7 +104,7 @@ def test_all_monitors_log_correct_values_to_tensorboard(tmp_path):
         StableRankMonitor(every_n_steps=2),
         SpectralEntropyMonitor(every_n_steps=2),
         PolarMisalignmentMonitor(every_n_steps=2, k=4),
-        CriticalBatchSizeMonitor(every_n_steps=2),
+        CriticalBatchSizeMonitor(every_n_steps=2, estimator="two_batch"),
     ]
     _trainer(tmp_path, callbacks, accumulate_grad_batches=2, max_steps=3).fit(model)
     ea = _events(tmp_path / "run")
@@ -202,7 +202,7 @@ class LinearRegression(pl.LightningModule):
 def test_critical_batch_size_linear_regression_closed_form(tmp_path):
     # Per-example gradient covariance in closed form: tr Sigma = (d + 1)||D||^2 + k d s^2, G = D.
     model = LinearRegression()
-    monitor = CriticalBatchSizeMonitor(every_n_steps=400, include=["proj.weight"], ema=0.995)
+    monitor = CriticalBatchSizeMonitor(every_n_steps=400, include=["proj.weight"], ema=0.995, estimator="two_batch", sample_every_n_steps=1)
     _trainer(tmp_path, [monitor], max_steps=401, accumulate_grad_batches=4).fit(model)
     scalars = {e.step: e.value for e in _events(tmp_path / "run").Scalars("critical_batch_size/b_simple")}
     assert scalars[400] == pytest.approx(model.true_b_simple, rel=0.2)  # the 20% criterion
@@ -224,7 +224,7 @@ def test_misconfiguration_is_reported(tmp_path):
     with pytest.raises(MisconfigurationException, match="after exclude"):
         _trainer(tmp_path, [StableRankMonitor(exclude=["net"])]).fit(TinyMLP())
     with pytest.raises(MisconfigurationException, match="accumulate_grad_batches"):
-        _trainer(tmp_path, [CriticalBatchSizeMonitor()]).fit(TinyMLP())
+        _trainer(tmp_path, [CriticalBatchSizeMonitor(estimator="two_batch")]).fit(TinyMLP())
 
 
 def _resumable(tmp_path, name):
@@ -279,7 +279,7 @@ def test_ddp_two_processes_log_once_with_local_vs_reduced_noise_scale(tmp_path):
         SpectralEntropyMonitor(every_n_steps=2),
         StableRankMonitor(every_n_steps=2),
         PolarMisalignmentMonitor(every_n_steps=2, k=4),
-        CriticalBatchSizeMonitor(every_n_steps=2),
+        CriticalBatchSizeMonitor(every_n_steps=2, estimator="two_batch"),
     ]
     faulthandler.dump_traceback_later(300, exit=True)  # a deadlock fails the run instead of hanging it
     try:

@@ -12,9 +12,16 @@ Example:
     ['SpectralEntropyMonitor', 'StableRankMonitor']
 """
 
+from .batch_size_warmup import BatchSizeWarmup
 from .critical_batch_size import CriticalBatchSizeMonitor
 from .polar_misalignment import PolarMisalignmentMonitor
 from .spectral_entropy import SpectralEntropyMonitor
 from .stable_rank import StableRankMonitor
 
-__all__ = ["CriticalBatchSizeMonitor", "PolarMisalignmentMonitor", "SpectralEntropyMonitor", "StableRankMonitor"]
+__all__ = [
+    "BatchSizeWarmup",
+    "CriticalBatchSizeMonitor",
+    "PolarMisalignmentMonitor",
+    "SpectralEntropyMonitor",
+    "StableRankMonitor",
+]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,54 +12,82 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import Tensor
+from torch import Tensor, nn
 
+from ..per_example import LINEAR_METHODS, linear_grad_norms, norm_grad_norms
 from ..spectral import NoiseScale, muon_critical_batch_size, noise_scale
 from ._base import SpectralMonitor, aggregates
 from ._cache import SpectralCache, step_cache
 
-_STATE = ("ema_small", "ema_big", "ema_steps")
+_STATE = ("ema_small", "ema_big", "ema_steps", "b_small", "b_big")
+ESTIMATORS = ("auto", "per_example", "layernorm", "two_batch")
+_NORMS = (nn.LayerNorm, nn.RMSNorm)
 
 
 class CriticalBatchSizeMonitor(SpectralMonitor):
-    """Estimate the critical batch size from two batch sizes, during training.
+    """Estimate the critical batch size during training, from one batch or from two batch sizes.
 
-    Small batch: one micro-batch on one device (``b`` examples); its squared gradient norm is read
-    per layer by a tensor hook during backward, before accumulation and before DDP's all-reduce.
-    Large batch: the gradient the optimizer sees (``B = b * accumulate_grad_batches * world_size``).
-    So it needs ``accumulate_grad_batches >= 2`` or >= 2 DDP processes. Squared norms are smoothed
-    by two separate bias-corrected EMAs (decay ``ema``) every step; the ratio is taken at logging
-    steps (per-rank EMAs are averaged across ranks then: one small all-reduce).
+    ``estimator`` chooses how the gradient noise is measured:
 
-    Logged (tags under ``critical_batch_size/``):
+    * ``"per_example"``: inside one micro-batch, small batch = one example, large batch = the
+      micro-batch (``B`` examples). Each monitored ``nn.Linear`` weight's per-example gradient norms
+      come from its input activations and output gradients (forward and backward hooks, see
+      :mod:`lightning_muon.per_example`). Needs nothing of the Trainer: one device, no accumulation,
+      DDP, FSDP2 (activations are local: no gather), manual optimization. Layers that are not
+      ``nn.Linear`` weights get no estimate.
+    * ``"layernorm"``: the same for the gains and biases of the model's ``nn.LayerNorm`` /
+      ``nn.RMSNorm`` layers only (Gray et al., NeurIPS 2024: their noise scale tracks the whole
+      transformer's), at ``O(B T d)`` per layer. No per-matrix noise, so no ``b_crit``.
+    * ``"two_batch"``: small batch = one micro-batch on one device (squared gradient norm read by a
+      tensor hook before accumulation and before DDP's all-reduce), large batch = the gradient the
+      optimizer sees (``B = b * accumulate_grad_batches * world_size``). Needs
+      ``accumulate_grad_batches >= 2`` or >= 2 DDP processes, automatic optimization, no FSDP2.
+    * ``"auto"`` (default): ``"per_example"`` when every monitored layer is an ``nn.Linear`` weight,
+      else ``"two_batch"`` where it applies, else ``"per_example"`` on the Linear layers alone.
 
-    * ``b_simple``, ``grad_sq``, ``trace_sigma`` over all monitored layers, and
-      ``b_simple/<param name>``: McCandlish et al.'s B_simple = tr(Sigma) / |G|^2, in examples
-      (rows of the batch; multiply by the sequence length for tokens). It is the SGD-geometry
-      estimate: the batch size beyond which SGD's steps stop getting better with more data. It
-      means something once training has left the initial transient and |G|^2 is well above its
-      noise (it is estimated as a difference; early or near convergence it can be negative: NaN).
-    * ``b_crit/<param name>`` with its inputs ``rank/``, ``sigma2/`` and ``sensitivity/``: the
-      paper's Muon-specific B_crit = 2 sigma^2 S(mu) / r * (1 - beta) / (1 + beta), with
-      sigma^2 = tr(Sigma_layer) / (m n), mu the large-batch gradient (singular values below the
-      noise edge ``sqrt(sigma^2 / B) (sqrt m + sqrt n)`` dropped) and beta Muon's momentum (0 for
-      other optimizers). It holds in the paper's regime (the polar map's noise sensitivity of a
-      square-ish gradient); small singular values dominate S, so read it with r and S.
+    **Units.** Examples are the rows of the batch: a sequence is one example, its tokens are summed
+    over. For a batch size in tokens multiply the logged values by the sequence length ``T``.
 
-    Assumes automatic optimization (Lightning divides the loss by ``accumulate_grad_batches``) and
-    equal micro-batch sizes (``batch_size``, else inferred from each batch). Not supported with
-    FSDP2 (ModelParallelStrategy). EMA state is saved in checkpoints (under DDP, rank 0's: on
-resume every rank continues from it).
+    **Cost.** Hooks are registered only for the micro-batches of a measured step (every
+    ``sample_every_n_steps`` steps, default ``every_n_steps``) and removed after it. Per-example
+    norms cost about one extra weight-gradient matmul per Linear layer on those steps (or the ghost
+    norm for short sequences); the two-batch hook one squared norm per parameter per micro-batch.
+
+    Each measured step gives the two unbiased pieces (small- and large-batch squared norms, reduced
+    across processes: every rank holds the same values); they are smoothed by bias-corrected EMAs
+    (decay ``ema`` per measurement) and their ratio is taken at logging steps. Logged (tags under
+    ``critical_batch_size/``):
+
+    * ``b_simple``, ``grad_sq``, ``trace_sigma`` over all measured layers, and
+      ``b_simple/<name>``: McCandlish et al.'s B_simple = tr(Sigma) / |G|^2, in examples. It is the
+      SGD-geometry estimate: the batch size beyond which SGD's steps stop getting better with more
+      data. It means something once training has left the initial transient and |G|^2 is well
+      above its noise (a difference: early or near convergence it can be negative: NaN).
+    * ``b_crit/<param name>`` with its inputs ``rank/``, ``sigma2/`` and ``sensitivity/`` (not with
+      ``"layernorm"``): the paper's Muon-specific B_crit = 2 sigma^2 S(mu) / r * (1 - beta) / (1 + beta),
+      with sigma^2 = tr(Sigma_layer) / (m n), mu the optimizer's gradient (singular values below the
+      noise edge ``sqrt(sigma^2 / B) (sqrt m + sqrt n)`` dropped, B the global batch) and beta Muon's
+      momentum (0 for other optimizers). Small singular values dominate S: read it with r and S.
+
+    **Manual optimization** works with ``"per_example"`` / ``"layernorm"``: step through the
+    ``LightningOptimizer`` (``self.optimizers().step()``, which runs ``on_before_optimizer_step``).
+    B_simple does not depend on how the loss is scaled; ``grad_sq``, ``trace_sigma`` and ``b_crit``
+    assume the backpropagated loss is the batch mean (divide it by n to accumulate n batches by
+    hand and they come out n^2 too small). Not with activation checkpointing (a layer run twice in
+    one forward gets no estimate). EMA state is saved in checkpoints.
 
     Example:
         >>> import lightning as L
-        >>> trainer = L.Trainer(accumulate_grad_batches=4, callbacks=[CriticalBatchSizeMonitor()])
+        >>> trainer = L.Trainer(callbacks=[CriticalBatchSizeMonitor()], logger=False)  # any Trainer (+ a logger)
     """
 
     prefix = "critical_batch_size/"
     charts = {
         "B_simple (SGD noise scale)": r"^critical_batch_size/b_simple",
         "Muon B_crit": r"^critical_batch_size/b_crit/",
+        "global batch vs B_simple and B_crit": (
+            r"^(batch_size/global|critical_batch_size/b_simple|critical_batch_size/b_crit/mean)$"
+        ),
         "inputs: |G|^2, tr Sigma": r"^critical_batch_size/(grad_sq|trace_sigma)$",
         "inputs: rank r": r"^critical_batch_size/rank/",
         "inputs: sigma^2": r"^critical_batch_size/sigma2/",
@@ -70,137 +99,345 @@ resume every rank continues from it).
         every_n_steps: int = 100,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
-        ema: float = 0.99,
+        ema: float = 0.9,
         batch_size: int | None = None,
+        estimator: str = "auto",
+        sample_every_n_steps: int | None = None,
+        method: str = "auto",
     ) -> None:
         super().__init__(every_n_steps, include, exclude)
+        where = "CriticalBatchSizeMonitor"
         if not isinstance(ema, (int, float)) or isinstance(ema, bool) or not 0 <= ema < 1:
-            raise ValueError(f"CriticalBatchSizeMonitor: ema must be a decay in [0, 1), got {ema!r}")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"CriticalBatchSizeMonitor: batch_size must be an integer >= 1 or None, got {batch_size!r}")
+            raise ValueError(f"{where}: ema must be a decay in [0, 1), got {ema!r}")
+        if batch_size is not None and not _positive_int(batch_size):
+            raise ValueError(f"{where}: batch_size must be an integer >= 1 or None, got {batch_size!r}")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"{where}: estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if sample_every_n_steps is not None and not _positive_int(sample_every_n_steps):
+            raise ValueError(
+                f"{where}: sample_every_n_steps must be an integer >= 1 or None, got {sample_every_n_steps!r}"
+            )
+        if method not in LINEAR_METHODS:
+            raise ValueError(f"{where}: method must be one of {LINEAR_METHODS}, got {method!r}")
         self.ema = float(ema)
         self.batch_size = batch_size
-        self.ema_small: Tensor | None = None  # per layer, this rank's micro-batch ||g_b||^2
-        self.ema_big: Tensor | None = None  # per layer, ||G_B||^2
-        self.ema_steps = 0
+        self.estimator = estimator
+        self.sample_every_n_steps = sample_every_n_steps or every_n_steps
+        self.method = method
+        self.mode = estimator  # resolved in on_fit_start
+        self.slots: list[str] = []  # what is measured: parameter names, or norm-module names
+        self.ema_small: Tensor | None = None  # per slot, EMA of the small-batch squared norm
+        self.ema_big: Tensor | None = None  # per slot, EMA of the large-batch squared norm
+        self.ema_steps = 0  # measurements so far
+        self.b_small = float("nan")  # the two batch sizes of the last measurement (examples)
+        self.b_big = float("nan")
+        self.last: dict[str, float] = {}  # the last logged b_simple and b_crit/mean (for schedulers)
+        self._modules: list[nn.Module | None] = []
         self._handles: list[Any] = []
-        self._micro_sq: Tensor | None = None
+        self._measuring = False
+        self._small: Tensor | None = None
+        self._big: Tensor | None = None
+        self._calls: Tensor | None = None
+        self._examples: Tensor | None = None
         self._micro_sizes: list[int] = []
-        self._b = float("nan")  # mean micro-batch size of the last step
+        self._window = -1  # the global step whose micro-batches are being measured
+        self.ema_counts: Tensor | None = None  # per slot, measurements that gave a finite value
+
+    @property
+    def state_key(self) -> str:  # two monitors with different estimators can share a Trainer
+        return self._generate_state_key(
+            every_n_steps=self.every_n_steps, include=self.include, exclude=self.exclude, estimator=self.estimator
+        )
 
     # -------------------------------------------------------------- setup
+    def _two_batch_ok(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str | None:
+        """Why the two-batch estimator cannot run on this Trainer (None: it can)."""
+        if isinstance(trainer.strategy, ModelParallelStrategy):
+            return "FSDP2 (ModelParallelStrategy) shards gradients before a hook can read a micro-batch's"
+        if not pl_module.automatic_optimization:
+            return "manual optimization: the loss scaling of an accumulated step is unknown"
+        if trainer.accumulate_grad_batches * trainer.world_size < 2:
+            return "it needs two batch sizes: Trainer(accumulate_grad_batches >= 2) or >= 2 DDP processes"
+        return None
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage != "fit":
-            return
-        if isinstance(trainer.strategy, ModelParallelStrategy):
-            raise MisconfigurationException("CriticalBatchSizeMonitor: FSDP2 (ModelParallelStrategy) is not supported; use DDP.")
-        if not pl_module.automatic_optimization:
-            raise MisconfigurationException("CriticalBatchSizeMonitor: needs automatic optimization (it undoes Lightning's loss / accumulate_grad_batches).")
-        if trainer.accumulate_grad_batches * trainer.world_size < 2:
-            raise MisconfigurationException(
-                "CriticalBatchSizeMonitor: needs two batch sizes; set Trainer(accumulate_grad_batches >= 2) "
-                "or train on >= 2 devices (DDP)."
-            )
+        if stage == "fit" and self.estimator == "two_batch":
+            why = self._two_batch_ok(trainer, pl_module)
+            if why is not None:
+                raise MisconfigurationException(
+                    f"CriticalBatchSizeMonitor(estimator='two_batch'): {why}. "
+                    "Use estimator='per_example' (works on any Trainer)."
+                )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        params = self.params(pl_module)
-        first = next(iter(params.values()))
-        self._micro_sq = torch.zeros(len(params), device=first.device)
-        for i, p in enumerate(params.values()):
-            self._handles.append(p.register_hook(self._hook(i)))
+        named = dict(pl_module.named_modules())
+        if self.estimator == "layernorm":
+            self.mode = "layernorm"
+            self.slots = [n for n, m in named.items() if isinstance(m, _NORMS) and (
+                getattr(m, "weight", None) is not None or getattr(m, "bias", None) is not None)]
+            if not self.slots:
+                raise MisconfigurationException(
+                    "CriticalBatchSizeMonitor(estimator='layernorm'): the model has no nn.LayerNorm or nn.RMSNorm "
+                    "with a gain or bias; use estimator='per_example'."
+                )
+            self._modules = [named[n] for n in self.slots]
+            return
+        self.slots = list(self.layers)
+        linear = [_linear_module(named, n) for n in self.slots]
+        mode = self.estimator
+        if mode == "auto":
+            if all(m is not None for m in linear) or self._two_batch_ok(trainer, pl_module) is not None:
+                mode = "per_example"
+            else:
+                mode = "two_batch"
+        if mode == "per_example":
+            missing = [n for n, m in zip(self.slots, linear) if m is None]
+            if len(missing) == len(self.slots):
+                raise MisconfigurationException(
+                    "CriticalBatchSizeMonitor: per-example norms need nn.Linear weights and none of the monitored "
+                    f"layers {self.slots} is one; use estimator='two_batch' (with accumulation or DDP)."
+                )
+            if missing:
+                warnings.warn(
+                    f"CriticalBatchSizeMonitor: no per-example estimate for {missing} (not nn.Linear weights)"
+                )
+        self.mode = mode
+        self._modules = linear
 
-    def _hook(self, i: int):
-        def record(grad: Tensor) -> None:
-            # no full-size temporary: the norm accumulates in fp32 inside one kernel
-            self._micro_sq[i] += torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square()
+    # -------------------------------------------------------------- hooks (measured steps only)
+    def _measured(self, step: int) -> bool:
+        return step % self.sample_every_n_steps == 0
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if not self._measured(step):
+            return
+        if self._window != step:  # first micro-batch of this step: fresh accumulators
+            self._window = step
+            device = next(iter(pl_module.parameters())).device
+            n = len(self.slots)
+            self._small, self._big = torch.zeros(n, device=device), torch.zeros(n, device=device)
+            self._calls, self._examples = torch.zeros(n, device=device), torch.zeros(n, device=device)
+            self._micro_sizes = []
+        self._micro_sizes.append(self.batch_size or extract_batch_size(batch) if self.mode == "two_batch" else 0)
+        if self._handles:
+            return
+        if self.mode == "two_batch":
+            params = self.params(pl_module)
+            self._handles = [params[n].register_hook(self._param_hook(i)) for i, n in enumerate(self.slots)]
+        else:
+            self._handles = [
+                m.register_forward_hook(self._forward_hook(i)) for i, m in enumerate(self._modules) if m is not None
+            ]
+
+    def _param_hook(self, i: int):
+        def record(grad: Tensor) -> None:  # no full-size temporary: the norm accumulates in fp32 in one kernel
+            self._small[i] += torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square()
+            self._calls[i] += 1
 
         return record
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def _forward_hook(self, i: int):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad and args):
+                return
+            x = args[0]
+            output.register_hook(lambda g: self._record(i, module, x, g))
+
+        return hook
+
+    @torch.no_grad()
+    def _record(self, i: int, module: nn.Module, x: Tensor, g: Tensor) -> None:
+        if self.mode == "layernorm":
+            eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
+            norms = norm_grad_norms(
+                x, g, len(module.normalized_shape), eps, rms=isinstance(module, nn.RMSNorm),
+                weight=getattr(module, "weight", None) is not None, bias=getattr(module, "bias", None) is not None,
+            )
+        else:
+            norms = linear_grad_norms(x, g, self.method)
+        B = norms.per_example_sq.shape[0]
+        self._small[i] += B * B * norms.per_example_sq.mean()  # |g_i|^2 with g_i = B c_i: one example's gradient
+        self._big[i] += norms.batch_sq  # the micro-batch mean gradient, sum_i c_i
+        self._calls[i] += 1
+        self._examples[i] += B
+
+    def _remove_hooks(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._micro_sizes.append(self.batch_size or extract_batch_size(batch))
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._remove_hooks()  # registered again by the next micro-batch of a measured step
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     # -------------------------------------------------------------- per step
     @torch.no_grad()
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        params = self.params(pl_module)
-        n_micro = max(1, len(self._micro_sizes))
-        accumulate = trainer.accumulate_grad_batches
-        scaler = getattr(trainer.precision_plugin, "scaler", None)  # fp16: hooks saw scaled grads
-        scale = float(scaler.get_scale()) if scaler is not None else 1.0
-        small = self._micro_sq * (accumulate / scale) ** 2 / n_micro
-        big = torch.stack([p.grad.detach().float().square().sum() if p.grad is not None else small.new_zeros(()) for p in params.values()])
-        if self.ema_small is None or self.ema_small.shape != small.shape:
-            self.ema_small, self.ema_big, self.ema_steps = torch.zeros_like(small), torch.zeros_like(big), 0
-        self.ema_small = self.ema_small.to(small.device).lerp(small, 1 - self.ema)
-        self.ema_big = self.ema_big.to(big.device).lerp(big, 1 - self.ema)
-        self.ema_steps += 1
-        self._b = sum(self._micro_sizes) / n_micro if self._micro_sizes else float("nan")
-        self._micro_sq.zero_()
-        self._micro_sizes = []
-        if trainer.global_step % self.every_n_steps:
+        step = trainer.global_step
+        if self._window == step and self._small is not None:
+            self._measure(trainer, pl_module)
+            self._window = -1
+        if step % self.every_n_steps or self.ema_steps == 0:
             return
-        small, big, b, B = self._estimates(trainer)  # a collective under DDP: every rank calls it
-        if trainer.is_global_zero:
-            cache = step_cache(trainer, trainer.global_step)
+        params = self.params(pl_module)
+        sharded = any(hasattr(p, "full_tensor") for p in params.values())
+        if trainer.is_global_zero or sharded:  # FSDP2: every rank takes part in the gradient gathers
             optimizer = getattr(optimizer, "optimizer", optimizer)
-            self.log_metrics(trainer, self._metrics(params, optimizer, cache, small, big, b, B))
+            metrics = self._metrics(trainer, params, optimizer, step_cache(trainer, step))
+            self.last["b_crit"] = metrics.get(f"{self.prefix}b_crit/mean", float("nan"))
+            self.log_metrics(trainer, metrics)
 
-    def _estimates(self, trainer: pl.Trainer) -> tuple[Tensor, Tensor, float, float]:
-        """Bias-corrected EMAs of the small- and large-batch squared norms, and b, B."""
-        correction = 1 - self.ema**self.ema_steps
-        small = self.ema_small / correction
-        if trainer.world_size > 1:
-            small = trainer.strategy.reduce(small.clone(), reduce_op="mean")
-        return small, self.ema_big / correction, self._b, self._b * trainer.accumulate_grad_batches * trainer.world_size
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Turn this step's accumulators into small/large-batch squared norms; update the EMAs."""
+        n_micro = max(1, len(self._micro_sizes))
+        accumulate = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+        scaler = getattr(trainer.precision_plugin, "scaler", None)  # fp16: hooks saw scaled grads
+        factor = (accumulate / (float(scaler.get_scale()) if scaler is not None else 1.0)) ** 2
+        if self.mode == "two_batch":
+            params = self.params(pl_module)
+            small = self._small * factor / n_micro
+            big = torch.stack([_sq_norm(params[n].grad, small) for n in self.slots])
+            ok = self._calls == n_micro
+            b = sum(self._micro_sizes) / n_micro
+            sizes = torch.tensor([b, b * trainer.accumulate_grad_batches * trainer.world_size], device=small.device)
+        else:
+            ok = self._calls == n_micro  # a layer run twice in one forward (or not at all) has no estimate
+            calls = self._calls.clamp_min(1)
+            small, big = self._small * factor / calls, self._big * factor / calls
+            B = (self._examples[ok] / self._calls[ok]).mean() if ok.any() else small.new_tensor(float("nan"))
+            sizes = torch.stack([small.new_tensor(1.0), B])
+        nan = small.new_tensor(float("nan"))
+        small, big = torch.where(ok, small, nan), torch.where(ok, big, nan)
+        packed = torch.cat([small, big, sizes])
+        if trainer.world_size > 1:  # every rank ends with the same numbers (NaN anywhere stays NaN)
+            packed = trainer.strategy.reduce(packed, reduce_op="mean")
+        n = len(self.slots)
+        small, big, (b_small, b_big) = packed[:n], packed[n:2 * n], packed[2 * n:].tolist()
+        if self.ema_small is None or self.ema_small.shape != small.shape:
+            self.ema_small, self.ema_big = torch.zeros_like(small), torch.zeros_like(big)
+            self.ema_counts, self.ema_steps = torch.zeros_like(small), 0
+        self.ema_small, self.ema_big, self.ema_counts = (
+            t.to(small.device) for t in (self.ema_small, self.ema_big, self.ema_counts))
+        fresh = small.isfinite() & big.isfinite()
+        self.ema_small = torch.where(fresh, self.ema_small.lerp(small, 1 - self.ema), self.ema_small)
+        self.ema_big = torch.where(fresh, self.ema_big.lerp(big, 1 - self.ema), self.ema_big)
+        self.ema_counts = self.ema_counts + fresh
+        self.ema_steps += 1
+        if math.isfinite(b_small) and math.isfinite(b_big):
+            self.b_small, self.b_big = b_small, b_big
+        self.last["b_simple"] = self.b_simple()
+
+    def _smoothed(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Bias-corrected EMAs of the small- and large-batch squared norms, and which slots have any."""
+        counts = self.ema_counts
+        valid = counts > 0
+        correction = torch.where(valid, 1 - self.ema**counts, torch.ones_like(counts))
+        return self.ema_small / correction, self.ema_big / correction, valid
+
+    def b_simple(self) -> float:
+        """The smoothed B_simple over all measured layers, in examples (NaN until it is positive).
+
+        Every rank holds the same value (the measurements are reduced across processes).
+        """
+        if self.ema_small is None or not self.b_small < self.b_big:
+            return float("nan")
+        small, big, valid = self._smoothed()
+        if not valid.any():
+            return float("nan")
+        return _ratio(noise_scale(small[valid].sum(), big[valid].sum(), self.b_small, self.b_big))
 
     def _metrics(
-        self, params: dict[str, Tensor], optimizer: torch.optim.Optimizer, cache: SpectralCache,
-        small: Tensor, big: Tensor, b: float, B: float,
+        self, trainer: pl.Trainer, params: dict[str, Tensor], optimizer: torch.optim.Optimizer, cache: SpectralCache
     ) -> dict[str, float]:
+        b, B = self.b_small, self.b_big
         if not b < B:
             return {}
+        small, big, valid = self._smoothed()
         p = self.prefix
-        total = noise_scale(small.sum(), big.sum(), b, B)
-        per_layer = noise_scale(small, big, b, B)
+        total = noise_scale(small[valid].sum(), big[valid].sum(), b, B)
+        per_slot = noise_scale(small, big, b, B)
         metrics = {  # the two unbiased pieces as they are (either can be negative), the ratio if both > 0
-            f"{p}b_simple": _ratio(total), f"{p}grad_sq": float(total.grad_sq), f"{p}trace_sigma": float(total.trace_sigma),
+            f"{p}b_simple": _ratio(total),
+            f"{p}grad_sq": float(total.grad_sq),
+            f"{p}trace_sigma": float(total.trace_sigma),
         }
+        for i, n in enumerate(self.slots):
+            if valid[i]:
+                metrics[f"{p}b_simple/{n}"] = _ratio(NoiseScale(*(x[i] for x in per_slot)))
+        if self.mode == "layernorm":
+            return metrics
+        # Muon's B_crit: the optimizer's gradient (global batch) and the per-example noise per entry
+        global_batch = B if self.mode == "two_batch" else B * trainer.accumulate_grad_batches * trainer.world_size
         groups = {id(q): g for g in optimizer.param_groups for q in g["params"]}
-        names = [n for n, q in params.items() if q.grad is not None]
+        names = [n for i, n in enumerate(self.slots) if valid[i] and params[n].grad is not None]
         for n in names:
-            cache.matrix("grad", n, params[n].grad)
+            cache.matrix("grad", n, params[n].grad)  # a gather under FSDP2: every rank
+        if not trainer.is_global_zero:
+            return {}
         spectra = cache.spectra("grad", names)
         b_crit: dict[str, float] = {}
-        for i, n in enumerate(params):
-            metrics[f"{p}b_simple/{n}"] = _ratio(NoiseScale(*(x[i] for x in per_layer)))
-            if n not in spectra:
-                continue
+        index = {n: i for i, n in enumerate(self.slots)}
+        for n in names:
             G = cache.matrix("grad", n)
             group = groups.get(id(params[n]), {})
             beta = group.get("momentum", 0.0) if group.get("use_muon") else 0.0
-            sigma2 = per_layer.trace_sigma[i] / G.numel()
-            est = muon_critical_batch_size(G, sigma2, momentum=beta, batch_size=B, singular_values_=spectra[n])
+            sigma2 = per_slot.trace_sigma[index[n]] / G.numel()
+            est = muon_critical_batch_size(
+                G, sigma2, momentum=beta, batch_size=global_batch, singular_values_=spectra[n]
+            )
             b_crit[f"{p}b_crit/{n}"] = _num(est.b_crit)
-            metrics.update({f"{p}rank/{n}": _num(est.rank), f"{p}sigma2/{n}": _num(est.sigma2), f"{p}sensitivity/{n}": _num(est.sensitivity)})
+            metrics.update({
+                f"{p}rank/{n}": _num(est.rank), f"{p}sigma2/{n}": _num(est.sigma2),
+                f"{p}sensitivity/{n}": _num(est.sensitivity),
+            })
         metrics.update(b_crit)
         metrics.update(aggregates(f"{p}b_crit", b_crit))
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: (v.detach().cpu().clone() if isinstance(v, Tensor) else v) for k, v in ((k, getattr(self, k)) for k in _STATE)}
+        values = ((k, getattr(self, k)) for k in _STATE)
+        state = {k: (v.detach().cpu().clone() if isinstance(v, Tensor) else v) for k, v in values}
+        state["ema_counts"] = None if self.ema_counts is None else self.ema_counts.detach().cpu().clone()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for k in _STATE:
             setattr(self, k, state_dict[k])
+        counts = state_dict.get("ema_counts")
+        if counts is None and self.ema_small is not None:  # a checkpoint from before per-slot counts
+            counts = torch.full_like(self.ema_small, float(self.ema_steps))
+        self.ema_counts = counts
+        self.last["b_simple"] = self.b_simple()
+
+
+def _positive_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def _linear_module(named: dict[str, nn.Module], param_name: str) -> nn.Linear | None:
+    """The ``nn.Linear`` whose ``weight`` is ``param_name``, else None."""
+    owner, _, attr = param_name.rpartition(".")
+    module = named.get(owner)
+    return module if isinstance(module, nn.Linear) and attr == "weight" else None
+
+
+def _sq_norm(grad: Tensor | None, like: Tensor) -> Tensor:
+    """Squared norm of a gradient (a DTensor's full norm), NaN when there is none."""
+    if grad is None:
+        return like.new_tensor(float("nan"))
+    return torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square().to(like.device)
 
 
 def _num(x: Tensor | float) -> float:
