@@ -92,7 +92,9 @@ def logged(tmp_path_factory):
     torch.manual_seed(0)
     model = FixedRegression()
     logger = MemoryLogger()
-    monitor = CriticalBatchSizeMonitor(every_n_steps=100, include=["proj.weight"], ema=0.97)
+    # the two-batch estimator (micro-batch vs accumulated gradient), measured at every step
+    monitor = CriticalBatchSizeMonitor(every_n_steps=100, include=["proj.weight"], ema=0.97, estimator="two_batch",
+                                       sample_every_n_steps=1)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_steps=101, accumulate_grad_batches=ACCUMULATE, logger=logger,
         callbacks=[monitor], enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

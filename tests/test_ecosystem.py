@@ -352,13 +352,24 @@ def test_gradient_accumulation_scheduler_with_the_monitors(tmp_path):
         assert sorted(_csv_metrics(tmp_path / "run", tag)) == list(range(7)), tag  # logged at every step
 
 
-def test_critical_batch_size_monitor_refuses_a_gradient_accumulation_scheduler_alone(tmp_path):
-    # It needs two batch sizes at setup; the scheduler changes accumulate_grad_batches only when an
-    # epoch starts (and requires Trainer(accumulate_grad_batches=1)). Under DDP it works (2 ranks).
-    trainer = _trainer(tmp_path, [GradientAccumulationScheduler({0: 2}), CriticalBatchSizeMonitor(every_n_steps=1)],
-                       logger=CSVLogger(tmp_path), max_epochs=1)
+def test_two_batch_estimator_refuses_a_gradient_accumulation_scheduler_alone(tmp_path):
+    # The two-batch estimator needs two batch sizes at setup; the scheduler changes
+    # accumulate_grad_batches only when an epoch starts (and requires Trainer(accumulate_grad_batches=1)).
+    # Under DDP it works (2 ranks).
+    monitor = CriticalBatchSizeMonitor(every_n_steps=1, estimator="two_batch")
+    trainer = _trainer(tmp_path, [GradientAccumulationScheduler({0: 2}), monitor], logger=CSVLogger(tmp_path),
+                       max_epochs=1)
     with pytest.raises(MisconfigurationException, match="needs two batch sizes"):
         trainer.fit(Net())
+
+
+def test_default_estimator_works_under_a_gradient_accumulation_scheduler_alone(tmp_path):
+    # The default (per-example norms inside one batch) needs neither accumulation nor processes.
+    trainer = _trainer(tmp_path, [GradientAccumulationScheduler({0: 2}), CriticalBatchSizeMonitor(every_n_steps=1)],
+                       logger=CSVLogger(tmp_path, name="", version="run"), max_epochs=1)
+    trainer.fit(Net())
+    values = _csv_metrics(tmp_path / "run", "critical_batch_size/trace_sigma")
+    assert values and all(math.isfinite(v) and v > 0 for v in values.values())
 
 
 # ------------------------------------------------------------------ gradient clipping
