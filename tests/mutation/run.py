@@ -128,12 +128,12 @@ MUTATIONS: list[Mutation] = [
     # ---- monitors (lightning_muon/callbacks/)
     Mutation("bcrit_ignores_momentum", CBS, 'beta = group.get("momentum", 0.0) if group.get("use_muon") else 0.0',
              "beta = 0.0", T_CBS),
-    Mutation("micro_batch_scale_not_squared", CBS, "(accumulate / scale) ** 2 / n_micro",
-             "(accumulate / scale) / n_micro", T_CBS),
-    Mutation("ema_bias_correction_off_by_one", CBS, "correction = 1 - self.ema**self.ema_steps",
-             "correction = 1 - self.ema ** (self.ema_steps + 1)", T_CBS),
-    Mutation("sigma2_per_row", CBS, "sigma2 = per_layer.trace_sigma[i] / G.numel()",
-             "sigma2 = per_layer.trace_sigma[i] / G.shape[0]", T_CBS),
+    Mutation("micro_batch_scale_not_squared", CBS, "factor = (accumulate / (float(scaler.get_scale()) if scaler is not None else 1.0)) ** 2",
+             "factor = (accumulate / (float(scaler.get_scale()) if scaler is not None else 1.0))", T_CBS),
+    Mutation("ema_bias_correction_off_by_one", CBS, "1 - self.ema**counts, torch.ones_like(counts)",
+             "1 - self.ema ** (counts + 1), torch.ones_like(counts)", T_CBS),
+    Mutation("sigma2_per_row", CBS, "sigma2 = per_slot.trace_sigma[index[n]] / G.numel()",
+             "sigma2 = per_slot.trace_sigma[index[n]] / G.shape[0]", T_CBS),
     Mutation("misalignment_nesterov_weight", MISALIGN, "return grad.lerp(buf, beta) if",
              "return grad.lerp(buf, 1 - beta) if", ["tests/test_callbacks.py"]),
     # ---- routing (lightning_muon/routing.py)
