@@ -23,6 +23,7 @@ from lightning_muon.distributed import assign_owners, shard_rows
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(SCRIPTS))
+from _launch import assert_same_training as _assert_same_training  # noqa: E402
 from _launch import launch as _launch, wait as _wait  # noqa: E402
 import raw_step  # noqa: E402  (the worker's parameters and gradients, for the in-process reference)
 
@@ -187,14 +188,6 @@ def raw_runs(runs):
     return {n: [torch.load(f, weights_only=False) for f in sorted(runs[n].glob("rank*.pt"))] for n in RAW_RUNS}
 
 
-def _assert_same_training(got: Path, want: Path, epoch: int) -> None:
-    a = torch.load(want / f"epoch{epoch}.pt", weights_only=False)
-    b = torch.load(got / f"epoch{epoch}.pt", weights_only=False)
-    assert a.keys() == b.keys() and any(k.startswith("momentum_buffer.") for k in a)
-    # Parameters, momentum and AdamW moments after 8-12 steps; the runs differ only in float32
-    # summation order (gradient all-reduce vs one batch; NS in float32): measured <= 4e-7.
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5, msg=key)
 
 
 @pytest.mark.parametrize("run", ["ddp", "fsdp"])

@@ -26,6 +26,7 @@ from lightning_muon.sharded import check_placements, chunk_indices
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(SCRIPTS))
+from _launch import assert_same_training as _assert_same_training  # noqa: E402
 from _launch import launch as _launch, wait as _wait  # noqa: E402
 import tp_step  # noqa: E402  (the worker's parameters, gradients and layouts, for the reference)
 
@@ -246,14 +247,6 @@ def test_raw_tp_collectives_per_bucket_and_work_split(raw_runs, run: str) -> Non
 
 
 # ---------------------------------------------------------------- Lightning ModelParallelStrategy
-def _assert_same_training(got: Path, want: Path, epoch: int) -> None:
-    a = torch.load(want / f"epoch{epoch}.pt", weights_only=False)
-    b = torch.load(got / f"epoch{epoch}.pt", weights_only=False)
-    assert a.keys() == b.keys() and any(k.startswith("momentum_buffer.") for k in a)
-    # parameters, momentum and AdamW moments after 8-12 steps; the runs differ in float32 summation
-    # order only (tensor-parallel partial sums, gradient reduce-scatter; NS in float32)
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5, msg=key)
 
 
 @pytest.mark.slow
