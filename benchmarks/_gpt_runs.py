@@ -77,16 +77,31 @@ def train_gpt(
     if key not in _DATA:
         _DATA[key] = GPTDataModule(block_size=block_size, batch_size=batch_size)
     dm = _DATA[key]
-    model = LitGPT(vocab_size=dm.vocab_size, block_size=block_size, n_layer=n_layer, n_head=4,
-                   n_embd=n_embd, optimizer=optimizer, lr=lr, adamw_lr=adamw_lr)
+    model = LitGPT(
+        vocab_size=dm.vocab_size,
+        block_size=block_size,
+        n_layer=n_layer,
+        n_head=4,
+        n_embd=n_embd,
+        optimizer=optimizer,
+        lr=lr,
+        adamw_lr=adamw_lr,
+    )
     timer, curve = _StepTimer(), _ValCurve()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = L.Trainer(
-            accelerator=accelerator, devices=1, max_steps=steps, precision=precision,
-            logger=TensorBoardLogger(tmp, name="bench"), log_every_n_steps=10,
-            callbacks=[timer, curve, *(callbacks or [])], enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False,
-            val_check_interval=val_every or steps + 1, limit_val_batches=val_batches if val_every else 0,
+            accelerator=accelerator,
+            devices=1,
+            max_steps=steps,
+            precision=precision,
+            logger=TensorBoardLogger(tmp, name="bench"),
+            log_every_n_steps=10,
+            callbacks=[timer, curve, *(callbacks or [])],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            val_check_interval=val_every or steps + 1,
+            limit_val_batches=val_batches if val_every else 0,
             num_sanity_val_steps=0,
         )
         trainer.fit(model, datamodule=dm)

@@ -40,15 +40,24 @@ __all__ = [
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """``--device``, ``--dtype``, ``--repeats``, ``--warmup``, ``--threads``, ``--mm-size``."""
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                        help="compute dtype of Newton–Schulz and of the matmul peak probe (default: auto, "
-                             "what ns_dtype='auto' resolves to on the device)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="compute dtype of Newton–Schulz and of the matmul peak probe (default: auto, "
+        "what ns_dtype='auto' resolves to on the device)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before the repeats")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads on CPU (default: torch's choice)")
-    parser.add_argument("--mm-size", type=int, default=None,
-                        help="side of the square torch.mm that measures peak (default 2048 CPU, 8192 GPU)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads on CPU (default: torch's choice)"
+    )
+    parser.add_argument(
+        "--mm-size",
+        type=int,
+        default=None,
+        help="side of the square torch.mm that measures peak (default 2048 CPU, 8192 GPU)",
+    )
 
 
 def setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, int]:
@@ -73,8 +82,10 @@ def run_header(device: torch.device, ns_dtype: str = "auto") -> str:
     resolved = resolve_ns_dtype(device, ns_dtype)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     how = f"auto -> {choice.dtype} ({choice.reason})" if ns_dtype == "auto" else f"{resolved} (explicit)"
-    return (f"machine: {describe_device(device)}; torch {torch.__version__}; "
-            f"load average (1 min) {load:.2f}\nns_dtype: {how}")
+    return (
+        f"machine: {describe_device(device)}; torch {torch.__version__}; "
+        f"load average (1 min) {load:.2f}\nns_dtype: {how}"
+    )
 
 
 def synchronize(device: torch.device) -> None:
@@ -106,9 +117,7 @@ def interleaved_medians(
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def matmul_probe(
-    size: int, dtype: torch.dtype, device: torch.device
-) -> tuple[Callable[[], torch.Tensor], int]:
+def matmul_probe(size: int, dtype: torch.dtype, device: torch.device) -> tuple[Callable[[], torch.Tensor], int]:
     """One large square ``torch.mm`` and its FLOP count: the machine's matmul throughput."""
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)

@@ -46,17 +46,35 @@ class _Curve(L.Callback):
 
 
 def _model(args, dm: GPTDataModule) -> LitGPT:
-    return LitGPT(vocab_size=dm.vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=4,
-                  n_embd=args.n_embd, lr=args.lr, adamw_lr=args.adamw_lr, warmup_steps=args.warmup_steps,
-                  schedule="constant")
+    return LitGPT(
+        vocab_size=dm.vocab_size,
+        block_size=args.block_size,
+        n_layer=args.n_layer,
+        n_head=4,
+        n_embd=args.n_embd,
+        lr=args.lr,
+        adamw_lr=args.adamw_lr,
+        warmup_steps=args.warmup_steps,
+        schedule="constant",
+    )
 
 
 def _trainer(args, tmp: str, callbacks: list, accumulate: int) -> L.Trainer:
     return L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=1, max_steps=-1, limit_train_batches=args.batches,
-        accumulate_grad_batches=accumulate, limit_val_batches=args.val_batches, num_sanity_val_steps=0,
-        logger=CSVLogger(tmp), log_every_n_steps=10, callbacks=callbacks, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        max_steps=-1,
+        limit_train_batches=args.batches,
+        accumulate_grad_batches=accumulate,
+        limit_val_batches=args.val_batches,
+        num_sanity_val_steps=0,
+        logger=CSVLogger(tmp),
+        log_every_n_steps=10,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
 
 
@@ -68,10 +86,15 @@ def run(args, dm: GPTDataModule, config: str, seed: int) -> dict:
     accumulate = args.max_accumulate if config == "large" else 1
     warmup = None
     if config == "warmup":
-        monitor = CriticalBatchSizeMonitor(every_n_steps=args.sample_every, sample_every_n_steps=args.sample_every,
-                                           ema=args.ema)
-        warmup = BatchSizeWarmup(max_batch_size=args.batch_size * args.max_accumulate, safety=args.safety,
-                                 min_interval=args.min_interval, lr_rule=args.lr_rule)
+        monitor = CriticalBatchSizeMonitor(
+            every_n_steps=args.sample_every, sample_every_n_steps=args.sample_every, ema=args.ema
+        )
+        warmup = BatchSizeWarmup(
+            max_batch_size=args.batch_size * args.max_accumulate,
+            safety=args.safety,
+            min_interval=args.min_interval,
+            lr_rule=args.lr_rule,
+        )
         callbacks += [monitor, warmup]
     with tempfile.TemporaryDirectory() as tmp:
         trainer = _trainer(args, tmp, callbacks, accumulate)
@@ -79,16 +102,28 @@ def run(args, dm: GPTDataModule, config: str, seed: int) -> dict:
         trainer.fit(model, datamodule=dm)
         wall = time.perf_counter() - t0
         val = trainer.validate(model, datamodule=dm, verbose=False)[0]["val/loss"]
-    return {"config": config, "seed": seed, "steps": trainer.global_step, "wall_s": wall, "val_loss": float(val),
-            "history": warmup.history if warmup else [(0, accumulate)], "loss": curve.loss, "batch": curve.batch}
+    return {
+        "config": config,
+        "seed": seed,
+        "steps": trainer.global_step,
+        "wall_s": wall,
+        "val_loss": float(val),
+        "history": warmup.history if warmup else [(0, accumulate)],
+        "loss": curve.loss,
+        "batch": curve.batch,
+    }
 
 
 def compare_estimators(args, dm: GPTDataModule) -> list[tuple[int, float, float]]:
     """One run, both estimators attached: (step, per-example B_simple, two-batch B_simple)."""
     L.seed_everything(0, verbose=False)
     model = _model(args, dm)
-    per_example = CriticalBatchSizeMonitor(every_n_steps=10**9, sample_every_n_steps=1, ema=args.ema, estimator="per_example")
-    two_batch = CriticalBatchSizeMonitor(every_n_steps=10**9, sample_every_n_steps=1, ema=args.ema, estimator="two_batch")
+    per_example = CriticalBatchSizeMonitor(
+        every_n_steps=10**9, sample_every_n_steps=1, ema=args.ema, estimator="per_example"
+    )
+    two_batch = CriticalBatchSizeMonitor(
+        every_n_steps=10**9, sample_every_n_steps=1, ema=args.ema, estimator="two_batch"
+    )
     rows: list[tuple[int, float, float]] = []
 
     class Probe(L.Callback):
@@ -113,11 +148,23 @@ def _plot(results: list[dict], path: str, args) -> None:
     for r in results:
         tokens, loss = zip(*r["loss"])
         k = max(1, len(loss) // 40)  # moving average over ~40 points
-        smooth = [statistics.fmean(loss[max(0, i - k):i + 1]) for i in range(len(loss))]
-        ax1.plot(tokens, smooth, color=colors[r["config"]], alpha=0.7, label=r["config"] if r["seed"] == args.seeds[0] else None)
+        smooth = [statistics.fmean(loss[max(0, i - k) : i + 1]) for i in range(len(loss))]
+        ax1.plot(
+            tokens,
+            smooth,
+            color=colors[r["config"]],
+            alpha=0.7,
+            label=r["config"] if r["seed"] == args.seeds[0] else None,
+        )
         t, acc = zip(*r["batch"])
-        ax2.step(t, [a * args.batch_size for a in acc], where="post", color=colors[r["config"]], alpha=0.7,
-                 label=r["config"] if r["seed"] == args.seeds[0] else None)
+        ax2.step(
+            t,
+            [a * args.batch_size for a in acc],
+            where="post",
+            color=colors[r["config"]],
+            alpha=0.7,
+            label=r["config"] if r["seed"] == args.seeds[0] else None,
+        )
     ax1.set(xlabel="tokens", ylabel="training loss (moving average)", title="loss at a fixed token budget")
     ax2.set(xlabel="tokens", ylabel="global batch (sequences)", yscale="log", title="batch size")
     ax1.legend()
@@ -153,7 +200,9 @@ def main(argv: list[str] | None = None) -> None:
     dm = GPTDataModule(block_size=args.block_size, batch_size=args.batch_size)
     if args.compare_estimators:
         rows = compare_estimators(args, dm)
-        print(f"B_simple (sequences), micro-batch {args.batch_size} x {args.max_accumulate} accumulated, EMA {args.ema}")
+        print(
+            f"B_simple (sequences), micro-batch {args.batch_size} x {args.max_accumulate} accumulated, EMA {args.ema}"
+        )
         print(f"{'step':>5} {'per_example':>12} {'two_batch':>10} {'ratio':>6}")
         for step, a, b in rows:
             print(f"{step:>5} {a:>12.1f} {b:>10.1f} {a / b if b else math.nan:>6.2f}")
@@ -164,15 +213,23 @@ def main(argv: list[str] | None = None) -> None:
         for config in ("small", "large", "warmup"):
             results.append(run(args, dm, config, seed))
             r = results[-1]
-            print(f"seed {seed} {config:>6}: {r['steps']} steps, {r['wall_s']:.1f} s, val {r['val_loss']:.4f}, "
-                  f"accumulation {r['history']}", flush=True)
+            print(
+                f"seed {seed} {config:>6}: {r['steps']} steps, {r['wall_s']:.1f} s, val {r['val_loss']:.4f}, "
+                f"accumulation {r['history']}",
+                flush=True,
+            )
     tokens = args.batches * args.batch_size * args.block_size
-    print(f"\nGPT {args.n_layer}x{args.n_embd}, block {args.block_size}, {tokens} tokens "
-          f"({args.batches} micro-batches of {args.batch_size}), seeds {args.seeds}")
+    print(
+        f"\nGPT {args.n_layer}x{args.n_embd}, block {args.block_size}, {tokens} tokens "
+        f"({args.batches} micro-batches of {args.batch_size}), seeds {args.seeds}"
+    )
     print(f"| {'schedule':<26} | {'optimizer steps':>15} | {'wall s':>12} | {'final val loss':>16} |")
     print(f"|{'-' * 28}|{'-' * 17}:|{'-' * 14}:|{'-' * 18}:|")
-    names = {"small": f"fixed small ({args.batch_size})", "large": f"fixed large ({args.batch_size * args.max_accumulate})",
-             "warmup": f"warmup ({args.batch_size} -> <= {args.batch_size * args.max_accumulate})"}
+    names = {
+        "small": f"fixed small ({args.batch_size})",
+        "large": f"fixed large ({args.batch_size * args.max_accumulate})",
+        "warmup": f"warmup ({args.batch_size} -> <= {args.batch_size * args.max_accumulate})",
+    }
     summary = {}
     for config in ("small", "large", "warmup"):
         rs = [r for r in results if r["config"] == config]
@@ -181,12 +238,21 @@ def main(argv: list[str] | None = None) -> None:
         val = [r["val_loss"] for r in rs]
         sd = statistics.stdev(val) if len(val) > 1 else 0.0
         summary[config] = {"steps": steps, "wall_s": wall, "val_loss": val}
-        print(f"| {names[config]:<26} | {statistics.fmean(steps):>15.1f} | {statistics.fmean(wall):>12.1f} | "
-              f"{statistics.fmean(val):>8.4f} +- {sd:.4f} |")
+        print(
+            f"| {names[config]:<26} | {statistics.fmean(steps):>15.1f} | {statistics.fmean(wall):>12.1f} | "
+            f"{statistics.fmean(val):>8.4f} +- {sd:.4f} |"
+        )
     _plot(results, args.plot, args)
     print(f"plot: {args.plot}")
-    print(json.dumps({"summary": summary, "histories": {f"{r['config']}/{r['seed']}": r["history"] for r in results},
-                      **vars(args)}))
+    print(
+        json.dumps(
+            {
+                "summary": summary,
+                "histories": {f"{r['config']}/{r['seed']}": r["history"] for r in results},
+                **vars(args),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

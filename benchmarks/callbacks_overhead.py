@@ -85,13 +85,25 @@ def run(args, with_callbacks: bool) -> tuple[float, float]:
     timer = StepTimer(1, 1 + args.steps, clock)
     callbacks = [timer]
     if with_callbacks:
-        monitors = [SpectralEntropyMonitor(), StableRankMonitor(), PolarMisalignmentMonitor(), CriticalBatchSizeMonitor()]
+        monitors = [
+            SpectralEntropyMonitor(),
+            StableRankMonitor(),
+            PolarMisalignmentMonitor(),
+            CriticalBatchSizeMonitor(),
+        ]
         callbacks += [timer.wrap(m) for m in monitors]
     with tempfile.TemporaryDirectory() as tmp:
         pl.Trainer(
-            accelerator=args.accelerator, devices=1, max_steps=args.steps + 1, accumulate_grad_batches=args.accumulate,
-            logger=TensorBoardLogger(tmp), callbacks=callbacks, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=50,
+            accelerator=args.accelerator,
+            devices=1,
+            max_steps=args.steps + 1,
+            accumulate_grad_batches=args.accumulate,
+            logger=TensorBoardLogger(tmp),
+            callbacks=callbacks,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            log_every_n_steps=50,
         ).fit(model)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -122,13 +134,28 @@ def main() -> None:
         inside.append(hooks / total)
     base, diag = statistics.median(times["none"]), statistics.median(times["four monitors"])
     share = 100 * statistics.median(inside)
-    print(f"model: {make_model(args)[1]}, {args.steps} timed steps, micro-batch {args.batch_size} x {args.accumulate} accumulated")
+    print(
+        f"model: {make_model(args)[1]}, {args.steps} timed steps, "
+        f"micro-batch {args.batch_size} x {args.accumulate} accumulated"
+    )
     for name, ts in times.items():
         print(f"{name:>14}: median {statistics.median(ts):.2f} s  ({', '.join(f'{t:.2f}' for t in ts)})")
-    print(f"overhead, run vs run: {100 * (diag - base) / base:+.2f}%; time inside the monitors' hooks "
-          f"(same run, incl. the per-example norms): {share:.2f}% (target <= 3%)")
-    print(json.dumps({"base_s": base, "with_callbacks_s": diag, "overhead_pct": 100 * (diag - base) / base,
-                      "inside_hooks_pct": share, **vars(args)}))
+    print(
+        f"overhead, run vs run: {100 * (diag - base) / base:+.2f}%; time inside the monitors' hooks "
+        f"(same run, incl. the per-example norms): {share:.2f}% (target <= 3%)"
+    )
+    print(
+        json.dumps(
+            {
+                "base_s": base,
+                "with_callbacks_s": diag,
+                "overhead_pct": 100 * (diag - base) / base,
+                "inside_hooks_pct": share,
+                **vars(args),
+            }
+        )
+    )
+
 
 if __name__ == "__main__":
     main()

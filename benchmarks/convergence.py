@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks._gpt_runs import train_gpt
 import torch
 
+from benchmarks._gpt_runs import train_gpt
 from benchmarks._timing import markdown_table, run_header
 
 
@@ -33,8 +33,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--accelerator", default="auto")
     args = parser.parse_args()
-    common = dict(steps=args.steps, val_every=args.val_every, n_layer=args.n_layer,
-                  n_embd=args.n_embd, batch_size=args.batch_size, accelerator=args.accelerator)
+    common = dict(
+        steps=args.steps,
+        val_every=args.val_every,
+        n_layer=args.n_layer,
+        n_embd=args.n_embd,
+        batch_size=args.batch_size,
+        accelerator=args.accelerator,
+    )
     print(run_header(torch.device("cuda" if args.accelerator in ("gpu", "cuda") else "cpu"), "auto"))
     runs = {}
     for lr in args.muon_lrs:  # AdamW part of the Muon run (embeddings, gains) at 1e-3
@@ -49,10 +55,12 @@ def main() -> None:
     reach = steps_to_reach(runs[best_muon].val_curve, final[best_adamw])
     ratio = "never" if reach is None else f"{reach / args.steps:.2f}"
     print()
-    print(markdown_table(
-        ["best Muon (lr)", "best AdamW (lr)", "Muon val", "AdamW val", "Muon steps to AdamW's final", "ratio"],
-        [(best_muon[1], best_adamw[1], final[best_muon], final[best_adamw], reach, ratio)],
-    ))
+    print(
+        markdown_table(
+            ["best Muon (lr)", "best AdamW (lr)", "Muon val", "AdamW val", "Muon steps to AdamW's final", "ratio"],
+            [(best_muon[1], best_adamw[1], final[best_muon], final[best_adamw], reach, ratio)],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -135,17 +135,23 @@ def main() -> None:
         rows += sorted(queue.get() for _ in range(world))
     torch.set_num_threads(args.threads)
     print(run_header(torch.device("cpu"), args.ns_dtype))
-    print(f"Muon step on GPT-small matrices: {args.layers} layers x {len(SHAPES)} = "
-          f"{args.layers * len(SHAPES)} matrices, ns_dtype={args.ns_dtype}, {args.threads} thread(s)/rank, "
-          f"gloo on CPU, best of {args.steps} steps")
+    print(
+        f"Muon step on GPT-small matrices: {args.layers} layers x {len(SHAPES)} = "
+        f"{args.layers * len(SHAPES)} matrices, ns_dtype={args.ns_dtype}, {args.threads} thread(s)/rank, "
+        f"gloo on CPU, best of {args.steps} steps"
+    )
     base = next(r[5] for r in rows if r[1] == 1)
     print("NS ms: wall time inside orthogonalize per step; NS cpu ms: this process's CPU time there")
-    print(f"{'mode':<8}{'world':>5}{'rank':>5}{'step ms':>10}{'NS ms':>10}{'NS cpu ms':>11}{'cpu / W=1':>11}"
-          f"{'matrices':>10}{'MB sent':>9}")
+    print(
+        f"{'mode':<8}{'world':>5}{'rank':>5}{'step ms':>10}{'NS ms':>10}{'NS cpu ms':>11}{'cpu / W=1':>11}"
+        f"{'matrices':>10}{'MB sent':>9}"
+    )
     for mode, world, rank, step, wall, cpu, count, sent in rows:
         label = "single" if world == 1 else mode
-        print(f"{label:<8}{world:>5}{rank:>5}{step * 1e3:>10.1f}{wall * 1e3:>10.1f}{cpu * 1e3:>11.1f}"
-              f"{cpu / base:>11.2f}{count:>10}{sent / 2**20:>9.2f}")
+        print(
+            f"{label:<8}{world:>5}{rank:>5}{step * 1e3:>10.1f}{wall * 1e3:>10.1f}{cpu * 1e3:>11.1f}"
+            f"{cpu / base:>11.2f}{count:>10}{sent / 2**20:>9.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -44,7 +44,9 @@ def buckets(shapes: list[tuple[int, int]], device: torch.device) -> list[torch.T
     return stacks
 
 
-def candidates(stacks: list[torch.Tensor], dtype: torch.dtype, args: argparse.Namespace) -> dict[str, Callable[[], object]]:
+def candidates(
+    stacks: list[torch.Tensor], dtype: torch.dtype, args: argparse.Namespace
+) -> dict[str, Callable[[], object]]:
     def ours(method: str, **kw: object) -> Callable[[], object]:
         return lambda: [orthogonalize(s, method, NS_STEPS, dtype=dtype, **kw) for s in stacks]
 
@@ -68,12 +70,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
     parser.add_argument("--sets", nargs="+", default=["gpt-small", "vit-small"], choices=["gpt-small", "vit-small"])
-    parser.add_argument("--layers", type=int, default=None,
-                        help="GPT-small layers (default 2 on CPU to stay under 2 minutes, 12 on GPU); the ViT has 4")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="GPT-small layers (default 2 on CPU to stay under 2 minutes, 12 on GPU); the ViT has 4",
+    )
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd NS (compiles first)")
     parser.add_argument("--svd", action="store_true", help="also time the exact SVD method")
-    parser.add_argument("--skip-torch", action="store_true",
-                        help="leave out torch.optim.Muon's NS (bf16 hard-coded: ~100x slow on CPUs without bf16)")
+    parser.add_argument(
+        "--skip-torch",
+        action="store_true",
+        help="leave out torch.optim.Muon's NS (bf16 hard-coded: ~100x slow on CPUs without bf16)",
+    )
     args = parser.parse_args(argv)
     device, dtype, mm_size = setup(args)
     gpt_layers = args.layers or (2 if device.type == "cpu" else 12)
@@ -99,8 +108,10 @@ def main(argv: list[str] | None = None) -> None:
             frac = "-" if "svd" in method else f"{flops / t / peak:.0%}"
             rows.append([label, method, f"{t * 1e3:.1f}", rate, frac, f"{t / ref:.2f}" if ref else "-"])
     print(markdown_table(["matrix set", "method", "ms", "TFLOP/s", "of mm peak", "time vs torch NS"], rows))
-    print("\nFLOPs count the three matmuls of each NS step (ns_flops); 'of mm peak' can exceed 100% "
-          "when the probe itself was slowed by a neighbour. time vs torch NS < 1: ours is faster.")
+    print(
+        "\nFLOPs count the three matmuls of each NS step (ns_flops); 'of mm peak' can exceed 100% "
+        "when the probe itself was slowed by a neighbour. time vs torch NS < 1: ours is faster."
+    )
 
 
 if __name__ == "__main__":

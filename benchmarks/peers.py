@@ -105,36 +105,57 @@ def builders(matched: str | None) -> dict[str, Callable[[torch.nn.Module], list[
 
     def torch_muon(model):
         _, muon, flat, emb = split(model)
-        return [torch.optim.Muon(muon, lr=LR, weight_decay=WD),
-                torch.optim.AdamW(flat + emb, lr=ADAMW_LR, weight_decay=WD, fused=True)]
+        return [
+            torch.optim.Muon(muon, lr=LR, weight_decay=WD),
+            torch.optim.AdamW(flat + emb, lr=ADAMW_LR, weight_decay=WD, fused=True),
+        ]
 
     def timm_muon(model):
         from timm.optim import Muon as TimmMuon
 
         _, muon, flat, emb = split(model)
         kw = {} if matched is None else dict(ns_coefficients="quintic", ns_steps=5)
-        return [TimmMuon([{"params": muon}, {"params": flat + emb, "use_fallback": True}], lr=LR,
-                         weight_decay=WD, fallback_lr_scale=ADAMW_LR / LR, **kw)]
+        return [
+            TimmMuon(
+                [{"params": muon}, {"params": flat + emb, "use_fallback": True}],
+                lr=LR,
+                weight_decay=WD,
+                fallback_lr_scale=ADAMW_LR / LR,
+                **kw,
+            )
+        ]
 
     def po_muon(model):
         from pytorch_optimizer import Muon as POMuon
 
         _, muon, flat, emb = split(model)
         kw = {} if matched is None else dict(ns_coeffs="original", ns_steps=5)
-        return [POMuon([{"params": muon, "use_muon": True}, {"params": flat + emb, "use_muon": False}],
-                       lr=LR, weight_decay=WD, adamw_lr=ADAMW_LR, **kw)]
+        return [
+            POMuon(
+                [{"params": muon, "use_muon": True}, {"params": flat + emb, "use_muon": False}],
+                lr=LR,
+                weight_decay=WD,
+                adamw_lr=ADAMW_LR,
+                **kw,
+            )
+        ]
 
     def heavyball_muon(model):
         import heavyball
 
         heavyball.utils.compile_mode = None
         _, muon, flat, emb = split(model)
-        return [heavyball.MuonAdamW(muon + flat, lr=LR, weight_decay=WD),
-                torch.optim.AdamW(emb, lr=ADAMW_LR, weight_decay=WD, fused=True)]
+        return [
+            heavyball.MuonAdamW(muon + flat, lr=LR, weight_decay=WD),
+            torch.optim.AdamW(emb, lr=ADAMW_LR, weight_decay=WD, fused=True),
+        ]
 
     out = {"lightning_muon.Muon": ours, "torch.optim.Muon + AdamW(fused)": torch_muon}
-    available = {"timm": ("timm.optim.Muon", timm_muon), "pytorch_optimizer": ("pytorch_optimizer.Muon", po_muon),
-                 "heavyball": ("heavyball.MuonAdamW", heavyball_muon)}
+    available = {
+        "timm": ("timm.optim.Muon", timm_muon),
+        "pytorch_optimizer": ("pytorch_optimizer.Muon", po_muon),
+        "heavyball": ("heavyball.MuonAdamW", heavyball_muon),
+    }
     for module, (name, fn) in available.items():
         if importlib.util.find_spec(module) is None:
             print(f"({module} not installed: skipped)")
@@ -196,8 +217,15 @@ class Candidate:
         lo, hi, dist = self.band
         steps = self.timed or self.warm  # a candidate that only ran its warmup reports that step
         wall, cpu = (statistics.median(x) for x in zip(*steps))
-        return [self.name, f"{wall * 1e3:.1f}", f"{cpu * 1e3:.1f}", len(steps),
-                f"{state_bytes(self.opts) / 2**20:.1f}", f"[{lo:.3f}, {hi:.3f}]", f"{dist:.3f}"]
+        return [
+            self.name,
+            f"{wall * 1e3:.1f}",
+            f"{cpu * 1e3:.1f}",
+            len(steps),
+            f"{state_bytes(self.opts) / 2**20:.1f}",
+            f"[{lo:.3f}, {hi:.3f}]",
+            f"{dist:.3f}",
+        ]
 
 
 def run_interleaved(candidates: list[Candidate], args, device) -> list[list[object]]:
@@ -223,11 +251,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--small", action="store_true", help="d = 256, 1 layer, vocab 8192")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--max-seconds", type=float, default=30.0,
-                        help="per candidate and setting: stop timing after this (bf16 peers on CPUs without bf16)")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=30.0,
+        help="per candidate and setting: stop timing after this (bf16 peers on CPUs without bf16)",
+    )
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--settings", nargs="+", default=["defaults", "bfloat16", "float32"],
-                        choices=["defaults", "bfloat16", "float32"], help="defaults and matched NS dtypes")
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=["defaults", "bfloat16", "float32"],
+        choices=["defaults", "bfloat16", "float32"],
+        help="defaults and matched NS dtypes",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -245,12 +282,21 @@ def main(argv: list[str] | None = None) -> None:
     grads = [torch.randn_like(p) * 1e-3 for p in model.parameters()]
     print(f"# peer optimizers, one step, {datetime.date.today()}")
     print(run_header(device, "auto"))
-    print(f"GPT params: d={args.d}, {layers} layers, vocab {args.vocab}, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params; median of <= {args.repeats} "
-          f"after {args.warmup} warmup, <= {args.max_seconds:g} s per candidate")
+    print(
+        f"GPT params: d={args.d}, {layers} layers, vocab {args.vocab}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params; median of <= {args.repeats} "
+        f"after {args.warmup} warmup, <= {args.max_seconds:g} s per candidate"
+    )
     print(f"command: {' '.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}\n")
-    header = ["optimizer", "step ms (wall)", "step ms (CPU)", "steps timed", "state MiB", "update sv / scale",
-              "dist to polar"]
+    header = [
+        "optimizer",
+        "step ms (wall)",
+        "step ms (CPU)",
+        "steps timed",
+        "state MiB",
+        "update sv / scale",
+        "dist to polar",
+    ]
     for setting in args.settings:
         matched = None if setting == "defaults" else setting
         with patched_dtype(torch.float32 if matched == "float32" else None):

@@ -32,7 +32,13 @@ import torch
 from torch import nn
 
 from benchmarks._timing import (
-    add_common_args, interleaved_medians, markdown_table, matmul_probe, run_header, setup, state_bytes,
+    add_common_args,
+    interleaved_medians,
+    markdown_table,
+    matmul_probe,
+    run_header,
+    setup,
+    state_bytes,
 )
 from lightning_muon import Muon, muon_param_groups, ns_flops
 
@@ -71,27 +77,36 @@ def optimizers(model: nn.Module, ns_dtype: str = "auto") -> dict[str, list[torch
     groups = muon_param_groups(model)
     muon = tensor_groups([g for g in groups if g["use_muon"]])
     rest = tensor_groups([g for g in groups if not g["use_muon"]])
-    common = dict(lr=MUON_LR, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY,
-                  adjust_lr="original", adamw_lr=ADAMW_LR, adamw_betas=BETAS, ns_dtype=ns_dtype)
+    common = dict(
+        lr=MUON_LR,
+        momentum=MOMENTUM,
+        nesterov=True,
+        weight_decay=WEIGHT_DECAY,
+        adjust_lr="original",
+        adamw_lr=ADAMW_LR,
+        adamw_betas=BETAS,
+        ns_dtype=ns_dtype,
+    )
     return {
         "ours, quintic": [Muon(groups, ns_method="quintic", **common)],
         "ours, polar_express (default)": [Muon(groups, **common)],
         "torch.optim.Muon + AdamW": [
-            torch.optim.Muon(muon, lr=MUON_LR, weight_decay=WEIGHT_DECAY, momentum=MOMENTUM,
-                             nesterov=True, adjust_lr_fn="original"),
+            torch.optim.Muon(
+                muon, lr=MUON_LR, weight_decay=WEIGHT_DECAY, momentum=MOMENTUM, nesterov=True, adjust_lr_fn="original"
+            ),
             torch.optim.AdamW(rest, lr=ADAMW_LR, betas=BETAS, weight_decay=WEIGHT_DECAY),
         ],
         "torch.optim.Muon + AdamW(fused=True)": [
-            torch.optim.Muon(muon, lr=MUON_LR, weight_decay=WEIGHT_DECAY, momentum=MOMENTUM,
-                             nesterov=True, adjust_lr_fn="original"),
+            torch.optim.Muon(
+                muon, lr=MUON_LR, weight_decay=WEIGHT_DECAY, momentum=MOMENTUM, nesterov=True, adjust_lr_fn="original"
+            ),
             torch.optim.AdamW(rest, lr=ADAMW_LR, betas=BETAS, weight_decay=WEIGHT_DECAY, fused=True),
         ],
         "torch.optim.AdamW alone": [
             torch.optim.AdamW(tensor_groups(groups), lr=ADAMW_LR, betas=BETAS, weight_decay=WEIGHT_DECAY)
         ],
         "torch.optim.AdamW(fused=True) alone": [
-            torch.optim.AdamW(tensor_groups(groups), lr=ADAMW_LR, betas=BETAS, weight_decay=WEIGHT_DECAY,
-                              fused=True)
+            torch.optim.AdamW(tensor_groups(groups), lr=ADAMW_LR, betas=BETAS, weight_decay=WEIGHT_DECAY, fused=True)
         ],
     }
 
@@ -99,8 +114,12 @@ def optimizers(model: nn.Module, ns_dtype: str = "auto") -> dict[str, list[torch
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
-    parser.add_argument("--layers", type=int, default=None,
-                        help="transformer blocks (default 2 on CPU to stay under 2 minutes, 12 on GPU)")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="transformer blocks (default 2 on CPU to stay under 2 minutes, 12 on GPU)",
+    )
     parser.add_argument("--vocab", type=int, default=50257, help="embedding rows (GPT-2: 50257)")
     args = parser.parse_args(argv)
     device, dtype, mm_size = setup(args)
@@ -121,16 +140,25 @@ def main(argv: list[str] | None = None) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"# optimizer step benchmark, {datetime.date.today()}")
     print(run_header(device, args.dtype))
-    print(f"GPT-small, {layers} layers, "
-          f"{n_params / 1e6:.1f} M params ({len(matrices)} Muon matrices); "
-          f"median of {args.repeats} after {max(1, args.warmup)} warmup, interleaved")
+    print(
+        f"GPT-small, {layers} layers, "
+        f"{n_params / 1e6:.1f} M params ({len(matrices)} Muon matrices); "
+        f"median of {args.repeats} after {max(1, args.warmup)} warmup, interleaved"
+    )
     print(f"command: {' '.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}")
-    print(f"torch.mm {mm_size}^2 in {dtype}: {peak / 1e12:.3f} TFLOP/s; "
-          f"NS of the Muon matrices at that rate: {ns_floor * 1e3:.1f} ms\n")
+    print(
+        f"torch.mm {mm_size}^2 in {dtype}: {peak / 1e12:.3f} TFLOP/s; "
+        f"NS of the Muon matrices at that rate: {ns_floor * 1e3:.1f} ms\n"
+    )
     ref, adamw = medians["torch.optim.Muon + AdamW"], medians["torch.optim.AdamW alone"]
     rows = [
-        [name, f"{t * 1e3:.1f}", f"{t / ref:.2f}", f"{t / adamw:.2f}",
-         f"{sum(state_bytes(o) for o in opts[name]) / 2**20:.1f}"]
+        [
+            name,
+            f"{t * 1e3:.1f}",
+            f"{t / ref:.2f}",
+            f"{t / adamw:.2f}",
+            f"{sum(state_bytes(o) for o in opts[name]) / 2**20:.1f}",
+        ]
         for name, t in medians.items()
     ]
     print(markdown_table(["optimizer", "step ms", "vs torch Muon+AdamW", "vs AdamW (default)", "state MiB"], rows))

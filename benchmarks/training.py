@@ -31,9 +31,15 @@ def main() -> None:
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--precision", default="32-true")
     args = parser.parse_args()
-    size = dict(n_layer=args.n_layer, n_embd=args.n_embd, block_size=args.block_size,
-                batch_size=args.batch_size, accelerator=args.accelerator, precision=args.precision,
-                steps=args.steps)
+    size = dict(
+        n_layer=args.n_layer,
+        n_embd=args.n_embd,
+        block_size=args.block_size,
+        batch_size=args.batch_size,
+        accelerator=args.accelerator,
+        precision=args.precision,
+        steps=args.steps,
+    )
     configs = {
         "adamw": dict(optimizer="adamw", lr=1e-3, adamw_lr=1e-3),
         "muon": dict(optimizer="muon", lr=0.02, adamw_lr=1e-3),
@@ -44,14 +50,16 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, cfg in configs.items():
             run = train_gpt(**size, **cfg)
-            times[name].extend(run.step_times[args.skip:])
+            times[name].extend(run.step_times[args.skip :])
     med = {name: statistics.median(t) for name, t in times.items()}
     rows = [
         ("adamw", med["adamw"] * 1e3, 1.0, ""),
         ("muon", med["muon"] * 1e3, med["muon"] / med["adamw"], "target <= 1.10x AdamW"),
     ]
-    print(f"GPT n_layer={args.n_layer} n_embd={args.n_embd} block={args.block_size} batch={args.batch_size}, "
-          f"{args.rounds} rounds x {args.steps - args.skip} timed steps")
+    print(
+        f"GPT n_layer={args.n_layer} n_embd={args.n_embd} block={args.block_size} batch={args.batch_size}, "
+        f"{args.rounds} rounds x {args.steps - args.skip} timed steps"
+    )
     print(markdown_table(["config", "median step (ms)", "ratio to AdamW", "note"], rows))
 
 

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         x = torch.randint(0, 65, (batch, block))
         y = torch.randint(0, 65, (batch, block))
 
-        def fwd_bwd() -> None:
+        def fwd_bwd(model=model, x=x, y=y) -> None:
             model.zero_grad(set_to_none=True)
             F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()).backward()
 
@@ -71,10 +71,19 @@ def main(argv: list[str] | None = None) -> None:
         med = {k: statistics.median(v) for k, v in times.items()}
         base = med["fwd+bwd"] + med["adamw (fused)"]
         for name in opts:
-            rows.append([f"{batch} x {block} = {batch * block} tokens", name, f"{med['fwd+bwd'] * 1e3:.0f}",
-                         f"{med[name] * 1e3:.0f}", f"{(med['fwd+bwd'] + med[name]) / base:.3f}"])
-    print(f"resolved NS dtype: {opts['muon (auto)'].resolved_ns_dtype()}; {args.threads} thread(s); "
-          f"median of {args.rounds} interleaved rounds; CPU time of this process")
+            rows.append(
+                [
+                    f"{batch} x {block} = {batch * block} tokens",
+                    name,
+                    f"{med['fwd+bwd'] * 1e3:.0f}",
+                    f"{med[name] * 1e3:.0f}",
+                    f"{(med['fwd+bwd'] + med[name]) / base:.3f}",
+                ]
+            )
+    print(
+        f"resolved NS dtype: {opts['muon (auto)'].resolved_ns_dtype()}; {args.threads} thread(s); "
+        f"median of {args.rounds} interleaved rounds; CPU time of this process"
+    )
     print(markdown_table(["batch", "optimizer", "fwd+bwd CPU ms", "optimizer step CPU ms", "step vs AdamW step"], rows))
 
 

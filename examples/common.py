@@ -34,9 +34,17 @@ def configure_example_optimizer(
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if optimizer == "muon":
         return configure_muon(
-            module, lr=lr, adamw_lr=adamw_lr, weight_decay=weight_decay, momentum=momentum,
-            adjust_lr=adjust_lr, ns_method=ns_method, adamw_betas=betas,
-            warmup_steps=warmup_steps, schedule=schedule, max_steps=max_steps,
+            module,
+            lr=lr,
+            adamw_lr=adamw_lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            adjust_lr=adjust_lr,
+            ns_method=ns_method,
+            adamw_betas=betas,
+            warmup_steps=warmup_steps,
+            schedule=schedule,
+            max_steps=max_steps,
         )
     groups = muon_param_groups(module)  # same decay / no-decay split as the Muon run
     for group in groups:

@@ -32,13 +32,22 @@ def run(task: str, optimizer: str, steps: int, val_every: int, out: Path) -> Pat
     name = f"{task}_{optimizer}"
     # val_check_interval counts micro-batches; the configs accumulate gradients
     accumulate = yaml.safe_load(Path(config).read_text())["trainer"].get("accumulate_grad_batches", 1)
-    importlib.import_module(module).cli_main([
-        "fit", "--config", config, f"--model.optimizer={optimizer}", f"--trainer.max_steps={steps}",
-        f"--trainer.val_check_interval={val_every * accumulate}", "--trainer.check_val_every_n_epoch=null",
-        f"--trainer.logger.init_args.save_dir={out}", f"--trainer.logger.init_args.name={name}",
-        "--trainer.logger.init_args.version=0", f"--trainer.default_root_dir={out / name}",
-        "--trainer.enable_progress_bar=false",
-    ])
+    importlib.import_module(module).cli_main(
+        [
+            "fit",
+            "--config",
+            config,
+            f"--model.optimizer={optimizer}",
+            f"--trainer.max_steps={steps}",
+            f"--trainer.val_check_interval={val_every * accumulate}",
+            "--trainer.check_val_every_n_epoch=null",
+            f"--trainer.logger.init_args.save_dir={out}",
+            f"--trainer.logger.init_args.name={name}",
+            "--trainer.logger.init_args.version=0",
+            f"--trainer.default_root_dir={out / name}",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
     return out / name / "version_0"
 
 
@@ -49,8 +58,10 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def report(curves: dict[tuple[str, str], dict], out: Path) -> str:
-    lines = ["| task | optimizer | final val/loss | best val/loss | final val/acc | final mean stable rank |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| task | optimizer | final val/loss | best val/loss | final val/acc | final mean stable rank |",
+        "|---|---|---|---|---|---|",
+    ]
     for (task, opt), s in curves.items():
         loss = s.get("val/loss", [])
         acc = s.get("val/acc", [])
@@ -98,7 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps < 1 or args.val_every < 1:
         parser.error("--steps and --val-every must be >= 1")
     args.out.mkdir(parents=True, exist_ok=True)
-    curves = {(t, o): read_scalars(run(t, o, args.steps, args.val_every, args.out)) for t in args.tasks for o in OPTIMIZERS}
+    curves = {
+        (t, o): read_scalars(run(t, o, args.steps, args.val_every, args.out)) for t in args.tasks for o in OPTIMIZERS
+    }
     plot(curves, args.tasks, args.out)
     print(report(curves, args.out))
     print(f"\nwrote {args.out / 'report.md'} and {args.out / 'compare.png'}")

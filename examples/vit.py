@@ -83,8 +83,14 @@ class LitViT(L.LightningModule):
             )
         self.save_hyperparameters()
         self.model = VisionTransformer(
-            image_size=image_size, patch_size=patch_size, num_layers=num_layers, num_heads=num_heads,
-            hidden_dim=hidden_dim, mlp_dim=mlp_dim, dropout=dropout, num_classes=num_classes,
+            image_size=image_size,
+            patch_size=patch_size,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            hidden_dim=hidden_dim,
+            mlp_dim=mlp_dim,
+            dropout=dropout,
+            num_classes=num_classes,
         )
         if num_channels != 3:  # torchvision's patch embedding is hard-wired to 3 input channels
             proj = nn.Conv2d(num_channels, hidden_dim, kernel_size=patch_size, stride=patch_size)
@@ -135,7 +141,11 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> ViTCLI:
     """Entry point; ``args`` as on the command line (``None`` reads ``sys.argv``)."""
     torch.set_float32_matmul_precision("high")
     return ViTCLI(
-        LitViT, ImageDataModule, subclass_mode_data=True, args=args, run=run,
+        LitViT,
+        ImageDataModule,
+        subclass_mode_data=True,
+        args=args,
+        run=run,
         save_config_kwargs={"overwrite": True},
     )
 

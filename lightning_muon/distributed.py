@@ -243,7 +243,12 @@ def _sharded_buckets(buckets: list[Bucket]) -> Any:
     for bucket, own in zip(buckets, owners):
         shape, placements = bucket.layout if bucket.layout is not None else (bucket.shape, _shard0(bucket.mesh))
         yield exchange(
-            bucket.updates, shape, bucket.mesh, placements, own, _comm_dtype(bucket, bucket.updates[0].dtype),
+            bucket.updates,
+            shape,
+            bucket.mesh,
+            placements,
+            own,
+            _comm_dtype(bucket, bucket.updates[0].dtype),
             lambda full, b=bucket: _orthogonalize(b, [t.reshape(b.shape) for t in full]),
         )
 

@@ -51,12 +51,11 @@ def lr_lambda(
         raise ValueError(f"configure_muon: warmup_steps must be an integer >= 0, got {warmup_steps!r}")
     if not 0.0 <= min_lr_ratio <= 1.0:
         raise ValueError(f"configure_muon: min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
-    if schedule != "constant":
-        if max_steps is None or max_steps <= warmup_steps:
-            raise ValueError(
-                f"configure_muon: schedule={schedule!r} needs max_steps > warmup_steps "
-                f"(got max_steps={max_steps!r}, warmup_steps={warmup_steps})"
-            )
+    if schedule != "constant" and (max_steps is None or max_steps <= warmup_steps):
+        raise ValueError(
+            f"configure_muon: schedule={schedule!r} needs max_steps > warmup_steps "
+            f"(got max_steps={max_steps!r}, warmup_steps={warmup_steps})"
+        )
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -109,8 +108,12 @@ def configure_muon(
         max_steps = int(trainer.estimated_stepping_batches)
     factor = lr_lambda(schedule, warmup_steps, max_steps, min_lr_ratio)
     groups = muon_param_groups(
-        module, embedding_names=embedding_names, head_names=head_names,
-        adamw_names=adamw_names, muon_names=muon_names, verbose=verbose,
+        module,
+        embedding_names=embedding_names,
+        head_names=head_names,
+        adamw_names=adamw_names,
+        muon_names=muon_names,
+        verbose=verbose,
     )
     if optimizer is None:
         opt: torch.optim.Optimizer = Muon(groups, lr=lr, **muon_kwargs)

@@ -24,7 +24,13 @@ from torch import Tensor
 from .precision import resolve_ns_dtype
 
 __all__ = [
-    "NSPreset", "NS_PRESETS", "METHODS", "orthogonalize", "ns_flops", "singular_value_band", "default_kernel",
+    "NSPreset",
+    "NS_PRESETS",
+    "METHODS",
+    "orthogonalize",
+    "ns_flops",
+    "singular_value_band",
+    "default_kernel",
 ]
 
 Coefficients = tuple[float, float, float]
@@ -76,9 +82,7 @@ _POLAR_EXPRESS: tuple[Coefficients, ...] = (
 
 NS_PRESETS: dict[str, NSPreset] = {
     "quintic": NSPreset((_KELLER,), _KELLER, norm_scale=1.0, norm_eps=1e-7, band=(0.45, 1.25)),
-    "polar_express": NSPreset(
-        _POLAR_EXPRESS, _NEWTON_SCHULZ_5, norm_scale=1.02, norm_eps=1e-6, band=(0.8, 1.2)
-    ),
+    "polar_express": NSPreset(_POLAR_EXPRESS, _NEWTON_SCHULZ_5, norm_scale=1.02, norm_eps=1e-6, band=(0.8, 1.2)),
 }
 METHODS: tuple[str, ...] = (*NS_PRESETS, "svd")
 
@@ -165,7 +169,7 @@ def _polar_svd(X: Tensor) -> Tensor:
     """Exact polar factor on the range of X: U diag(s > tol) V^T (zero input gives zero)."""
     U, S, Vh = torch.linalg.svd(X, full_matrices=False)
     tol = S[..., :1] * (max(X.shape[-2:]) * torch.finfo(X.dtype).eps)
-    keep = (S > tol).to(X.dtype)
+    keep = (tol < S).to(X.dtype)
     return (U * keep.unsqueeze(-2)) @ Vh
 
 

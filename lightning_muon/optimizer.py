@@ -59,8 +59,13 @@ _NONFINITE = ("raise", "skip")
 _MUON_KEYS = ("lr", "momentum", "nesterov", "weight_decay", "ns_method", "ns_steps", "ns_dtype", "adjust_lr")
 _MUON_ONLY = ("momentum", "nesterov", "ns_method", "ns_steps", "ns_dtype", "adjust_lr")
 #: Settings of an AdamW group -> their keys in ``Muon.defaults`` (the constructor's argument names).
-_ADAMW_KEYS = {"lr": "adamw_lr", "betas": "adamw_betas", "eps": "adamw_eps", "weight_decay": "adamw_weight_decay",
-               "foreach": "foreach"}
+_ADAMW_KEYS = {
+    "lr": "adamw_lr",
+    "betas": "adamw_betas",
+    "eps": "adamw_eps",
+    "weight_decay": "adamw_weight_decay",
+    "foreach": "foreach",
+}
 #: torch optimizer options Muon does not implement, and what to do instead.
 _UNSUPPORTED = {
     "maximize": "minimise the negated objective instead (loss = -objective)",
@@ -183,8 +188,14 @@ class Muon(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.process_group = _check_process_group(process_group)
         muon_defaults = dict(
-            lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-            ns_method=ns_method, ns_steps=ns_steps, ns_dtype=ns_dtype, adjust_lr=adjust_lr,
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            ns_method=ns_method,
+            ns_steps=ns_steps,
+            ns_dtype=ns_dtype,
+            adjust_lr=adjust_lr,
         )
         adamw_defaults = dict(
             lr=lr if adamw_lr is None else adamw_lr,
@@ -507,10 +518,22 @@ class Muon(torch.optim.Optimizer):
             steps.append(state["step"])
         beta1, beta2 = group["betas"]
         _adamw_functional(
-            params, grads, exp_avgs, exp_avg_sqs, [], steps,
-            foreach=None if fused else group["foreach"], fused=fused or None, amsgrad=False,
-            beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
-            eps=group["eps"], maximize=False, has_complex=any(p.is_complex() for p in params),
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
+            foreach=None if fused else group["foreach"],
+            fused=fused or None,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+            has_complex=any(p.is_complex() for p in params),
         )
 
     def _muon_groups(self, groups: list[dict]) -> None:
@@ -536,8 +559,15 @@ class Muon(torch.optim.Optimizer):
                 key = (_flat_matrix(p).shape, p.device, p.dtype, mesh, layout, *ns)
                 buckets[key].append((p, update, group))
         plan = [
-            Bucket([u for _, u, _ in items], tuple(shape), method, steps,
-                   _compute_dtype(method, self._ns_dtype(ns_dtype, method, device, mesh)), mesh, layout)
+            Bucket(
+                [u for _, u, _ in items],
+                tuple(shape),
+                method,
+                steps,
+                _compute_dtype(method, self._ns_dtype(ns_dtype, method, device, mesh)),
+                mesh,
+                layout,
+            )
             for (shape, device, _, mesh, layout, method, steps, ns_dtype), items in buckets.items()
         ]
         for items, ortho in zip(buckets.values(), orthogonalize_buckets(plan, self.process_group)):
@@ -615,8 +645,10 @@ def _defaults_from_groups(groups: list[dict]) -> dict:
 
 def _fusable(p: Tensor) -> bool:
     """Whether torch's fused AdamW kernel takes ``p``: a plain (not DTensor) float CPU/CUDA tensor."""
-    return type(p.data) is Tensor and p.device.type in ("cpu", "cuda") and p.dtype in (
-        torch.float16, torch.bfloat16, torch.float32, torch.float64
+    return (
+        type(p.data) is Tensor
+        and p.device.type in ("cpu", "cuda")
+        and p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     )
 
 
@@ -682,7 +714,9 @@ def _validate(group: dict, where: str, adamw: bool = False) -> None:
     """Raise ValueError naming the offending argument; nothing is constructed on failure."""
 
     def fail(key: str, expected: str) -> None:
-        raise ValueError(f"{where}: {'adamw_' if adamw and key != 'lr' else ''}{key} must be {expected}, got {group[key]!r}")
+        raise ValueError(
+            f"{where}: {'adamw_' if adamw and key != 'lr' else ''}{key} must be {expected}, got {group[key]!r}"
+        )
 
     if isinstance(group["lr"], Tensor):
         raise ValueError(f"{where}: lr as a Tensor is not supported; pass a Python float (float(lr))")

@@ -81,8 +81,10 @@ def linear_grad_norms(inputs: Tensor, grad_outputs: Tensor, method: str = "auto"
         raise ValueError(f"{where}: method must be one of {LINEAR_METHODS}, got {method!r}")
     A, G = _as_sequences(inputs, "inputs", where), _as_sequences(grad_outputs, "grad_outputs", where)
     if A.shape[:2] != G.shape[:2]:
-        raise ValueError(f"{where}: inputs {tuple(inputs.shape)} and grad_outputs {tuple(grad_outputs.shape)} "
-                         "must agree in all but the last dim")
+        raise ValueError(
+            f"{where}: inputs {tuple(inputs.shape)} and grad_outputs {tuple(grad_outputs.shape)} "
+            "must agree in all but the last dim"
+        )
     B, T, d_in = A.shape
     d_out = G.shape[-1]
     G = G.to(A.dtype)
@@ -94,13 +96,13 @@ def linear_grad_norms(inputs: Tensor, grad_outputs: Tensor, method: str = "auto"
         chunk = max(1, _CHUNK // max(1, d_in * d_out))
         total = A.new_zeros(d_out, d_in)
         for i in range(0, B, chunk):
-            c = G[i:i + chunk].mT @ A[i:i + chunk]  # (b, d_out, d_in)
+            c = G[i : i + chunk].mT @ A[i : i + chunk]  # (b, d_out, d_in)
             per_example.append(c.square().sum((-2, -1)))
             total += c.sum(0)
     else:
         chunk = max(1, _CHUNK // max(1, T * T))
         for i in range(0, B, chunk):
-            a, g = A[i:i + chunk], G[i:i + chunk]
+            a, g = A[i : i + chunk], G[i : i + chunk]
             per_example.append(((a @ a.mT) * (g @ g.mT)).sum((-2, -1)))
         total = G.reshape(-1, d_out).mT @ A.reshape(-1, d_in)  # the batch gradient: one matmul
     sq = torch.cat(per_example) if per_example else A.new_zeros(0)
@@ -144,7 +146,7 @@ def norm_grad_norms(
     g = grad_outputs.detach().to(x.dtype)
     dims = tuple(range(-normalized_ndim, 0))
     B = x.shape[0]
-    feature = x.shape[x.ndim - normalized_ndim:].numel()
+    feature = x.shape[x.ndim - normalized_ndim :].numel()
     per_example = x.new_zeros(B)
     total = x.new_zeros(())
     if weight:

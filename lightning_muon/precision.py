@@ -94,8 +94,12 @@ def _cpu_flags() -> dict[str, object]:
     else:  # older torch: the private per-feature checks
         flags = {
             name: bool(getattr(torch.cpu, f"_is_{check}_supported", lambda: False)())
-            for name, check in (("avx2", "avx2"), ("avx512_f", "avx512"), ("avx512_bf16", "avx512_bf16"),
-                                ("amx_tile", "amx_tile"))
+            for name, check in (
+                ("avx2", "avx2"),
+                ("avx512_f", "avx512"),
+                ("avx512_bf16", "avx512_bf16"),
+                ("amx_tile", "amx_tile"),
+            )
         }
     flags["capability"] = torch.backends.cpu.get_cpu_capability()
     return flags
@@ -193,8 +197,9 @@ def ns_dtype_choice(device: torch.device | str | None = None) -> NSDtypeChoice:
         ratio = _probe(device, candidate)
         dtype = candidate if ratio <= PROBE_MARGIN else torch.float32
         verdict = "faster" if dtype is candidate else "not faster"
-        choice = NSDtypeChoice(key, dtype, "probe", f"{reason}; probe: {candidate} matmul {ratio:.2g}x "
-                               f"the float32 time ({verdict})", ratio)
+        choice = NSDtypeChoice(
+            key, dtype, "probe", f"{reason}; probe: {candidate} matmul {ratio:.2g}x the float32 time ({verdict})", ratio
+        )
     _CACHE[key] = choice
     if _rank() == 0:
         logger.info("lightning_muon: Newton–Schulz on %s runs in %s (%s)", key, choice.dtype, choice.reason)
@@ -254,5 +259,7 @@ def describe_device(device: torch.device | str | None = None) -> str:
         pass
     flags = _cpu_flags()
     native = any(flags.get(k) for k in ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16"))
-    return (f"{model or platform.processor() or platform.machine()} ({flags.get('capability')}, "
-            f"{'native' if native else 'no native'} bf16, {os.cpu_count()} cores), {torch.get_num_threads()} threads")
+    return (
+        f"{model or platform.processor() or platform.machine()} ({flags.get('capability')}, "
+        f"{'native' if native else 'no native'} bf16, {os.cpu_count()} cores), {torch.get_num_threads()} threads"
+    )

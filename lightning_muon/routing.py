@@ -52,7 +52,15 @@ __all__ = [
 #: Name components (of a parameter or its module) that mark an input embedding or a learned lookup
 #: table (Swin's and MaxViT's ``relative_position_bias_table``). fnmatch patterns.
 DEFAULT_EMBEDDING_NAMES: tuple[str, ...] = (
-    "*embed*", "wte", "wpe", "conv_proj", "class_token", "cls_token", "*pos_emb*", "*token_emb*", "*bias_table*",
+    "*embed*",
+    "wte",
+    "wpe",
+    "conv_proj",
+    "class_token",
+    "cls_token",
+    "*pos_emb*",
+    "*token_emb*",
+    "*bias_table*",
 )
 #: Name components that mark the output head or classifier. fnmatch patterns.
 DEFAULT_HEAD_NAMES: tuple[str, ...] = ("lm_head", "head", "heads", "classifier", "fc_out", "out_head")
@@ -96,9 +104,7 @@ def why_not_muon(param: Tensor) -> str | None:
     rows = param.shape[0]
     cols = param.numel() // rows
     if rows == 1 or cols == 1:
-        return (
-            f"vector-like: flattens to {rows} x {cols} (e.g. a positional embedding or class token)"
-        )
+        return f"vector-like: flattens to {rows} x {cols} (e.g. a positional embedding or class token)"
     return None
 
 
@@ -184,7 +190,8 @@ def _analyse(module: nn.Module) -> _Structure:
 
     out = _Structure(
         [_Layer(n, m, d, bool(n) and in_repeated(n), bool(n) and in_repeated(n, 1)) for n, m, d in layers],
-        owner_layer, modules,
+        owner_layer,
+        modules,
     )
     if len(out.layers) < 2:
         return out  # one matrix layer: nothing to tell input, hidden and output apart
@@ -227,8 +234,12 @@ def _find_aux_heads(structure: _Structure, head: str) -> dict[str, str]:
     aux = {}
     for branch, layer in last_in_branch.items():
         if (
-            branch != head.split(".")[0] and branch in after_body and layers_in_branch[branch] >= 2
-            and not layer.branch_in_body and type(layer.module) is type(ref.module) and layer.out_dim == ref.out_dim
+            branch != head.split(".")[0]
+            and branch in after_body
+            and layers_in_branch[branch] >= 2
+            and not layer.branch_in_body
+            and type(layer.module) is type(ref.module)
+            and layer.out_dim == ref.out_dim
         ):
             aux[layer.name] = f"auxiliary output head (last layer of {branch!r}, the head's kind and output size)"
     return aux
@@ -241,8 +252,10 @@ def _head_by_name(
     head ``nn.Sequential`` (VGG's ``classifier.0``: only the container's last layer is the output)."""
     if pattern := _matches(name, head_names):
         parts = name.split(".")
-        if layer is None or not name.startswith(layer + ".") or not any(
-            fnmatch.fnmatchcase(p, pattern) for p in parts[:-1]
+        if (
+            layer is None
+            or not name.startswith(layer + ".")
+            or not any(fnmatch.fnmatchcase(p, pattern) for p in parts[:-1])
         ):
             return "head", pattern
         start = next(i for i, p in enumerate(parts[:-1]) if fnmatch.fnmatchcase(p, pattern))
@@ -251,7 +264,7 @@ def _head_by_name(
             parent = structure.modules.get(".".join(lparts[:i]))
             if isinstance(parent, nn.Sequential):
                 later = [c for c, _ in parent.named_children()]
-                after = later[later.index(lparts[i]) + 1:]
+                after = later[later.index(lparts[i]) + 1 :]
                 prefix = ".".join(lparts[:i])
                 if any(
                     any(m.name == f"{prefix}.{c}" or m.name.startswith(f"{prefix}.{c}.") for m in structure.layers)
@@ -298,15 +311,15 @@ def _route_one(
         if pattern := _matches(n, embedding_names):
             return Route(name, param, ADAMW, f"embedding (name matches {pattern!r}){aliases}")
     if head_verdict is None:
-        head_verdict = next(
-            (("head", p) for n in names if (p := _matches(n, head_names))), None
-        )
+        head_verdict = next((("head", p) for n in names if (p := _matches(n, head_names))), None)
     if head_verdict is not None:
         kind, pattern = head_verdict
         if kind == "head":
             return Route(name, param, ADAMW, f"output head (name matches {pattern!r}){aliases}")
         return Route(
-            name, param, MUON,
+            name,
+            param,
+            MUON,
             f"hidden matrix inside the head {pattern!r} (an nn.Sequential whose last layer is the output){aliases}",
         )
     if role is not None:
@@ -439,10 +452,15 @@ def route_parameters(
         layer = tree.owner_layer.get(key) if tree else None
         routes.append(
             _route_one(
-                names, p, owner.get(key),
-                embedding_names=embedding_names, head_names=head_names,
-                adamw_names=adamw_names, muon_names=muon_names,
-                head_verdict=verdicts.get(key), role=roles.get(layer) if layer is not None else None,
+                names,
+                p,
+                owner.get(key),
+                embedding_names=embedding_names,
+                head_names=head_names,
+                adamw_names=adamw_names,
+                muon_names=muon_names,
+                head_verdict=verdicts.get(key),
+                role=roles.get(layer) if layer is not None else None,
             )
         )
     head_found = head_found or any(_matches(n, adamw_names) for key in aliases for n in aliases[key])
@@ -460,8 +478,13 @@ def route_named_parameters(
     """Route ``(name, tensor)`` pairs by name and shape alone (no module types are known)."""
     return [
         _route_one(
-            [name], p, None, embedding_names=embedding_names, head_names=head_names,
-            adamw_names=(), muon_names=(),
+            [name],
+            p,
+            None,
+            embedding_names=embedding_names,
+            head_names=head_names,
+            adamw_names=(),
+            muon_names=(),
         )
         for name, p in named_params
     ]
@@ -514,8 +537,11 @@ def muon_param_groups(
         >>> optimizer = Muon(groups, lr=0.02)
     """
     routes = route_parameters(
-        module, embedding_names=embedding_names, head_names=head_names,
-        adamw_names=adamw_names, muon_names=muon_names,
+        module,
+        embedding_names=embedding_names,
+        head_names=head_names,
+        adamw_names=adamw_names,
+        muon_names=muon_names,
     )
     if verbose:
         print(routing_table(routes))

@@ -213,8 +213,11 @@ def exchange(
     back_in = [len(by_owner[s]) * sizes[me] for s in range(world)]
     recv_back = like.new_empty(sum(back_in), dtype=dtype)
     dist.all_to_all_single(
-        recv_back, send_back, output_split_sizes=back_in,
-        input_split_sizes=[len(mine) * sizes[r] for r in range(world)], group=group,
+        recv_back,
+        send_back,
+        output_split_sizes=back_in,
+        input_split_sizes=[len(mine) * sizes[r] for r in range(world)],
+        group=group,
     )
     out: list[Tensor] = list(updates)
     for s, part in enumerate(recv_back.split(back_in)):

@@ -193,7 +193,9 @@ def sin_theta(A: Tensor, B: Tensor, k: int, side: str = "max") -> Tensor:
     if side not in _SIDES:
         raise ValueError(f"sin_theta: side must be one of {_SIDES}, got {side!r}")
     if A.shape[-2:] != B.shape[-2:]:
-        raise ValueError(f"sin_theta: A and B must have the same matrix shape, got {tuple(A.shape)} and {tuple(B.shape)}")
+        raise ValueError(
+            f"sin_theta: A and B must have the same matrix shape, got {tuple(A.shape)} and {tuple(B.shape)}"
+        )
     Ua, Va = top_frames(A, k)
     Ub, Vb = top_frames(B, k)
     left, right = _frame_sin(Ua, Ub), _frame_sin(Va, Vb)
@@ -219,7 +221,9 @@ def polar_misalignment(W: Tensor, G: Tensor, method: str = "svd") -> Tensor:
     """
     X, Y = _fp32(W, "polar_misalignment"), _fp32(G, "polar_misalignment")
     if X.shape[-2:] != Y.shape[-2:]:
-        raise ValueError(f"polar_misalignment: W and G must have the same matrix shape, got {tuple(X.shape)} and {tuple(Y.shape)}")
+        raise ValueError(
+            f"polar_misalignment: W and G must have the same matrix shape, got {tuple(X.shape)} and {tuple(Y.shape)}"
+        )
     return _delta_p(X, orthogonalize(Y, method, dtype=X.dtype))
 
 

@@ -31,4 +31,4 @@ def _seed():
 def pytest_sessionfinish(session, exitstatus):
     # "no tests collected" (exit 5) must fail CI; pytest already exits non-zero, make it loud.
     if session.testscollected == 0:
-        warnings.warn("pytest collected no tests")
+        warnings.warn("pytest collected no tests", stacklevel=1)

@@ -44,14 +44,17 @@ def _unchanged(model, opt, snap):
 
 
 # rows 1-6: invalid hyperparameters (more cases in test_optimizer.py)
-@pytest.mark.parametrize("kwargs, match", [
-    ({"lr": -0.1}, "lr must be a finite number >= 0"),
-    ({"weight_decay": -1}, "weight_decay must be"),
-    ({"momentum": 1.5}, r"momentum must be in \[0, 1\)"),
-    ({"ns_steps": 0}, "ns_steps must be an integer >= 1"),
-    ({"ns_method": "newton"}, "ns_method must be one of"),
-    ({"adjust_lr": "rms"}, "adjust_lr must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"lr": -0.1}, "lr must be a finite number >= 0"),
+        ({"weight_decay": -1}, "weight_decay must be"),
+        ({"momentum": 1.5}, r"momentum must be in \[0, 1\)"),
+        ({"ns_steps": 0}, "ns_steps must be an integer >= 1"),
+        ({"ns_method": "newton"}, "ns_method must be one of"),
+        ({"adjust_lr": "rms"}, "adjust_lr must be one of"),
+    ],
+)
 def test_invalid_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Muon(muon_param_groups(Net()), **kwargs)
@@ -124,8 +127,9 @@ def test_complex_parameters():  # row 13
     with pytest.raises(ValueError, match="complex dtype"):
         Muon([{"params": [z], "use_muon": True}])
     ref = nn.Parameter(z.detach().clone())
-    opt = Muon([{"params": [z], "use_muon": False}], lr=0.01, adamw_betas=(0.9, 0.95), adamw_eps=1e-8,
-               weight_decay=0.01)  # AdamW supports complex
+    opt = Muon(
+        [{"params": [z], "use_muon": False}], lr=0.01, adamw_betas=(0.9, 0.95), adamw_eps=1e-8, weight_decay=0.01
+    )  # AdamW supports complex
     ref_opt = torch.optim.AdamW([ref], lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
     for _ in range(3):
         g = torch.randn(4, 4, dtype=torch.complex64)
@@ -173,8 +177,9 @@ def test_state_dict_from_another_optimizer():  # row 16
     opt = _trained(model)
     with pytest.raises(ValueError, match="param groups"):
         opt.load_state_dict(adamw.state_dict())
-    other = torch.optim.Muon([{"params": [model.hidden.weight]}, {"params": [model.embed.weight]},
-                              {"params": [model.head.weight]}])
+    other = torch.optim.Muon(
+        [{"params": [model.hidden.weight]}, {"params": [model.embed.weight]}, {"params": [model.head.weight]}]
+    )
     with pytest.raises(ValueError, match="not saved by lightning_muon.Muon"):
         opt.load_state_dict(other.state_dict())
 
@@ -233,10 +238,16 @@ def test_callbacks_with_a_logger_that_is_not_tensorboard(tmp_path):  # row 28
 
     data = DataLoader(TensorDataset(torch.randn(32, 6), torch.randn(32, 1)), batch_size=8)
     logger = CSVLogger(tmp_path)
-    L.Trainer(max_steps=4, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
-              callbacks=[SpectralEntropyMonitor(every_n_steps=2), StableRankMonitor(every_n_steps=2)]).fit(Lit(), data)
+    L.Trainer(
+        max_steps=4,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[SpectralEntropyMonitor(every_n_steps=2), StableRankMonitor(every_n_steps=2)],
+    ).fit(Lit(), data)
     with open(f"{logger.log_dir}/metrics.csv") as f:
         rows = list(csv.DictReader(f))
+
     def steps(tag):
         return {int(r["step"]): float(r[tag]) for r in rows if r.get(tag)}
 

@@ -65,14 +65,35 @@ def test_peers_script_runs_and_reports_bands(capsys):
 
     from benchmarks import peers
 
-    peers.main(["--d", "32", "--layers", "1", "--vocab", "64", "--repeats", "1", "--warmup", "0",
-                "--max-seconds", "5", "--settings", "defaults"])
+    peers.main(
+        [
+            "--d",
+            "32",
+            "--layers",
+            "1",
+            "--vocab",
+            "64",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--max-seconds",
+            "5",
+            "--settings",
+            "defaults",
+        ]
+    )
     out = capsys.readouterr().out
     assert "machine:" in out and "ns_dtype: auto" in out
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.splitlines() if line.startswith("| ")}
     names = ["lightning_muon.Muon", "torch.optim.Muon + AdamW(fused)"] + [
-        name for module, name in (("timm", "timm.optim.Muon"), ("pytorch_optimizer", "pytorch_optimizer.Muon"),
-                                  ("heavyball", "heavyball.MuonAdamW")) if importlib.util.find_spec(module)
+        name
+        for module, name in (
+            ("timm", "timm.optim.Muon"),
+            ("pytorch_optimizer", "pytorch_optimizer.Muon"),
+            ("heavyball", "heavyball.MuonAdamW"),
+        )
+        if importlib.util.find_spec(module)
     ]
     assert set(names) <= set(rows)
     # Ours at defaults (polar_express): the first update's direction is close to the exact polar

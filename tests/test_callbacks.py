@@ -71,8 +71,14 @@ def _trainer(tmp_path, callbacks, logger="tb", **kw):
     kw.setdefault("devices", 1)
     kw.setdefault("log_every_n_steps", 1)
     return pl.Trainer(
-        accelerator="cpu", logger=logger, callbacks=callbacks, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kw,
+        accelerator="cpu",
+        logger=logger,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kw,
     )
 
 
@@ -88,7 +94,7 @@ def _step0_reference(model):
     grads, micro_sq = {}, []
     for i in range(2):
         ref.zero_grad()
-        x, y = ref.x[i * MICRO:(i + 1) * MICRO], ref.y[i * MICRO:(i + 1) * MICRO]
+        x, y = ref.x[i * MICRO : (i + 1) * MICRO], ref.y[i * MICRO : (i + 1) * MICRO]
         nn.functional.mse_loss(ref(x), y).backward()
         micro_sq.append({n: p.grad.square().sum().item() for n, p in ref.named_parameters()})
         for n, p in ref.named_parameters():
@@ -114,15 +120,23 @@ def test_all_monitors_log_correct_values_to_tensorboard(tmp_path):
         s = torch.linalg.svdvals(W0[name].double())
         p = s / s.sum()
         # Tolerances: fp32 Gram eigenvalues (1e-4 relative) and float32 logging.
-        assert scalars[f"spectral_entropy/{name}"][0] == pytest.approx(float(-(p * p.log()).sum() / math.log(len(s))), rel=1e-4)
+        assert scalars[f"spectral_entropy/{name}"][0] == pytest.approx(
+            float(-(p * p.log()).sum() / math.log(len(s))), rel=1e-4
+        )
         assert scalars[f"stable_rank/{name}"][0] == pytest.approx(float((s**2).sum() / s[0] ** 2), rel=1e-4)
         assert set(scalars[f"stable_rank/{name}"]) == {0, 2}  # every_n_steps=2 within 3 steps
         W, G = W0[name], G0[name]
-        assert scalars[f"polar_misalignment/grad_sin_theta/{name}"][0] == pytest.approx(sin_theta(W.double(), G.double(), 4).item(), abs=1e-3)
+        assert scalars[f"polar_misalignment/grad_sin_theta/{name}"][0] == pytest.approx(
+            sin_theta(W.double(), G.double(), 4).item(), abs=1e-3
+        )
         U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
-        assert scalars[f"polar_misalignment/grad_delta_p/{name}"][0] == pytest.approx(_delta_p(W.double(), U @ Vh).item(), rel=1e-4)
+        assert scalars[f"polar_misalignment/grad_delta_p/{name}"][0] == pytest.approx(
+            _delta_p(W.double(), U @ Vh).item(), rel=1e-4
+        )
         # Step 0: the momentum buffer is empty, so Muon's update is a multiple of G.
-        assert scalars[f"polar_misalignment/update_delta_p/{name}"][0] == pytest.approx(scalars[f"polar_misalignment/grad_delta_p/{name}"][0], rel=1e-4)
+        assert scalars[f"polar_misalignment/update_delta_p/{name}"][0] == pytest.approx(
+            scalars[f"polar_misalignment/grad_delta_p/{name}"][0], rel=1e-4
+        )
         # B_simple per layer from the two micro-batch gradients and their mean (EMA of one step).
         small = (micro_sq[0][name] + micro_sq[1][name]) / 2
         expect = noise_scale(small, G.square().sum().item(), MICRO, 2 * MICRO).b_simple.item()
@@ -140,13 +154,26 @@ def test_all_monitors_log_correct_values_to_tensorboard(tmp_path):
     from tensorboard.plugins.custom_scalar import layout_pb2
 
     layout = layout_pb2.Layout.FromString(ea.Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0])
-    assert {c.title for c in layout.category} == {"spectral_entropy", "stable_rank", "polar_misalignment", "critical_batch_size"}
+    assert {c.title for c in layout.category} == {
+        "spectral_entropy",
+        "stable_rank",
+        "polar_misalignment",
+        "critical_batch_size",
+    }
 
 
 def test_muon_update_matches_the_optimizer_step():
     torch.manual_seed(0)
     W = nn.Parameter(torch.randn(12, 20))
-    opt = Muon([{"params": [W], "use_muon": True}], lr=0.1, momentum=0.9, weight_decay=0.0, ns_method="svd", ns_dtype="float64", adjust_lr="spectral")
+    opt = Muon(
+        [{"params": [W], "use_muon": True}],
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=0.0,
+        ns_method="svd",
+        ns_dtype="float64",
+        adjust_lr="spectral",
+    )
     for _ in range(3):
         W.grad = torch.randn_like(W)
         group, state = opt.param_groups[0], opt.state[W]
@@ -202,7 +229,9 @@ class LinearRegression(pl.LightningModule):
 def test_critical_batch_size_linear_regression_closed_form(tmp_path):
     # Per-example gradient covariance in closed form: tr Sigma = (d + 1)||D||^2 + k d s^2, G = D.
     model = LinearRegression()
-    monitor = CriticalBatchSizeMonitor(every_n_steps=400, include=["proj.weight"], ema=0.995, estimator="two_batch", sample_every_n_steps=1)
+    monitor = CriticalBatchSizeMonitor(
+        every_n_steps=400, include=["proj.weight"], ema=0.995, estimator="two_batch", sample_every_n_steps=1
+    )
     _trainer(tmp_path, [monitor], max_steps=401, accumulate_grad_batches=4).fit(model)
     scalars = {e.step: e.value for e in _events(tmp_path / "run").Scalars("critical_batch_size/b_simple")}
     assert scalars[400] == pytest.approx(model.true_b_simple, rel=0.2)  # the 20% criterion
@@ -259,7 +288,9 @@ class ShardedMLP(TinyMLP):
 
     def train_dataloader(self):
         ds = TensorDataset(self.x, self.y)
-        sampler = DistributedSampler(ds, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False)
+        sampler = DistributedSampler(
+            ds, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+        )
         return DataLoader(ds, batch_size=MICRO, sampler=sampler)
 
 
@@ -284,13 +315,23 @@ def test_ddp_two_processes_log_once_with_local_vs_reduced_noise_scale(tmp_path):
     faulthandler.dump_traceback_later(300, exit=True)  # a deadlock fails the run instead of hanging it
     try:
         _trainer(
-            tmp_path, callbacks, max_steps=3, devices=2, strategy="ddp_spawn", use_distributed_sampler=False,
+            tmp_path,
+            callbacks,
+            max_steps=3,
+            devices=2,
+            strategy="ddp_spawn",
+            use_distributed_sampler=False,
         ).fit(model)
     finally:
         faulthandler.cancel_dump_traceback_later()
     ea = _events(tmp_path / "run")
     tags = ea.Tags()["scalars"]
-    for prefix in ("spectral_entropy/", "stable_rank/", "polar_misalignment/grad_delta_p/", "critical_batch_size/b_simple/"):
+    for prefix in (
+        "spectral_entropy/",
+        "stable_rank/",
+        "polar_misalignment/grad_delta_p/",
+        "critical_batch_size/b_simple/",
+    ):
         for name in HIDDEN:
             assert [e.step for e in ea.Scalars(prefix + name)] == [0, 2]  # logged once per logging step
     # Rank-local micro-batch gradients vs the all-reduced one, summed over the monitored layers.
@@ -307,7 +348,9 @@ def test_ddp_two_processes_log_once_with_local_vs_reduced_noise_scale(tmp_path):
 def test_fsdp2_two_processes_gather_and_log_once(tmp_path):
     script = Path(__file__).parent / "scripts" / "fsdp2_monitors.py"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    done = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     sys.path.insert(0, str(script.parent))
     try:

@@ -66,8 +66,15 @@ def _trainer(tmp_path, callbacks, **kw):
     kw.setdefault("max_steps", 1)
     kw.setdefault("logger", CSVLogger(tmp_path, name="", version="run"))
     return pl.Trainer(
-        accelerator="cpu", devices=1, callbacks=callbacks, enable_checkpointing=False, log_every_n_steps=1,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kw,
+        accelerator="cpu",
+        devices=1,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kw,
     )
 
 
@@ -107,7 +114,7 @@ def test_per_example_step0_matches_vmap_grad(tmp_path, setting):
     # (step through self.optimizers()) all give the brute-force one-batch estimate.
     model = Net(manual=setting == "manual")
     n_micro = 2 if setting == "accumulate" else 1
-    batches = [(model.x[i * MICRO:(i + 1) * MICRO], model.y[i * MICRO:(i + 1) * MICRO]) for i in range(n_micro)]
+    batches = [(model.x[i * MICRO : (i + 1) * MICRO], model.y[i * MICRO : (i + 1) * MICRO]) for i in range(n_micro)]
     monitor = CriticalBatchSizeMonitor(every_n_steps=1)
     _trainer(tmp_path, [monitor], accumulate_grad_batches=n_micro).fit(model)
     assert monitor.mode == "per_example" and monitor.slots == ["fc1.weight", "fc2.weight"]
@@ -130,7 +137,9 @@ def test_per_example_step0_matches_vmap_grad(tmp_path, setting):
             expect = muon_critical_batch_size(G.double(), sigma2.double(), momentum=0.95, batch_size=MICRO).b_crit
             est = muon_critical_batch_size(G.double(), sigma2.double(), momentum=0.95, batch_size=MICRO)
             # noise-dominated at 8 examples (r = 0 or 1 above the noise edge): b_crit NaN or 0; its inputs exact
-            assert _logged(rows, f"critical_batch_size/b_crit/{name}") == pytest.approx(expect.item(), rel=1e-3, nan_ok=True)
+            assert _logged(rows, f"critical_batch_size/b_crit/{name}") == pytest.approx(
+                expect.item(), rel=1e-3, nan_ok=True
+            )
             assert _logged(rows, f"critical_batch_size/sigma2/{name}") == pytest.approx(est.sigma2.item(), rel=1e-4)
             assert _logged(rows, f"critical_batch_size/rank/{name}") == est.rank.item()
     assert all(not m._forward_hooks for m in model.modules())  # hooks gone after the measured step
@@ -191,14 +200,17 @@ class Regression(pl.LightningModule):
 def test_closed_form_linear_regression(tmp_path, estimator, accumulate):
     # Both estimators, measured every step and smoothed (EMA 0.99), against the closed form.
     model = Regression()
-    monitor = CriticalBatchSizeMonitor(every_n_steps=250, include=["proj.weight"], ema=0.99,
-                                       estimator=estimator, sample_every_n_steps=1)
+    monitor = CriticalBatchSizeMonitor(
+        every_n_steps=250, include=["proj.weight"], ema=0.99, estimator=estimator, sample_every_n_steps=1
+    )
     _trainer(tmp_path, [monitor], max_steps=251, accumulate_grad_batches=accumulate).fit(model)
     rows = _rows(tmp_path)
     # Tolerance 15%: the EMA averages ~100 measurements; measured errors 1-7% on this seed.
     assert _logged(rows, "critical_batch_size/trace_sigma", 250) == pytest.approx(model.true_trace, rel=0.15)
     assert _logged(rows, "critical_batch_size/grad_sq", 250) == pytest.approx(model.true_grad_sq, rel=0.15)
-    assert _logged(rows, "critical_batch_size/b_simple", 250) == pytest.approx(model.true_trace / model.true_grad_sq, rel=0.15)
+    assert _logged(rows, "critical_batch_size/b_simple", 250) == pytest.approx(
+        model.true_trace / model.true_grad_sq, rel=0.15
+    )
 
 
 def test_bad_configuration():
@@ -222,7 +234,9 @@ def test_bad_configuration():
 
 def test_misconfigured_trainers(tmp_path):
     with pytest.raises(MisconfigurationException, match="manual optimization"):
-        _trainer(tmp_path, [CriticalBatchSizeMonitor(estimator="two_batch")], accumulate_grad_batches=1).fit(Net(manual=True))
+        _trainer(tmp_path, [CriticalBatchSizeMonitor(estimator="two_batch")], accumulate_grad_batches=1).fit(
+            Net(manual=True)
+        )
     with pytest.raises(MisconfigurationException, match="add a CriticalBatchSizeMonitor"):
         _trainer(tmp_path, [BatchSizeWarmup(64)]).fit(Net())
     with pytest.raises(MisconfigurationException, match="automatic optimization"):
@@ -300,8 +314,14 @@ def _warmup_run(tmp_path, name, max_batch_size=1024, lr_rule="none", epochs=2, c
     monitor = CriticalBatchSizeMonitor(every_n_steps=1000, include=["proj.weight"], sample_every_n_steps=1, ema=0.9)
     warmup = BatchSizeWarmup(max_batch_size=max_batch_size, safety=1.0, min_interval=3, lr_rule=lr_rule, **kw)
     windows = Windows()
-    trainer = _trainer(tmp_path / name, [monitor, warmup, windows], max_steps=-1, max_epochs=epochs,
-                       logger=CSVLogger(tmp_path / name, name="", version="run"), default_root_dir=tmp_path / name)
+    trainer = _trainer(
+        tmp_path / name,
+        [monitor, warmup, windows],
+        max_steps=-1,
+        max_epochs=epochs,
+        logger=CSVLogger(tmp_path / name, name="", version="run"),
+        default_root_dir=tmp_path / name,
+    )
     trainer.fit(model, ckpt_path=ckpt)
     if save:
         trainer.save_checkpoint(save)
@@ -338,15 +358,17 @@ def test_warmup_resumes_from_a_checkpoint_like_an_uninterrupted_run(tmp_path):
     _, resumed, windows, trainer = _warmup_run(tmp_path, "resumed", epochs=2, lr_rule="sqrt", ckpt=tmp_path / "e1.ckpt")
     assert resumed.history == full.history and resumed.accumulate == full.accumulate
     assert resumed.lr_factor == pytest.approx(full.lr_factor)
-    assert windows.windows == full_windows.windows[-len(windows.windows):]  # the second epoch's windows
-    assert windows.lrs == pytest.approx(full_windows.lrs[-len(windows.lrs):])
+    assert windows.windows == full_windows.windows[-len(windows.windows) :]  # the second epoch's windows
+    assert windows.lrs == pytest.approx(full_windows.lrs[-len(windows.lrs) :])
 
 
 def _two_processes(tmp_path, mode):
     script = Path(__file__).parent / "scripts" / "noise_scale_2proc.py"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     out = tmp_path / mode
-    done = subprocess.run([sys.executable, str(script), str(out), mode], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(script), str(out), mode], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
@@ -355,7 +377,8 @@ def _two_process_reference():
     """The first measurement by hand: rank r's first micro-batch is examples r, r + 2, ..., r + 14."""
     sys.path.insert(0, str(Path(__file__).parent / "scripts"))
     try:
-        from noise_scale_2proc import MICRO as micro, data, make_net
+        from noise_scale_2proc import MICRO as micro
+        from noise_scale_2proc import data, make_net
     finally:
         sys.path.pop(0)
     net, (x, y) = make_net(), data()
@@ -398,8 +421,26 @@ def test_warmup_benchmark_prints_the_table_and_saves_a_plot(tmp_path, capsys):
     from benchmarks import batch_size_warmup
 
     plot = tmp_path / "p.png"
-    batch_size_warmup.main(["--seeds", "0", "--batches", "16", "--n-layer", "1", "--n-embd", "16", "--block-size", "16",
-                            "--val-batches", "2", "--max-accumulate", "2", "--plot", str(plot)])
+    batch_size_warmup.main(
+        [
+            "--seeds",
+            "0",
+            "--batches",
+            "16",
+            "--n-layer",
+            "1",
+            "--n-embd",
+            "16",
+            "--block-size",
+            "16",
+            "--val-batches",
+            "2",
+            "--max-accumulate",
+            "2",
+            "--plot",
+            str(plot),
+        ]
+    )
     out = capsys.readouterr().out
     assert "| fixed small (8)" in out and "| fixed large (16)" in out and "| warmup (8 -> <= 16)" in out
     assert "|            16.0 |" in out and "|             8.0 |" in out  # optimizer steps: 16 small, 8 large

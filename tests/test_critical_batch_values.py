@@ -70,8 +70,14 @@ class FixedRegression(pl.LightningModule):
         return DataLoader(TensorDataset(self.x, self.y), batch_size=MICRO, shuffle=False)
 
     def configure_optimizers(self):
-        return Muon([{"params": [self.proj.weight], "use_muon": True}], lr=0.0, momentum=BETA, weight_decay=0.0,
-                    ns_method="svd", ns_dtype="float32")
+        return Muon(
+            [{"params": [self.proj.weight], "use_muon": True}],
+            lr=0.0,
+            momentum=BETA,
+            weight_decay=0.0,
+            ns_method="svd",
+            ns_dtype="float32",
+        )
 
 
 def _b_crit(G, sigma2, B, beta):
@@ -93,12 +99,21 @@ def logged(tmp_path_factory):
     model = FixedRegression()
     logger = MemoryLogger()
     # the two-batch estimator (micro-batch vs accumulated gradient), measured at every step
-    monitor = CriticalBatchSizeMonitor(every_n_steps=100, include=["proj.weight"], ema=0.97, estimator="two_batch",
-                                       sample_every_n_steps=1)
+    monitor = CriticalBatchSizeMonitor(
+        every_n_steps=100, include=["proj.weight"], ema=0.97, estimator="two_batch", sample_every_n_steps=1
+    )
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=101, accumulate_grad_batches=ACCUMULATE, logger=logger,
-        callbacks=[monitor], enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        log_every_n_steps=1000, default_root_dir=tmp_path_factory.mktemp("bcrit"),
+        accelerator="cpu",
+        devices=1,
+        max_steps=101,
+        accumulate_grad_batches=ACCUMULATE,
+        logger=logger,
+        callbacks=[monitor],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1000,
+        default_root_dir=tmp_path_factory.mktemp("bcrit"),
     )
     trainer.fit(model)
     return model, logger.metrics
@@ -144,8 +159,6 @@ def test_b_crit_after_100_steps_matches_closed_form_noise(logged):
     assert metrics[TAG.format("rank")][100] == r == 4
     assert metrics[TAG.format("sigma2")][100] == pytest.approx(true_sigma2, rel=0.15)
     assert metrics[TAG.format("b_crit")][100] == pytest.approx(expected, rel=0.15)
-
-
 
 
 @pytest.mark.parametrize("m, n", [(10, 14), (14, 10)])

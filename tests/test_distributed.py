@@ -23,13 +23,12 @@ from lightning_muon.distributed import assign_owners, shard_rows
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(SCRIPTS))
-from _launch import assert_same_training as _assert_same_training  # noqa: E402
-from _launch import launch as _launch, wait as _wait  # noqa: E402
 import raw_step  # noqa: E402  (the worker's parameters and gradients, for the in-process reference)
+from _launch import assert_same_training as _assert_same_training  # noqa: E402
+from _launch import launch as _launch  # noqa: E402
+from _launch import wait as _wait  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
 
 
 # ---------------------------------------------------------------- in-process: plans and errors
@@ -78,7 +77,8 @@ def test_fsdp1_parameters_refused_at_construction(single_rank_group, use_orig_pa
 
     model = FSDP(
         torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)),
-        device_id=torch.device("cpu"), use_orig_params=use_orig_params,
+        device_id=torch.device("cpu"),
+        use_orig_params=use_orig_params,
     )
     with pytest.raises(ValueError, match="FSDP1") as err:
         Muon(model.named_parameters())
@@ -90,10 +90,12 @@ def test_flat_partition_swapped_in_after_construction_refused_at_step() -> None:
     # DeepSpeed ZeRO-1/2 replace each param group's params by one flat 1-D fp32 partition after
     # the optimizer is built (it needs CUDA, so this reproduces the swap itself).
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
-    opt = Muon([
-        {"params": [model[0].weight, model[1].weight], "use_muon": True},
-        {"params": [model[0].bias, model[1].bias], "use_muon": False},
-    ])
+    opt = Muon(
+        [
+            {"params": [model[0].weight, model[1].weight], "use_muon": True},
+            {"params": [model[0].bias, model[1].bias], "use_muon": False},
+        ]
+    )
     flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in opt.param_groups[0]["params"]]))
     opt.param_groups[0]["params"] = [flat]
     for p in [flat, model[0].bias, model[1].bias]:
@@ -176,18 +178,18 @@ def runs(tmp_path_factory):
         [_launch("raw_step.py", str(dirs[n]), world, mode, "bfloat16") for n, (world, mode) in RAW_RUNS.items()]
         + [_launch("lightning_gpt.py", str(dirs[n]), s, str(e)) for n, (s, e) in FIRST.items()]
     )
-    _wait([
-        _launch("lightning_gpt.py", str(dirs[n]), s, "3", "--resume", str(dirs[src] / ckpt))
-        for n, (s, src, ckpt) in RESUMED.items()
-    ])
+    _wait(
+        [
+            _launch("lightning_gpt.py", str(dirs[n]), s, "3", "--resume", str(dirs[src] / ckpt))
+            for n, (s, src, ckpt) in RESUMED.items()
+        ]
+    )
     return dirs
 
 
 @pytest.fixture(scope="module")
 def raw_runs(runs):
     return {n: [torch.load(f, weights_only=False) for f in sorted(runs[n].glob("rank*.pt"))] for n in RAW_RUNS}
-
-
 
 
 @pytest.mark.parametrize("run", ["ddp", "fsdp"])
@@ -205,8 +207,13 @@ def test_gpt_work_split_and_collectives(runs) -> None:
     per_step = len(single["orthogonalized"]) // len(single["comms"])
     assert per_step == 8 and all(c == {} for c in single["comms"])  # 2 blocks x 4 matrices
     steps = 8  # 2 epochs of the two-rank runs
-    wanted = Counter({tuple(m): c * steps // len(single["comms"]) for m, c in Counter(map(tuple, single["orthogonalized"])).items()})
-    for run, expected in [("ddp", {"c10d._allgather_base_": 4}), ("fsdp", {"c10d.alltoall_base_": 8, "c10d.allreduce_": 1})]:
+    wanted = Counter(
+        {tuple(m): c * steps // len(single["comms"]) for m, c in Counter(map(tuple, single["orthogonalized"])).items()}
+    )
+    for run, expected in [
+        ("ddp", {"c10d._allgather_base_": 4}),
+        ("fsdp", {"c10d.alltoall_base_": 8, "c10d.allreduce_": 1}),
+    ]:
         ranks = [json.loads((runs[run] / f"rank{r}.json").read_text()) for r in range(2)]
         done = [Counter(map(tuple, r["orthogonalized"])) for r in ranks]
         assert sum(done, Counter()) == wanted  # every matrix once per step, on one rank

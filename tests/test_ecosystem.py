@@ -89,8 +89,14 @@ def _trainer(tmp_path, callbacks=(), **kw):
     kw.setdefault("logger", False)
     kw.setdefault("enable_checkpointing", False)
     return pl.Trainer(
-        accelerator="cpu", devices=kw.pop("devices", 1), default_root_dir=tmp_path, callbacks=list(callbacks),
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kw,
+        accelerator="cpu",
+        devices=kw.pop("devices", 1),
+        default_root_dir=tmp_path,
+        callbacks=list(callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kw,
     )
 
 
@@ -129,8 +135,11 @@ def test_monitor_metrics_reach_callback_metrics_with_the_logged_values(tmp_path)
     record = EpochEndMetrics(TAG)
     logger = CSVLogger(tmp_path, name="", version="run")
     trainer = _trainer(
-        tmp_path, [StableRankMonitor(every_n_steps=3), SpectralEntropyMonitor(every_n_steps=2), record],
-        logger=logger, max_epochs=2, log_every_n_steps=1,
+        tmp_path,
+        [StableRankMonitor(every_n_steps=3), SpectralEntropyMonitor(every_n_steps=2), record],
+        logger=logger,
+        max_epochs=2,
+        log_every_n_steps=1,
     )
     trainer.fit(Net())
     logged = _csv_metrics(tmp_path / "run", TAG)
@@ -145,8 +154,14 @@ def test_early_stopping_and_model_checkpoint_on_a_monitor_metric(tmp_path):
     # Reference: 5 epochs, stable rank of both Muon matrices logged every step, the best epoch kept.
     record = EpochEndMetrics(TAG)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor=TAG, mode="max", save_top_k=1, filename="{epoch}")
-    _trainer(tmp_path, [StableRankMonitor(every_n_steps=1), record, ckpt], enable_checkpointing=True,
-             logger=CSVLogger(tmp_path, name="", version="ref"), max_epochs=5, log_every_n_steps=1).fit(Net())
+    _trainer(
+        tmp_path,
+        [StableRankMonitor(every_n_steps=1), record, ckpt],
+        enable_checkpointing=True,
+        logger=CSVLogger(tmp_path, name="", version="ref"),
+        max_epochs=5,
+        log_every_n_steps=1,
+    ).fit(Net())
     values = record.at_epoch_end
     logged = _csv_metrics(tmp_path / "ref", TAG)
     assert values == pytest.approx([logged[4 * e + 3] for e in range(5)], rel=1e-6)  # last step of each epoch
@@ -164,8 +179,12 @@ def test_early_stopping_and_model_checkpoint_on_a_monitor_metric(tmp_path):
         assert values[stop] < min(before), values  # a strictly monotone start in either direction
         mode, threshold = "min", (values[stop] + min(before)) / 2
     early = EarlyStopping(monitor=TAG, mode=mode, stopping_threshold=threshold, patience=100)
-    trainer = _trainer(tmp_path, [StableRankMonitor(every_n_steps=1), early],
-                       logger=CSVLogger(tmp_path, name="", version="es"), max_epochs=5)
+    trainer = _trainer(
+        tmp_path,
+        [StableRankMonitor(every_n_steps=1), early],
+        logger=CSVLogger(tmp_path, name="", version="es"),
+        max_epochs=5,
+    )
     trainer.fit(Net())
     assert early.stopped_epoch == stop and trainer.global_step == 4 * (stop + 1)
 
@@ -192,11 +211,23 @@ def test_ddp_every_rank_gets_the_monitor_metric_and_stops_together(tmp_path):
     # epoch 0 takes 4 steps (accumulate 1), epoch 1 takes 2 (accumulate 2).
     early = EarlyStopping(monitor=TAG, mode="max", min_delta=1e9, patience=1, strict=True)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor=TAG, mode="max", save_top_k=1, filename="{epoch}")
-    callbacks = [GradientAccumulationScheduler({0: 1, 1: 2}), StableRankMonitor(every_n_steps=1),
-                 CriticalBatchSizeMonitor(every_n_steps=1), RankMetrics(str(tmp_path)), early, ckpt]
+    callbacks = [
+        GradientAccumulationScheduler({0: 1, 1: 2}),
+        StableRankMonitor(every_n_steps=1),
+        CriticalBatchSizeMonitor(every_n_steps=1),
+        RankMetrics(str(tmp_path)),
+        early,
+        ckpt,
+    ]
     trainer = _trainer(
-        tmp_path, callbacks, logger=CSVLogger(tmp_path, name="", version="run"), enable_checkpointing=True,
-        log_every_n_steps=1, max_epochs=5, devices=2, strategy="ddp_spawn",
+        tmp_path,
+        callbacks,
+        logger=CSVLogger(tmp_path, name="", version="run"),
+        enable_checkpointing=True,
+        log_every_n_steps=1,
+        max_epochs=5,
+        devices=2,
+        strategy="ddp_spawn",
     )
     trainer.fit(Net(n=2 * N))  # 2 ranks x 4 batches of 16
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -240,8 +271,9 @@ def test_swa_with_one_float_sets_every_group_to_it(tmp_path):
     # Lightning's documented behaviour: a float swa_lrs applies to every param group, so the Muon
     # and AdamW families end at the same lr. README: pass a list to keep the ratio.
     model = Net(lr=0.02, adamw_lr=3e-3, adjust_lr="original")
-    _trainer(tmp_path, [StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1, annealing_epochs=1)],
-             max_epochs=3).fit(model)
+    _trainer(
+        tmp_path, [StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1, annealing_epochs=1)], max_epochs=3
+    ).fit(model)
     assert model.group_lrs[-1] == pytest.approx({"muon": 0.01, "adamw": 0.01, "adamw_no_decay": 0.01})
 
 
@@ -268,8 +300,9 @@ class RatioNet(Net):
     """The README's recipe for a separate AdamW lr: derive it from ``self.lr``, so it follows lr_find."""
 
     def configure_optimizers(self):
-        return configure_muon(self, lr=self.lr, adamw_lr=0.015 * self.lr, adjust_lr="original",
-                              ns_dtype="float32", weight_decay=0.0)
+        return configure_muon(
+            self, lr=self.lr, adamw_lr=0.015 * self.lr, adjust_lr="original", ns_dtype="float32", weight_decay=0.0
+        )
 
 
 def test_lr_find_sweeps_every_group_at_the_same_lr(tmp_path):
@@ -339,8 +372,13 @@ def test_gradient_accumulation_scheduler_with_the_monitors(tmp_path):
     model = Net()
     reference = copy.deepcopy(model)
     scheduler = GradientAccumulationScheduler({0: 1, 1: 2, 2: 4})  # 4, 2, 1 steps in epochs 0, 1, 2
-    _trainer(tmp_path, [scheduler, *monitors, record], logger=CSVLogger(tmp_path, name="", version="run"),
-             log_every_n_steps=1, max_epochs=3).fit(model)
+    _trainer(
+        tmp_path,
+        [scheduler, *monitors, record],
+        logger=CSVLogger(tmp_path, name="", version="run"),
+        log_every_n_steps=1,
+        max_epochs=3,
+    ).fit(model)
     grads, weights = _manual_run(reference, [1, 2, 4])
     assert len(record.grads) == len(grads) == 7
     for got, want in zip(record.grads, grads):
@@ -357,16 +395,21 @@ def test_two_batch_estimator_refuses_a_gradient_accumulation_scheduler_alone(tmp
     # accumulate_grad_batches only when an epoch starts (and requires Trainer(accumulate_grad_batches=1)).
     # Under DDP it works (2 ranks).
     monitor = CriticalBatchSizeMonitor(every_n_steps=1, estimator="two_batch")
-    trainer = _trainer(tmp_path, [GradientAccumulationScheduler({0: 2}), monitor], logger=CSVLogger(tmp_path),
-                       max_epochs=1)
+    trainer = _trainer(
+        tmp_path, [GradientAccumulationScheduler({0: 2}), monitor], logger=CSVLogger(tmp_path), max_epochs=1
+    )
     with pytest.raises(MisconfigurationException, match="needs two batch sizes"):
         trainer.fit(Net())
 
 
 def test_default_estimator_works_under_a_gradient_accumulation_scheduler_alone(tmp_path):
     # The default (per-example norms inside one batch) needs neither accumulation nor processes.
-    trainer = _trainer(tmp_path, [GradientAccumulationScheduler({0: 2}), CriticalBatchSizeMonitor(every_n_steps=1)],
-                       logger=CSVLogger(tmp_path, name="", version="run"), max_epochs=1)
+    trainer = _trainer(
+        tmp_path,
+        [GradientAccumulationScheduler({0: 2}), CriticalBatchSizeMonitor(every_n_steps=1)],
+        logger=CSVLogger(tmp_path, name="", version="run"),
+        max_epochs=1,
+    )
     trainer.fit(Net())
     values = _csv_metrics(tmp_path / "run", "critical_batch_size/trace_sigma")
     assert values and all(math.isfinite(v) and v > 0 for v in values.values())
@@ -498,8 +541,14 @@ def test_fabric_single_process_matches_plain_torch():
 @pytest.mark.slow
 def test_fabric_two_process_ddp_matches_one_process(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), MASTER_PORT=_free_port(), OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, str(SCRIPTS / "fabric_ddp.py"), str(tmp_path), "2"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / "fabric_ddp.py"), str(tmp_path), "2"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     two = torch.load(tmp_path / "world2.pt")
     one = fabric_ddp.run(1)

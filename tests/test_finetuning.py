@@ -55,8 +55,14 @@ class Snapshots(Callback):
 def _trainer(tmp_path, epochs: int, *callbacks) -> L.Trainer:
     finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=UNFREEZE_AT, lambda_func=lambda epoch: 1.5)
     return L.Trainer(
-        max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[finetuning, *callbacks], default_root_dir=tmp_path,
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[finetuning, *callbacks],
+        default_root_dir=tmp_path,
     )
 
 

@@ -18,17 +18,39 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--model.n_layer=1", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
-         "--model.warmup_steps=1", "--data.batch_size=4", "--data.num_workers=0",
-         "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.precision=32-true",
-         "--trainer.max_steps=3", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
-         "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false"]
+SMALL = [
+    "--model.n_layer=1",
+    "--model.n_head=2",
+    "--model.n_embd=32",
+    "--model.block_size=32",
+    "--model.warmup_steps=1",
+    "--data.batch_size=4",
+    "--data.num_workers=0",
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=2",
+    "--trainer.precision=32-true",
+    "--trainer.max_steps=3",
+    "--trainer.val_check_interval=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.log_every_n_steps=1",
+    "--trainer.enable_progress_bar=false",
+]
 
 
 def _cli(config, tmp_path, *extra):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    args = [sys.executable, "-m", "examples.gpt", "fit", "--config", str(ROOT / config), *SMALL,
-            f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}", *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "examples.gpt",
+        "fit",
+        "--config",
+        str(ROOT / config),
+        *SMALL,
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--trainer.default_root_dir={tmp_path}",
+        *extra,
+    ]
     done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     run_dir = next(p for p in tmp_path.rglob("events.out.tfevents*")).parent
@@ -46,8 +68,12 @@ def test_gpt_cli_ddp_two_processes_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_gpt_cli_fsdp2_two_processes_smoke(tmp_path):
-    tags = _cli("examples/configs/gpt2_124m_fsdp2.yaml", tmp_path,
-                "--trainer.strategy.init_args.data_parallel_size=2", "--trainer.max_steps=3")
+    tags = _cli(
+        "examples/configs/gpt2_124m_fsdp2.yaml",
+        tmp_path,
+        "--trainer.strategy.init_args.data_parallel_size=2",
+        "--trainer.max_steps=3",
+    )
     assert "train/loss" in tags and "spectral_entropy/mean" in tags and "lr-Muon/muon" in tags
 
 
@@ -63,14 +89,30 @@ def test_gpt_cli_tensor_parallel_two_processes(tmp_path):
 @pytest.mark.slow
 def test_vit_cli_fsdp2_two_processes_smoke(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    args = [sys.executable, "-m", "examples.vit", "fit", "--config", str(ROOT / "examples/configs/vit_fsdp2.yaml"),
-            "--data.class_path=examples.image_data.DigitsDataModule", "--data.init_args.batch_size=8",
-            "--model.num_layers=1", "--model.hidden_dim=32", "--model.mlp_dim=64",
-            "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.precision=32-true",
-            "--trainer.strategy.init_args.data_parallel_size=2", "--trainer.max_steps=3",
-            "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
-            "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path}",
-            f"--trainer.default_root_dir={tmp_path}"]
+    args = [
+        sys.executable,
+        "-m",
+        "examples.vit",
+        "fit",
+        "--config",
+        str(ROOT / "examples/configs/vit_fsdp2.yaml"),
+        "--data.class_path=examples.image_data.DigitsDataModule",
+        "--data.init_args.batch_size=8",
+        "--model.num_layers=1",
+        "--model.hidden_dim=32",
+        "--model.mlp_dim=64",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.precision=32-true",
+        "--trainer.strategy.init_args.data_parallel_size=2",
+        "--trainer.max_steps=3",
+        "--trainer.val_check_interval=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
     done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     acc = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents*")).parent))

@@ -39,13 +39,25 @@ def test_bin_token_file(tmp_path):
 def test_cli_demo_config_runs_and_writes_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cli = cli_main([
-        "fit", "--config", "examples/configs/gpt_demo.yaml", "--trainer.max_steps=4",
-        "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
-        f"--trainer.logger.init_args.save_dir={tmp_path}", "--model.n_layer=1", "--model.n_embd=32",
-        "--model.block_size=32", "--model.warmup_steps=1", "--data.batch_size=4", "--trainer.enable_progress_bar=false",
-        f"--trainer.default_root_dir={tmp_path}",
-    ])
+    cli = cli_main(
+        [
+            "fit",
+            "--config",
+            "examples/configs/gpt_demo.yaml",
+            "--trainer.max_steps=4",
+            "--trainer.val_check_interval=2",
+            "--trainer.limit_val_batches=1",
+            "--trainer.log_every_n_steps=1",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--model.n_layer=1",
+            "--model.n_embd=32",
+            "--model.block_size=32",
+            "--model.warmup_steps=1",
+            "--data.batch_size=4",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
     assert cli.trainer.global_step == 4
     assert cli.model.model.cfg.vocab_size == cli.datamodule.vocab_size  # linked at instantiation
     run_dir = next(tmp_path.glob("gpt_demo/version_*"))

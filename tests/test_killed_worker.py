@@ -12,8 +12,9 @@ SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
 
 
 def _launch(*args, check=True):
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
-                          timeout=600, check=check)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=600, check=check
+    )
 
 
 @pytest.mark.slow

@@ -41,21 +41,39 @@ class Regressor(L.LightningModule):
         return DataLoader(_data(), batch_size=32, shuffle=True)
 
     def configure_optimizers(self):
-        return configure_muon(self, lr=0.02, adjust_lr="original", adamw_lr=3e-3,
-                              schedule=self.hparams.schedule, warmup_steps=self.hparams.warmup_steps)
+        return configure_muon(
+            self,
+            lr=0.02,
+            adjust_lr="original",
+            adamw_lr=3e-3,
+            schedule=self.hparams.schedule,
+            warmup_steps=self.hparams.warmup_steps,
+        )
 
 
 def _trainer(tmp_path, **kw):
     kw.setdefault("max_epochs", 6)
-    return L.Trainer(accelerator="cpu", devices=1, default_root_dir=tmp_path, enable_progress_bar=False,
-                     enable_model_summary=False, **kw)
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kw,
+    )
 
 
 def test_tiny_module_loss_goes_down_with_clipping_and_lr_monitor(tmp_path):
     model = Regressor(schedule="cosine", warmup_steps=5)
     monitor = LearningRateMonitor(logging_interval="step")
-    trainer = _trainer(tmp_path, gradient_clip_val=1.0, gradient_clip_algorithm="norm",
-                       callbacks=[monitor], logger=L.pytorch.loggers.CSVLogger(tmp_path), log_every_n_steps=1)
+    trainer = _trainer(
+        tmp_path,
+        gradient_clip_val=1.0,
+        gradient_clip_algorithm="norm",
+        callbacks=[monitor],
+        logger=L.pytorch.loggers.CSVLogger(tmp_path),
+        log_every_n_steps=1,
+    )
     trainer.fit(model)
     first, last = sum(model.losses[:8]) / 8, sum(model.losses[-8:]) / 8
     assert last < 0.5 * first, (first, last)
@@ -76,8 +94,14 @@ def test_gradient_clip_by_value(tmp_path):
     model = Regressor()
     ref_clipped, ref_raw = copy.deepcopy(model), copy.deepcopy(model)
     data = _data()
-    _trainer(tmp_path, max_steps=1, gradient_clip_val=0.01, gradient_clip_algorithm="value", logger=False,
-             enable_checkpointing=False).fit(model, DataLoader(data, batch_size=32))
+    _trainer(
+        tmp_path,
+        max_steps=1,
+        gradient_clip_val=0.01,
+        gradient_clip_algorithm="value",
+        logger=False,
+        enable_checkpointing=False,
+    ).fit(model, DataLoader(data, batch_size=32))
     x, y = data.tensors[0][:32], data.tensors[1][:32]
     for ref, clip in ((ref_clipped, True), (ref_raw, False)):
         opt = ref.configure_optimizers()
@@ -130,9 +154,15 @@ class PlainModule(Regressor):
 
 
 def _cli_args(tmp_path):
-    return ["fit", "--trainer.max_steps=4", "--trainer.accelerator=cpu", "--trainer.logger=false",
-            "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
-            f"--trainer.default_root_dir={tmp_path}"]
+    return [
+        "fit",
+        "--trainer.max_steps=4",
+        "--trainer.accelerator=cpu",
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
 
 
 def test_lightning_cli_top_level_optimizer_routes_by_shape(tmp_path):
@@ -146,8 +176,11 @@ def test_lightning_cli_top_level_optimizer_routes_by_shape(tmp_path):
 
 
 def test_lightning_cli_optimizer_callable_routes_by_name(tmp_path):
-    args = _cli_args(tmp_path) + ["--model.optimizer=lightning_muon.Muon", "--model.optimizer.lr=0.03",
-                                  "--model.optimizer.adjust_lr=original"]
+    args = _cli_args(tmp_path) + [
+        "--model.optimizer=lightning_muon.Muon",
+        "--model.optimizer.lr=0.03",
+        "--model.optimizer.adjust_lr=original",
+    ]
     cli = LightningCLI(CallableModule, args=args, save_config_callback=None)
     opt = cli.trainer.optimizers[0]
     assert isinstance(opt, Muon)

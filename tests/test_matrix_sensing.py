@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from examples.matrix_sensing import (
-    make_problem,
     main,
+    make_problem,
     min_nuclear_norm_interpolant,
     normalized_spectral_entropy,
     nuclear_norm,
@@ -37,7 +37,9 @@ def x_min(problem):
 
 @pytest.fixture(scope="module")
 def runs(problem):
-    return {m: train(problem, m, steps=400, lr=0.05, log_every=50) for m in ("muon_svd", "muon_ns", "gd", "gd_rescaled")}
+    return {
+        m: train(problem, m, steps=400, lr=0.05, log_every=50) for m in ("muon_svd", "muon_ns", "gd", "gd_rescaled")
+    }
 
 
 def test_normalized_entropy_analytic_cases():
@@ -45,7 +47,9 @@ def test_normalized_entropy_analytic_cases():
     # two equal singular values out of four -> ln 2 / ln 4 = 0.5.
     Q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
     assert normalized_spectral_entropy(Q) == pytest.approx(1.0, abs=1e-12)
-    assert normalized_spectral_entropy(torch.outer(torch.randn(5, dtype=torch.float64), torch.randn(7, dtype=torch.float64))) == pytest.approx(0.0, abs=1e-12)
+    assert normalized_spectral_entropy(
+        torch.outer(torch.randn(5, dtype=torch.float64), torch.randn(7, dtype=torch.float64))
+    ) == pytest.approx(0.0, abs=1e-12)
     assert normalized_spectral_entropy(torch.diag(torch.tensor([3.0, 3.0, 0.0, 0.0]))) == pytest.approx(0.5, abs=1e-6)
 
 
@@ -112,8 +116,11 @@ def test_train_rejects_unknown_method(problem):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(schedule="cosine"), "schedule must be one of"), (dict(decay="both"), "decay must be one of"),
-     (dict(weight_decay=-0.1), "weight_decay must be >= 0")],
+    [
+        (dict(schedule="cosine"), "schedule must be one of"),
+        (dict(decay="both"), "decay must be one of"),
+        (dict(weight_decay=-0.1), "weight_decay must be >= 0"),
+    ],
 )
 def test_train_rejects_bad_schedule_and_decay(problem, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -15,9 +15,9 @@ def _exact_polar(G: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("shape", [(16, 16), (8, 32), (48, 12), (3, 5, 7), (2, 3, 20, 10)])
 def test_svd_method_equals_uv_t(shape):
     G = torch.randn(*shape, dtype=torch.float64)
-    O = orthogonalize(G, "svd")
-    assert O.shape == G.shape and O.dtype == G.dtype
-    torch.testing.assert_close(O, _exact_polar(G), atol=1e-10, rtol=0)  # float64 SVD
+    Q = orthogonalize(G, "svd")
+    assert Q.shape == G.shape and Q.dtype == G.dtype
+    torch.testing.assert_close(Q, _exact_polar(G), atol=1e-10, rtol=0)  # float64 SVD
 
 
 @pytest.mark.parametrize("shape, steps", [((64, 128), 8), ((128, 64), 8), ((4, 96, 96), 16)])

@@ -29,11 +29,19 @@ def _set_grads(*param_lists, seed):
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_matches_torch_optim_muon(nesterov):
     # Same (quintic) coefficients, "original" scaling, same momentum, NS in bf16 like torch's:
-    # trajectories agree to bf16 round-off. Observed: identical; tolerance 2% relative per the platform notes (NS in bf16 in
-    # a different operation order drifts about that much over 6 steps).
+    # trajectories agree to bf16 round-off. Observed: identical; tolerance 2% relative per the platform
+    # notes (NS in bf16 in a different operation order drifts about that much over 6 steps).
     ours_p, ref_p = _pair([(32, 16), (16, 32), (24, 24), (24, 24)])
-    ours = Muon([{"params": ours_p, "use_muon": True}], lr=0.02, momentum=0.95, nesterov=nesterov,
-                weight_decay=0.1, ns_method="quintic", adjust_lr="original", ns_dtype="bfloat16")
+    ours = Muon(
+        [{"params": ours_p, "use_muon": True}],
+        lr=0.02,
+        momentum=0.95,
+        nesterov=nesterov,
+        weight_decay=0.1,
+        ns_method="quintic",
+        adjust_lr="original",
+        ns_dtype="bfloat16",
+    )
     ref = torch.optim.Muon(ref_p, lr=0.02, momentum=0.95, nesterov=nesterov, weight_decay=0.1)
     for step in range(6):
         _set_grads(ours_p, ref_p, seed=step)
@@ -45,8 +53,14 @@ def test_matches_torch_optim_muon(nesterov):
 
 def test_adamw_groups_match_torch_adamw_exactly():
     ours_p, ref_p = _pair([(10,), (7, 3), (1, 1, 5)])
-    ours = Muon([{"params": ours_p, "use_muon": False}], lr=0.02, adamw_lr=3e-3,
-                adamw_betas=(0.8, 0.99), adamw_eps=1e-6, adamw_weight_decay=0.05)
+    ours = Muon(
+        [{"params": ours_p, "use_muon": False}],
+        lr=0.02,
+        adamw_lr=3e-3,
+        adamw_betas=(0.8, 0.99),
+        adamw_eps=1e-6,
+        adamw_weight_decay=0.05,
+    )
     ref = torch.optim.AdamW(ref_p, lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05)
     for step in range(5):
         _set_grads(ours_p, ref_p, seed=step)
@@ -63,8 +77,14 @@ def test_update_formula_with_exact_polar():
     W0 = W.detach().clone()
     g = torch.randn(12, 30, dtype=torch.float64)
     W.grad = g.clone()
-    opt = Muon([{"params": [W], "use_muon": True}], lr=0.1, weight_decay=0.2, ns_method="svd",
-               ns_dtype="float64", adjust_lr="spectral")
+    opt = Muon(
+        [{"params": [W], "use_muon": True}],
+        lr=0.1,
+        weight_decay=0.2,
+        ns_method="svd",
+        ns_dtype="float64",
+        adjust_lr="spectral",
+    )
     opt.step()
     U, _, Vh = torch.linalg.svd(g, full_matrices=False)
     expected = (1 - 0.1 * 0.2) * W0 - 0.1 * math.sqrt(12 / 30) * (U @ Vh)
@@ -77,8 +97,14 @@ def test_conv_kernel_flattened_and_scaled_by_flat_shape():
     K0 = K.detach().clone()
     g = torch.randn_like(K0)
     K.grad = g.clone()
-    Muon([{"params": [K], "use_muon": True}], lr=0.1, weight_decay=0.0, ns_method="svd",
-         ns_dtype="float64", adjust_lr="match_rms_adamw").step()
+    Muon(
+        [{"params": [K], "use_muon": True}],
+        lr=0.1,
+        weight_decay=0.0,
+        ns_method="svd",
+        ns_dtype="float64",
+        adjust_lr="match_rms_adamw",
+    ).step()
     step = (K0 - K.detach()).reshape(8, 27)
     expected = 0.1 * 0.2 * math.sqrt(27) * orthogonalize(g.reshape(8, 27), "svd")
     torch.testing.assert_close(step, expected, atol=1e-12, rtol=0)
@@ -152,7 +178,8 @@ def test_param_forms_plain_named_and_groups():
     assert [len(g["params"]) for g in plain.param_groups] == [2, 3]  # embedding is 2-D: Muon
     named = Muon(model.named_parameters(), lr=0.01)
     assert {g["name"]: g["param_names"] for g in named.param_groups} == {
-        "muon": ["proj.weight"], "adamw": ["embed.weight"],
+        "muon": ["proj.weight"],
+        "adamw": ["embed.weight"],
         "adamw_no_decay": ["proj.bias", "norm.weight", "norm.bias"],
     }
     groups = Muon([{"params": [model.proj.weight]}, {"params": [model.proj.bias, model.norm.weight]}], lr=0.01)

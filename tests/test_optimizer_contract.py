@@ -25,8 +25,20 @@ from lightning_muon.distributed import all_finite
 KW = dict(lr=0.02, adjust_lr="original", adamw_lr=3e-3, ns_dtype="float32")  # fp32 NS: fast on any CPU
 
 #: The group keys the previous release (main before this change) wrote into a state dict.
-PREVIOUS_MUON_KEYS = {"params", "param_names", "name", "use_muon", "lr", "momentum", "nesterov", "weight_decay",
-                      "ns_method", "ns_steps", "ns_dtype", "adjust_lr"}
+PREVIOUS_MUON_KEYS = {
+    "params",
+    "param_names",
+    "name",
+    "use_muon",
+    "lr",
+    "momentum",
+    "nesterov",
+    "weight_decay",
+    "ns_method",
+    "ns_steps",
+    "ns_dtype",
+    "adjust_lr",
+}
 PREVIOUS_ADAMW_KEYS = {"params", "param_names", "name", "use_muon", "lr", "betas", "eps", "weight_decay", "foreach"}
 
 
@@ -84,14 +96,34 @@ def test_defaults_hold_both_families():
     """torch: ``Optimizer.defaults`` holds every setting a new group can be filled from."""
     model = Net()
     opt = Muon(
-        muon_param_groups(model), lr=0.02, momentum=0.9, nesterov=False, weight_decay=0.1, ns_method="quintic",
-        ns_steps=4, ns_dtype="float32", adjust_lr="spectral", adamw_lr=1e-3, adamw_betas=(0.8, 0.9),
-        adamw_eps=1e-7, foreach=False,
+        muon_param_groups(model),
+        lr=0.02,
+        momentum=0.9,
+        nesterov=False,
+        weight_decay=0.1,
+        ns_method="quintic",
+        ns_steps=4,
+        ns_dtype="float32",
+        adjust_lr="spectral",
+        adamw_lr=1e-3,
+        adamw_betas=(0.8, 0.9),
+        adamw_eps=1e-7,
+        foreach=False,
     )
     assert opt.defaults == {
-        "lr": 0.02, "momentum": 0.9, "nesterov": False, "weight_decay": 0.1, "ns_method": "quintic", "ns_steps": 4,
-        "ns_dtype": "float32", "adjust_lr": "spectral", "adamw_lr": 1e-3, "adamw_betas": (0.8, 0.9),
-        "adamw_eps": 1e-7, "adamw_weight_decay": 0.1, "foreach": False,
+        "lr": 0.02,
+        "momentum": 0.9,
+        "nesterov": False,
+        "weight_decay": 0.1,
+        "ns_method": "quintic",
+        "ns_steps": 4,
+        "ns_dtype": "float32",
+        "adjust_lr": "spectral",
+        "adamw_lr": 1e-3,
+        "adamw_betas": (0.8, 0.9),
+        "adamw_eps": 1e-7,
+        "adamw_weight_decay": 0.1,
+        "foreach": False,
     }
     muon, adamw, no_decay = opt.param_groups
     assert {k: muon[k] for k in ("lr", "momentum", "nesterov", "ns_steps")} == dict(
@@ -164,8 +196,14 @@ def test_add_param_group_dicts_are_filled_from_their_family():
     """torch: missing settings of an added group come from ``defaults``; for AdamW groups from ``adamw_*``."""
     w1, w2, w3 = (nn.Parameter(torch.randn(4, 6)) for _ in range(3))
     b = nn.Parameter(torch.zeros(4))
-    opt = Muon([{"params": [w1], "use_muon": True}], lr=0.02, momentum=0.9, adamw_lr=1e-3, adamw_eps=1e-6,
-               adamw_weight_decay=0.0)
+    opt = Muon(
+        [{"params": [w1], "use_muon": True}],
+        lr=0.02,
+        momentum=0.9,
+        adamw_lr=1e-3,
+        adamw_eps=1e-6,
+        adamw_weight_decay=0.0,
+    )
     opt.add_param_group({"params": [b], "use_muon": False})
     opt.add_param_group({"params": w2, "use_muon": True, "lr": 0.5})
     with warnings.catch_warnings():
@@ -174,8 +212,19 @@ def test_add_param_group_dicts_are_filled_from_their_family():
     g_b, g_w2, g_w3 = opt.param_groups[1:]
     assert set(g_b) == {"params", "use_muon", "name", "lr", "betas", "eps", "weight_decay", "foreach"}
     assert (g_b["lr"], g_b["eps"], g_b["weight_decay"], g_b["betas"]) == (1e-3, 1e-6, 0.0, (0.9, 0.95))
-    assert set(g_w2) == {"params", "use_muon", "name", "lr", "momentum", "nesterov", "weight_decay", "ns_method",
-                         "ns_steps", "ns_dtype", "adjust_lr"}
+    assert set(g_w2) == {
+        "params",
+        "use_muon",
+        "name",
+        "lr",
+        "momentum",
+        "nesterov",
+        "weight_decay",
+        "ns_method",
+        "ns_steps",
+        "ns_dtype",
+        "adjust_lr",
+    }
     assert (g_w2["lr"], g_w2["momentum"], g_w3["use_muon"], g_w3["lr"]) == (0.5, 0.9, True, 0.02)
     assert [g["name"] for g in opt.param_groups] == ["muon", "adamw", "muon_1", "muon_2"]
 
@@ -217,8 +266,11 @@ def test_named_group_added_to_an_unnamed_optimizer():
     opt = Muon([{"params": [model.mid.weight], "use_muon": True}], **KW)
     opt.add_param_group({"params": list(model.head.named_parameters(prefix="head"))})
     assert all("param_names" not in g for g in opt.param_groups)
-    assert [(g["name"], g["use_muon"]) for g in opt.param_groups] == [("muon", True), ("adamw", False),
-                                                                         ("adamw_no_decay", False)]
+    assert [(g["name"], g["use_muon"]) for g in opt.param_groups] == [
+        ("muon", True),
+        ("adamw", False),
+        ("adamw_no_decay", False),
+    ]
 
 
 def test_groups_added_later_train_exactly_like_groups_given_at_construction():
@@ -310,9 +362,14 @@ def test_setstate_fills_what_an_older_pickle_lacks():
     assert old.defaults == opt.defaults  # recovered from the groups
     assert (old.nonfinite, old.process_group) == ("raise", "auto")
     model.hidden.requires_grad_(False)
-    old.param_groups = [dict(g, params=[p for p in g["params"] if p is not model.hidden.weight],
-                             param_names=[n for n in g["param_names"] if n != "hidden.weight"])
-                        for g in old.param_groups]
+    old.param_groups = [
+        dict(
+            g,
+            params=[p for p in g["params"] if p is not model.hidden.weight],
+            param_names=[n for n in g["param_names"] if n != "hidden.weight"],
+        )
+        for g in old.param_groups
+    ]
     old.add_param_group({"params": [model.hidden.weight]})
     assert old.param_groups[-1]["momentum"] == 0.95
     _train(model, old, 1)
@@ -439,15 +496,18 @@ def test_mixed_dtypes_in_one_group():
     g = torch.Generator().manual_seed(0)
     mats = [torch.randn(6, 4, generator=g).to(d) for d in dtypes]
     vecs = [torch.randn(6, generator=g).to(d) for d in dtypes]
-    grads = [[torch.randn(6, 4, generator=g) for _ in dtypes] + [torch.randn(6, generator=g) for _ in dtypes]
-             for _ in range(3)]
+    grads = [
+        [torch.randn(6, 4, generator=g) for _ in dtypes] + [torch.randn(6, generator=g) for _ in dtypes]
+        for _ in range(3)
+    ]
 
     def run(indices):
         params = [nn.Parameter((mats + vecs)[i].clone()) for i in indices]
         muon = [p for i, p in zip(indices, params) if i < 3]
         adamw = [p for i, p in zip(indices, params) if i >= 3]
         groups = ([{"params": muon, "use_muon": True}] if muon else []) + (
-            [{"params": adamw, "use_muon": False}] if adamw else [])
+            [{"params": adamw, "use_muon": False}] if adamw else []
+        )
         opt = Muon(groups, lr=0.02, ns_dtype="float32")
         for step in grads:
             for i, p in zip(indices, params):
@@ -503,8 +563,9 @@ def test_svd_steps_with_any_ns_dtype_and_is_exact(ns_dtype):
     w = nn.Parameter(torch.randn(6, 10))
     start = w.detach().clone()
     kwargs = {} if ns_dtype is None else {"ns_dtype": ns_dtype}
-    opt = Muon([{"params": [w], "use_muon": True}], lr=0.1, weight_decay=0.0, adjust_lr="spectral",
-               ns_method="svd", **kwargs)
+    opt = Muon(
+        [{"params": [w], "use_muon": True}], lr=0.1, weight_decay=0.0, adjust_lr="spectral", ns_method="svd", **kwargs
+    )
     w.grad = torch.randn(6, 10, dtype=torch.float64).float()
     opt.step()  # first step: the Nesterov update is proportional to the gradient
     u, _, vh = torch.linalg.svd(w.grad.double(), full_matrices=False)
@@ -521,8 +582,7 @@ def test_large_finite_gradients_step():
     for scale in (1.0, 1e20):
         w = nn.Parameter(torch.ones(8, 12))
         b = nn.Parameter(torch.ones(8))
-        opt = Muon([{"params": [w], "use_muon": True}, {"params": [b], "use_muon": False}], lr=0.05,
-                   ns_dtype="float32")
+        opt = Muon([{"params": [w], "use_muon": True}, {"params": [b], "use_muon": False}], lr=0.05, ns_dtype="float32")
         w.grad, b.grad = grad * scale, torch.full((8,), 3e19)
         opt.step()
         assert all(t.isfinite().all() for t in (w, b))

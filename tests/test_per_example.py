@@ -35,6 +35,7 @@ def _captured(model, x, y):
     def fwd(name):
         def hook(mod, args, out):
             out.register_hook(lambda g: seen.__setitem__(name, (args[0].detach(), g.detach())))
+
         return hook
 
     handles = [m.register_forward_hook(fwd(n)) for n, m in model.named_modules() if n]
@@ -98,7 +99,9 @@ def test_fp32_and_bf16_inputs_are_computed_in_fp32():
 def test_auto_picks_the_cheaper_method():
     # ghost for T (d_in + d_out) < d_in d_out; both give the same numbers anyway
     A, G = torch.randn(2, 3, 64), torch.randn(2, 3, 64)
-    torch.testing.assert_close(linear_grad_norms(A, G, "auto").per_example_sq, linear_grad_norms(A, G, "ghost").per_example_sq)
+    torch.testing.assert_close(
+        linear_grad_norms(A, G, "auto").per_example_sq, linear_grad_norms(A, G, "ghost").per_example_sq
+    )
     from lightning_muon.per_example import _linear_cost
 
     m, g = _linear_cost(3, 64, 64)

@@ -54,8 +54,13 @@ def hardware(monkeypatch):
 
 @pytest.mark.parametrize(
     "flags, expected",
-    [(AVX512_BF16, torch.bfloat16), (AMX, torch.bfloat16), (ARM_BF16, torch.bfloat16),
-     (AVX2, torch.float32), (ARM, torch.float32)],
+    [
+        (AVX512_BF16, torch.bfloat16),
+        (AMX, torch.bfloat16),
+        (ARM_BF16, torch.bfloat16),
+        (AVX2, torch.float32),
+        (ARM, torch.float32),
+    ],
 )
 def test_cpu_flags_decide_without_probe(hardware, flags, expected):
     probes = hardware(cpu=flags, ratio=0.1)  # a probe would say bf16 is faster: it must not run
@@ -77,9 +82,14 @@ def test_ambiguous_cpu_is_probed(hardware, flags, ratio, expected):
 
 @pytest.mark.parametrize(
     "capability, ratio, expected, source",
-    [((9, 0), 9.0, torch.bfloat16, "flags"), ((8, 0), 9.0, torch.bfloat16, "flags"),
-     ((7, 5), 9.0, torch.float16, "flags"), ((7, 0), 9.0, torch.float16, "flags"),
-     ((6, 0), 0.5, torch.float16, "probe"), ((6, 1), 9.0, torch.float32, "probe")],
+    [
+        ((9, 0), 9.0, torch.bfloat16, "flags"),
+        ((8, 0), 9.0, torch.bfloat16, "flags"),
+        ((7, 5), 9.0, torch.float16, "flags"),
+        ((7, 0), 9.0, torch.float16, "flags"),
+        ((6, 0), 0.5, torch.float16, "probe"),
+        ((6, 1), 9.0, torch.float32, "probe"),
+    ],
 )
 def test_cuda_compute_capability(hardware, capability, ratio, expected, source):
     probes = hardware(cuda=capability, ratio=ratio)  # no GPU needed: the capability is pretended
@@ -123,8 +133,15 @@ def _one_step(**kwargs) -> tuple[torch.Tensor, Muon]:
     g = torch.Generator().manual_seed(0)
     W = nn.Parameter(torch.randn(16, 32, generator=g))
     W.grad = torch.randn(16, 32, generator=g)
-    opt = Muon([{"params": [W], "use_muon": True}], lr=0.1, momentum=0.0, nesterov=False,
-               weight_decay=0.0, adjust_lr="spectral", **kwargs)
+    opt = Muon(
+        [{"params": [W], "use_muon": True}],
+        lr=0.1,
+        momentum=0.0,
+        nesterov=False,
+        weight_decay=0.0,
+        adjust_lr="spectral",
+        **kwargs,
+    )
     opt.step()
     return W.detach(), opt
 
@@ -223,7 +240,11 @@ def test_mixed_hardware_ranks_agree_on_float32(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), PORT=_free_port(), OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "tests" / "dist_scripts" / "mixed_hardware.py"), str(tmp_path)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     init, grads = mixed_hardware.make()
     params = [nn.Parameter(p.clone()) for p in init]

@@ -17,11 +17,10 @@ from lightning_muon import Muon
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(SCRIPTS))
-from _launch import launch  # noqa: E402
 import raw_step  # noqa: E402
+from _launch import launch  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
 
 
 def _single_process(seed: int) -> list[torch.Tensor]:
@@ -65,4 +64,4 @@ def test_process_group_none_explicit_group_and_mesh(tmp_path: Path) -> None:
         assert all(torch.equal(a, b) for a, b in zip(r0[label], r1[label]))
         assert all(torch.equal(a, b) for a, b in zip(r0[label], r0["auto"]))
         counts = (r0[f"{label}_orthogonalized"], r1[f"{label}_orthogonalized"])
-        assert sum(counts) == total and 0 < min(counts), (label, counts)
+        assert sum(counts) == total and min(counts) > 0, (label, counts)

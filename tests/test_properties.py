@@ -1,6 +1,5 @@
 """Property tests (hypothesis) for orthogonalize: random shapes and conditioning up to 1e6."""
 
-
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st

@@ -83,10 +83,21 @@ def test_quintic_composition_matches_keller_coefficients():
 class _MatmulShapes(TorchFunctionMode):
     """Records the output shape of every matrix product torch computes inside the block."""
 
-    PRODUCTS = frozenset({
-        torch.mm, torch.bmm, torch.matmul, torch.addmm, torch.baddbmm, torch.Tensor.__matmul__,
-        torch.Tensor.mm, torch.Tensor.bmm, torch.Tensor.matmul, torch.Tensor.addmm, torch.Tensor.baddbmm,
-    })
+    PRODUCTS = frozenset(
+        {
+            torch.mm,
+            torch.bmm,
+            torch.matmul,
+            torch.addmm,
+            torch.baddbmm,
+            torch.Tensor.__matmul__,
+            torch.Tensor.mm,
+            torch.Tensor.bmm,
+            torch.Tensor.matmul,
+            torch.Tensor.addmm,
+            torch.Tensor.baddbmm,
+        }
+    )
 
     def __init__(self):
         super().__init__()
@@ -130,8 +141,17 @@ def test_multi_step_muon_matches_torch_optim_muon(nesterov):
     ours_p = [nn.Parameter(torch.randn(s)) for s in shapes]
     ref_p = [nn.Parameter(p.detach().clone()) for p in ours_p]
     start = [p.detach().clone() for p in ours_p]
-    ours = Muon([{"params": ours_p, "use_muon": True}], lr=0.02, momentum=0.9, nesterov=nesterov,
-                weight_decay=0.1, ns_method="quintic", ns_steps=5, ns_dtype="bfloat16", adjust_lr="original")
+    ours = Muon(
+        [{"params": ours_p, "use_muon": True}],
+        lr=0.02,
+        momentum=0.9,
+        nesterov=nesterov,
+        weight_decay=0.1,
+        ns_method="quintic",
+        ns_steps=5,
+        ns_dtype="bfloat16",
+        adjust_lr="original",
+    )
     ref = torch.optim.Muon(ref_p, lr=0.02, momentum=0.9, nesterov=nesterov, weight_decay=0.1, adjust_lr_fn="original")
     for step in range(8):
         for a, b, g in zip(ours_p, ref_p, _grads(shapes, step)):
@@ -169,8 +189,16 @@ def test_multi_step_update_formula_float64(nesterov, adjust_lr):
     params = [nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in shapes]
     W = [p.detach().clone() for p in params]
     bufs = [torch.zeros_like(w) for w in W]
-    opt = Muon([{"params": params, "use_muon": True}], lr=lr, momentum=beta, nesterov=nesterov, weight_decay=wd,
-               ns_method="svd", ns_dtype="float64", adjust_lr=adjust_lr)
+    opt = Muon(
+        [{"params": params, "use_muon": True}],
+        lr=lr,
+        momentum=beta,
+        nesterov=nesterov,
+        weight_decay=wd,
+        ns_method="svd",
+        ns_dtype="float64",
+        adjust_lr=adjust_lr,
+    )
     for step in range(5):
         grads = [g.double() for g in _grads(shapes, step)]
         for p, g in zip(params, grads):

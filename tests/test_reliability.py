@@ -16,8 +16,12 @@ SCRIPTS = Path(__file__).parent / "scripts"
 
 
 def _run(*args):
-    subprocess.run([sys.executable, str(SCRIPTS / "train_tiny_gpt.py"), *map(str, args)], check=True,
-                   capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, str(SCRIPTS / "train_tiny_gpt.py"), *map(str, args)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
 
 
 def _assert_same_state(a, b):
@@ -68,8 +72,15 @@ def test_accumulation_orthogonalises_once_per_optimizer_step(tmp_path, monkeypat
     real = mod.orthogonalize
     monkeypatch.setattr(mod, "orthogonalize", lambda G, *a, **k: calls.append(G.shape[0]) or real(G, *a, **k))
     data = TensorDataset(torch.randn(64, 8), torch.randn(64, 1))
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, accumulate_grad_batches=4, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        accumulate_grad_batches=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(Counting(4), DataLoader(data, batch_size=4))
     # 16 micro-batches / 4 = 4 optimizer steps; one batched call per step (the two hidden
     # matrices have different shapes: (16, 8) and (16, 16), so two buckets per step).
@@ -86,9 +97,16 @@ def _fit_teacher(precision):
     model = Counting(1)
     with torch.no_grad():
         before = nn.functional.mse_loss(model(x), y).item()
-    trainer = L.Trainer(accelerator="cpu", max_epochs=4, precision=precision, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        gradient_clip_val=1.0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=4,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=1.0,
+    )
     trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=16))
     assert isinstance(trainer.optimizers[0], Muon) and trainer.global_step == 64
     dtypes = {p.dtype for p in model.parameters()}

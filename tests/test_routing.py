@@ -21,7 +21,9 @@ def test_gpt_with_tied_embeddings():
     model = GPT(GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32))
     routes = route_parameters(model)
     g = _groups(routes)
-    assert g["wte.weight"] == "adamw" and "tied: lm_head.weight" in next(r.reason for r in routes if r.name == "wte.weight")
+    assert g["wte.weight"] == "adamw" and "tied: lm_head.weight" in next(
+        r.reason for r in routes if r.name == "wte.weight"
+    )
     assert "lm_head.weight" not in g  # one tensor, routed once
     assert g["wpe.weight"] == "adamw"
     for i in range(2):
@@ -59,8 +61,13 @@ class SmallCNN(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
         )
         self.classifier = nn.Linear(32, 10)
 
@@ -81,8 +88,15 @@ def test_small_cnn_and_a_step():
     assert g["classifier.weight"] == "adamw"
     # One step: each parameter gets its group's rule. Exact polar factor (svd) for the references.
     lr, wd = 0.02, 0.01
-    opt = Muon(muon_param_groups(model), lr=lr, weight_decay=wd, ns_method="svd", ns_dtype="float32",
-               adjust_lr="match_rms_adamw", adamw_eps=1e-8)
+    opt = Muon(
+        muon_param_groups(model),
+        lr=lr,
+        weight_decay=wd,
+        ns_method="svd",
+        ns_dtype="float32",
+        adjust_lr="match_rms_adamw",
+        adamw_eps=1e-8,
+    )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss = nn.functional.cross_entropy(model(torch.randn(4, 3, 8, 8)), torch.tensor([0, 1, 2, 3]))
     loss.backward()
@@ -95,8 +109,12 @@ def test_small_cnn_and_a_step():
         scale = 0.2 * max(U.shape[0], Vh.shape[1]) ** 0.5  # match_rms_adamw on the flattened shape
         expected = (1 - lr * wd) * before[name] - lr * scale * (U @ Vh).reshape(before[name].shape).float()
         torch.testing.assert_close(after[name].detach(), expected, atol=1e-6, rtol=0)
-    for name, decay in (("classifier.weight", wd), ("features.0.weight", wd), ("features.1.weight", 0.0),
-                        ("features.0.bias", 0.0)):  # the stem kernel is on AdamW
+    for name, decay in (
+        ("classifier.weight", wd),
+        ("features.0.weight", wd),
+        ("features.1.weight", 0.0),
+        ("features.0.bias", 0.0),
+    ):  # the stem kernel is on AdamW
         # AdamW's first step: bias-corrected moments give g / (|g| + eps).
         g = grads[name]
         expected = (1 - lr * decay) * before[name] - lr * g / (g.abs() + 1e-8)
@@ -132,7 +150,8 @@ def test_warnings_on_suspicious_routing():
         warnings.simplefilter("error")
         routes = route_parameters(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)))
     assert [r.reason for r in routes if r.param.ndim == 2] == [
-        "hidden matrix", "output head (last layer outside the repeated blocks)"
+        "hidden matrix",
+        "output head (last layer outside the repeated blocks)",
     ]
     wide = nn.ModuleDict({"proj": nn.Linear(32, 4096), "head": nn.Linear(4096, 4)})
     with pytest.warns(UserWarning, match="proj.weight .*looks like an embedding"):
@@ -143,7 +162,16 @@ def test_warnings_on_suspicious_routing():
 
 
 @pytest.mark.parametrize(
-    "shape, ok", [((4, 4), True), ((8, 3, 3, 3), True), ((4,), False), ((1, 10, 4), False), ((1, 1, 8), False), ((5, 1), False), ((0, 4), False)]
+    "shape, ok",
+    [
+        ((4, 4), True),
+        ((8, 3, 3, 3), True),
+        ((4,), False),
+        ((1, 10, 4), False),
+        ((1, 1, 8), False),
+        ((5, 1), False),
+        ((0, 4), False),
+    ],
 )
 def test_why_not_muon(shape, ok):
     assert (why_not_muon(torch.zeros(shape)) is None) == ok

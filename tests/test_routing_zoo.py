@@ -61,8 +61,20 @@ def _build(name: str, meta: bool = True) -> nn.Module:
 
 def test_the_zoo_is_all_there():
     assert len(ZOO) >= 80, ZOO  # torchvision 0.21-0.29: 80 classification models
-    for family in ("resnet18", "vgg11", "efficientnet_b0", "mobilenet_v3_small", "convnext_tiny", "regnet_x_400mf",
-                   "vit_b_16", "swin_t", "googlenet", "inception_v3", "densenet121", "maxvit_t"):
+    for family in (
+        "resnet18",
+        "vgg11",
+        "efficientnet_b0",
+        "mobilenet_v3_small",
+        "convnext_tiny",
+        "regnet_x_400mf",
+        "vit_b_16",
+        "swin_t",
+        "googlenet",
+        "inception_v3",
+        "densenet121",
+        "maxvit_t",
+    ):
         assert family in ZOO
 
 

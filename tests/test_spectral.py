@@ -86,7 +86,9 @@ def test_power_iteration_warm_start():
 
 def test_conv_kernel_flattened():
     K = torch.randn(8, 3, 3, 3)
-    torch.testing.assert_close(singular_values(as_matrix(K)).double(), torch.linalg.svdvals(K.reshape(8, 27).double()), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        singular_values(as_matrix(K)).double(), torch.linalg.svdvals(K.reshape(8, 27).double()), atol=1e-4, rtol=0
+    )
 
 
 @pytest.mark.parametrize("shape, k", [((64, 96), 4), ((20, 12), 6)])  # lowrank path, exact path

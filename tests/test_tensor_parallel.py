@@ -26,9 +26,10 @@ from lightning_muon.sharded import check_placements, chunk_indices
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(SCRIPTS))
-from _launch import assert_same_training as _assert_same_training  # noqa: E402
-from _launch import launch as _launch, wait as _wait  # noqa: E402
 import tp_step  # noqa: E402  (the worker's parameters, gradients and layouts, for the reference)
+from _launch import assert_same_training as _assert_same_training  # noqa: E402
+from _launch import launch as _launch  # noqa: E402
+from _launch import wait as _wait  # noqa: E402
 
 # Tensor parallelism was verified on torch 2.14.1; on torch 2.9.1 DTensor splits _StridedShard layouts
 # differently and the TP runs do not match one process (README, Installing).
@@ -157,10 +158,12 @@ def raw_runs(tmp_path_factory):
     """The raw torch.distributed runs: 2 x 2 and 1 x 2, then resumed from 2 x 2's DCP checkpoint."""
     dirs = {n: tmp_path_factory.mktemp(n) for n in [*RAW, *RAW_RESUMED]}
     _wait([_launch("tp_step.py", str(dirs[n]), dp, tp, "run") for n, (dp, tp) in RAW.items()])
-    _wait([
-        _launch("tp_step.py", str(dirs[n]), dp, tp, "resume", str(dirs["raw22"] / "dcp"))
-        for n, (dp, tp) in RAW_RESUMED.items()
-    ])
+    _wait(
+        [
+            _launch("tp_step.py", str(dirs[n]), dp, tp, "resume", str(dirs["raw22"] / "dcp"))
+            for n, (dp, tp) in RAW_RESUMED.items()
+        ]
+    )
     return dirs
 
 
@@ -170,11 +173,13 @@ def gpt_runs(tmp_path_factory):
     dirs = {n: tmp_path_factory.mktemp(n) for n in [*GPT, "tp22_to_12", "tp22_to_1", "hsdp"]}
     _wait([_launch("lightning_gpt.py", str(dirs[n]), *args) for n, args in GPT.items()])
     resume = ["--hidden", "98", "--resume", str(dirs["tp22"] / "e1.ckpt")]
-    _wait([
-        _launch("lightning_gpt.py", str(dirs["hsdp"]), "hsdp", "2", "--hidden", "98"),
-        _launch("lightning_gpt.py", str(dirs["tp22_to_12"]), "tp", "3", "--dp", "1", "--tp", "2", *resume),
-        _launch("lightning_gpt.py", str(dirs["tp22_to_1"]), "tp", "3", "--dp", "1", "--tp", "1", *resume),
-    ])
+    _wait(
+        [
+            _launch("lightning_gpt.py", str(dirs["hsdp"]), "hsdp", "2", "--hidden", "98"),
+            _launch("lightning_gpt.py", str(dirs["tp22_to_12"]), "tp", "3", "--dp", "1", "--tp", "2", *resume),
+            _launch("lightning_gpt.py", str(dirs["tp22_to_1"]), "tp", "3", "--dp", "1", "--tp", "1", *resume),
+        ]
+    )
     return dirs
 
 

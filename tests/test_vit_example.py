@@ -13,20 +13,32 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "examples" / "configs" / "vit_demo.yaml")
 
 
-@pytest.mark.parametrize(
-    "optimizer, precision", [("muon", "32-true"), ("adamw", "32-true"), ("muon", "bf16-mixed")]
-)
+@pytest.mark.parametrize("optimizer, precision", [("muon", "32-true"), ("adamw", "32-true"), ("muon", "bf16-mixed")])
 def test_cli_fits_a_few_steps_from_the_demo_config(tmp_path, optimizer, precision):
     # Smoke test of the CLI paths (3 steps): it checks wiring (argument links, optimizer type, log
     # and checkpoint files) and ranges, not training values; those are checked against references
     # in test_optimizer.py, test_reference_updates.py and test_reliability.py (bf16 vs fp32).
-    cli = cli_main([
-        "fit", "--config", DEMO,
-        "--model.optimizer", optimizer, "--trainer.precision", precision,
-        "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
-        "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false",
-        "--trainer.logger.init_args.save_dir", str(tmp_path),
-    ])
+    cli = cli_main(
+        [
+            "fit",
+            "--config",
+            DEMO,
+            "--model.optimizer",
+            optimizer,
+            "--trainer.precision",
+            precision,
+            "--trainer.max_steps",
+            "3",
+            "--trainer.val_check_interval",
+            "3",
+            "--trainer.limit_val_batches",
+            "2",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+        ]
+    )
     trainer = cli.trainer
     assert trainer.global_step == 3
     # model sized from the data module through the CLI's argument links
@@ -52,7 +64,12 @@ def test_muon_routing_on_the_vit():
         assert group_of[id(named[name])] != "muon", name
     for i in range(4):
         block = f"model.encoder.layers.encoder_layer_{i}"
-        for suffix in ("self_attention.in_proj_weight", "self_attention.out_proj.weight", "mlp.0.weight", "mlp.3.weight"):
+        for suffix in (
+            "self_attention.in_proj_weight",
+            "self_attention.out_proj.weight",
+            "mlp.0.weight",
+            "mlp.3.weight",
+        ):
             assert group_of[id(named[f"{block}.{suffix}"])] == "muon", suffix
     muon_names = {n for n, p in named.items() if group_of[id(p)] == "muon"}
     assert len(muon_names) == 16  # exactly the 4 attention/MLP matrices of the 4 blocks
@@ -79,7 +96,7 @@ def test_digits_datamodule_yields_real_images_with_a_fixed_split():
     dm.setup("fit")
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (32, 1, 16, 16) and x.dtype == torch.float32
-    assert y.dtype == torch.int64 and 0 <= int(y.min()) and int(y.max()) <= 9
+    assert y.dtype == torch.int64 and int(y.min()) >= 0 and int(y.max()) <= 9
     n_train, n_val = len(dm.train_set), len(dm.val_set)
     assert (n_train, n_val) == (1438, 359)
     all_labels = torch.cat([dm.train_set.tensors[1], dm.val_set.tensors[1]])

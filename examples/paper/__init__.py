@@ -79,14 +79,26 @@ def run_figures(keys: list[str], out: Path, quick: bool = False) -> list[Section
 
 
 def main(argv: list[str] | None = None) -> list[Section]:
-    ap = argparse.ArgumentParser(prog="python -m examples.paper", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", nargs="+", default=list(FIGURES), metavar="FIG",
-                    help=f"figures to run (default: all of {', '.join(FIGURES)}); commas also separate")
+    ap = argparse.ArgumentParser(
+        prog="python -m examples.paper",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        default=list(FIGURES),
+        metavar="FIG",
+        help=f"figures to run (default: all of {', '.join(FIGURES)}); commas also separate",
+    )
     ap.add_argument("--quick", action="store_true", help="small sizes and few seeds (for tests)")
     ap.add_argument("--out", type=Path, default=Path("runs/paper"))
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads for every figure (1 is fastest for the small matrices; fig5 may gain from more)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for every figure (1 is fastest for the small matrices; fig5 may gain from more)",
+    )
     argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
     keys = [k for item in args.only for k in item.split(",") if k]
@@ -100,19 +112,21 @@ def main(argv: list[str] | None = None) -> list[Section]:
     total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     stamp = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}"
-    header = "\n".join([
-        "# Reproducing \"The Spectral Dynamics and Noise Geometry of Muon\" (arXiv 2606.08388)",
-        "",
-        "Every figure below was run by `python -m examples.paper` (the table says when; figures run by separate "
-        "`--only` invocations into the same `--out` are collected here). Last invocation:  ",
-        f"`{' '.join(['python -m examples.paper', *argv])}` at {stamp} UTC on {_cpu()} "
-        f"({os.cpu_count()} cores, torch CPU capability {torch.backends.cpu.get_cpu_capability()}), "
-        f"torch {torch.__version__}, {args.threads} torch thread(s)"
-        f"{' (quick sizes)' if args.quick else ''}: {total:.0f} s wall, {cpu:.0f} s CPU time of this process; "
-        f"1-minute load average at the end {load:.1f} (wall time is inflated by other processes when the load "
-        "exceeds the core count; CPU time is not).",
-        "",
-    ])
+    header = "\n".join(
+        [
+            '# Reproducing "The Spectral Dynamics and Noise Geometry of Muon" (arXiv 2606.08388)',
+            "",
+            "Every figure below was run by `python -m examples.paper` (the table says when; figures run by separate "
+            "`--only` invocations into the same `--out` are collected here). Last invocation:  ",
+            f"`{' '.join(['python -m examples.paper', *argv])}` at {stamp} UTC on {_cpu()} "
+            f"({os.cpu_count()} cores, torch CPU capability {torch.backends.cpu.get_cpu_capability()}), "
+            f"torch {torch.__version__}, {args.threads} torch thread(s)"
+            f"{' (quick sizes)' if args.quick else ''}: {total:.0f} s wall, {cpu:.0f} s CPU time of this process; "
+            f"1-minute load average at the end {load:.1f} (wall time is inflated by other processes when the load "
+            "exceeds the core count; CPU time is not).",
+            "",
+        ]
+    )
     path = write_report(sections, args.out, header, stamp, list(FIGURES))
     print(f"[paper] wrote {path} ({total:.0f} s)")
     return sections

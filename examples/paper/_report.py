@@ -33,8 +33,13 @@ class Section:
     data: dict[str, Any] = field(default_factory=dict)
 
     def markdown(self) -> str:
-        lines = [f"## {self.title}", "", *([f"![{self.key}]({self.png})", ""] if self.png else []),
-                 "| quantity | paper | ours | setting | seeds |", "|---|---|---|---|---|"]
+        lines = [
+            f"## {self.title}",
+            "",
+            *([f"![{self.key}]({self.png})", ""] if self.png else []),
+            "| quantity | paper | ours | setting | seeds |",
+            "|---|---|---|---|---|",
+        ]
         lines += [f"| {r.quantity} | {r.paper} | {r.ours} | {r.setting} | {r.seeds} |" for r in self.rows]
         if self.choices:
             lines += ["", "Choices where the paper underspecifies:", ""] + [f"- {c}" for c in self.choices]

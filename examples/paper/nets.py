@@ -35,9 +35,18 @@ def _configure(module: L.LightningModule):
     if hp.optimizer != "muon":
         return type(module).__mro__[1].configure_optimizers(module)
     return configure_muon(
-        module, lr=hp.lr, adamw_lr=hp.adamw_lr, weight_decay=hp.weight_decay, momentum=hp.momentum,
-        adjust_lr=hp.adjust_lr, ns_method=hp.ns_method, adamw_betas=tuple(hp.get("betas", (0.9, 0.95))),
-        warmup_steps=hp.warmup_steps, schedule=hp.schedule, max_steps=None, ns_dtype="float32",
+        module,
+        lr=hp.lr,
+        adamw_lr=hp.adamw_lr,
+        weight_decay=hp.weight_decay,
+        momentum=hp.momentum,
+        adjust_lr=hp.adjust_lr,
+        ns_method=hp.ns_method,
+        adamw_betas=tuple(hp.get("betas", (0.9, 0.95))),
+        warmup_steps=hp.warmup_steps,
+        schedule=hp.schedule,
+        max_steps=None,
+        ns_dtype="float32",
     )
 
 
@@ -56,24 +65,52 @@ def run(task: str, optimizer: str, steps: int, out: Path, every: int, quick: boo
     L.seed_everything(0, verbose=False)
     if task == "gpt":
         data = GPTDataModule(block_size=64, batch_size=16)
-        model = PaperGPT(vocab_size=data.vocab_size, block_size=64, n_layer=2 if quick else 4, n_head=4,
-                         n_embd=64 if quick else 128, optimizer=optimizer, lr=0.02, adamw_lr=1e-3,
-                         warmup_steps=max(1, steps // 10), schedule="cosine")
+        model = PaperGPT(
+            vocab_size=data.vocab_size,
+            block_size=64,
+            n_layer=2 if quick else 4,
+            n_head=4,
+            n_embd=64 if quick else 128,
+            optimizer=optimizer,
+            lr=0.02,
+            adamw_lr=1e-3,
+            warmup_steps=max(1, steps // 10),
+            schedule="cosine",
+        )
         val_batches = 4 if quick else 20
     else:
         data = DigitsDataModule(image_size=16, batch_size=64)
-        model = PaperViT(image_size=16, num_channels=1, num_classes=10, patch_size=4,
-                         num_layers=2 if quick else 4, num_heads=4, hidden_dim=64 if quick else 128,
-                         mlp_dim=256 if quick else 512, optimizer=optimizer, lr=0.02, adamw_lr=1e-3)
+        model = PaperViT(
+            image_size=16,
+            num_channels=1,
+            num_classes=10,
+            patch_size=4,
+            num_layers=2 if quick else 4,
+            num_heads=4,
+            hidden_dim=64 if quick else 128,
+            mlp_dim=256 if quick else 512,
+            optimizer=optimizer,
+            lr=0.02,
+            adamw_lr=1e-3,
+        )
         val_batches = 1.0
     shutil.rmtree(out / f"{task}_{optimizer}", ignore_errors=True)  # no stale event files from an earlier run
     logger = TensorBoardLogger(str(out), name=f"{task}_{optimizer}", version=0)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, precision="32-true", max_steps=steps, logger=logger,
+        accelerator="cpu",
+        devices=1,
+        precision="32-true",
+        max_steps=steps,
+        logger=logger,
         callbacks=[StableRankMonitor(every_n_steps=every), SpectralEntropyMonitor(every_n_steps=every)],
-        val_check_interval=steps, check_val_every_n_epoch=None, limit_val_batches=val_batches,
-        log_every_n_steps=every, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0,
+        val_check_interval=steps,
+        check_val_every_n_epoch=None,
+        limit_val_batches=val_batches,
+        log_every_n_steps=every,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
     )
     trainer.fit(model, data)
     return read_scalars(Path(logger.log_dir))
@@ -81,8 +118,11 @@ def run(task: str, optimizer: str, steps: int, out: Path, every: int, quick: boo
 
 def _layers(scalars: dict, prefix: str = "stable_rank/") -> dict[str, float]:
     skip = {"mean", "min", "max"}
-    return {tag[len(prefix):]: pts[-1][1] for tag, pts in scalars.items()
-            if tag.startswith(prefix) and tag[len(prefix):] not in skip}
+    return {
+        tag[len(prefix) :]: pts[-1][1]
+        for tag, pts in scalars.items()
+        if tag.startswith(prefix) and tag[len(prefix) :] not in skip
+    }
 
 
 def fig5(out: Path, quick: bool = False) -> Section:
@@ -119,29 +159,63 @@ def fig5(out: Path, quick: bool = False) -> Section:
         higher = sum(mu[n] > ad[n] for n in common)
         mean_mu, mean_ad = sum(mu[n] for n in common) / len(common), sum(ad[n] for n in common) / len(common)
         val = {o: res[(task, o)]["val/loss"][-1][1] for o in OPTIMIZERS}
-        setting = (f"{'2 layers, d=64' if quick else '4 layers, d=128'}, {steps[task]} steps, "
-                   + ("block 64, batch 16, KJV chars" if task == "gpt" else "digits 16x16, patch 4, batch 64")
-                   + ", Muon lr 0.02 / AdamW 1e-3, fp32")
-        rows.append(Row(f"{task}: mean final stable rank Muon vs AdamW (layers with Muon higher)",
-                        "Muon preserves stable rank" if task == "gpt" else "-",
-                        f"{mean_mu:.2f} vs {mean_ad:.2f} ({higher}/{len(common)} layers)", setting, "1"))
-        rows.append(Row(f"{task}: final val loss Muon vs AdamW", "Muon lower" if task == "gpt" else "AdamW wins",
-                        f"{val['muon']:.4f} vs {val['adamw']:.4f}", setting, "1"))
+        setting = (
+            f"{'2 layers, d=64' if quick else '4 layers, d=128'}, {steps[task]} steps, "
+            + ("block 64, batch 16, KJV chars" if task == "gpt" else "digits 16x16, patch 4, batch 64")
+            + ", Muon lr 0.02 / AdamW 1e-3, fp32"
+        )
+        rows.append(
+            Row(
+                f"{task}: mean final stable rank Muon vs AdamW (layers with Muon higher)",
+                "Muon preserves stable rank" if task == "gpt" else "-",
+                f"{mean_mu:.2f} vs {mean_ad:.2f} ({higher}/{len(common)} layers)",
+                setting,
+                "1",
+            )
+        )
+        rows.append(
+            Row(
+                f"{task}: final val loss Muon vs AdamW",
+                "Muon lower" if task == "gpt" else "AdamW wins",
+                f"{val['muon']:.4f} vs {val['adamw']:.4f}",
+                setting,
+                "1",
+            )
+        )
         if task == "vit":
             acc = {o: res[(task, o)]["val/acc"][-1][1] for o in OPTIMIZERS if "val/acc" in res[(task, o)]}
             if acc:
-                rows.append(Row("vit: final val accuracy Muon vs AdamW", "AdamW wins (CIFAR-10, 5000 steps)",
-                                " vs ".join(f"{acc[o]:.3f}" for o in OPTIMIZERS if o in acc), setting, "1"))
+                rows.append(
+                    Row(
+                        "vit: final val accuracy Muon vs AdamW",
+                        "AdamW wins (CIFAR-10, 5000 steps)",
+                        " vs ".join(f"{acc[o]:.3f}" for o in OPTIMIZERS if o in acc),
+                        setting,
+                        "1",
+                    )
+                )
         summary[task] = dict(mean_muon=mean_mu, mean_adamw=mean_ad, higher=higher, layers=len(common), val=val)
-    notes = [f"Trained with {torch.get_num_threads()} torch thread(s) (`--threads`). Scale: the paper trains 5000 "
-             f"steps (GPT: context 256, batch 64; ViT: CIFAR-10); these are {steps['gpt']} (GPT) / "
-             f"{steps['vit']} (ViT) steps on a 2-core CPU, so the loss comparison is an early-training snapshot, not "
-             "the paper's end point. Curves come from the StableRankMonitor's TensorBoard events "
-             "(EventAccumulator), tags `stable_rank/<layer>`."]
-    choices = ["one seed (0); cosine schedule with 10% warmup for GPT, constant for ViT, as in the demo configs; "
-               "validation once, at the end."]
-    return Section("fig5", "Fig. 5 / Fig. 1: layerwise stable rank, Muon vs AdamW (GPT and ViT)", rows, choices, notes,
-                   png=png, seconds=time.perf_counter() - t0, data=summary)
+    notes = [
+        f"Trained with {torch.get_num_threads()} torch thread(s) (`--threads`). Scale: the paper trains 5000 "
+        f"steps (GPT: context 256, batch 64; ViT: CIFAR-10); these are {steps['gpt']} (GPT) / "
+        f"{steps['vit']} (ViT) steps on a 2-core CPU, so the loss comparison is an early-training snapshot, not "
+        "the paper's end point. Curves come from the StableRankMonitor's TensorBoard events "
+        "(EventAccumulator), tags `stable_rank/<layer>`."
+    ]
+    choices = [
+        "one seed (0); cosine schedule with 10% warmup for GPT, constant for ViT, as in the demo configs; "
+        "validation once, at the end."
+    ]
+    return Section(
+        "fig5",
+        "Fig. 5 / Fig. 1: layerwise stable rank, Muon vs AdamW (GPT and ViT)",
+        rows,
+        choices,
+        notes,
+        png=png,
+        seconds=time.perf_counter() - t0,
+        data=summary,
+    )
 
 
 __all__ = ["fig5", "PaperGPT", "PaperViT"]

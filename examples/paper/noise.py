@@ -130,26 +130,65 @@ def fig4(out: Path, quick: bool = False) -> Section:
         ax.legend(fontsize=8)
     png = save(fig, out / "fig4_noise_geometry.png")
 
-    rows = [Row(f"S(mu), r={r}: closed form / polar_sensitivity / Monte Carlo", "matches r(r-1)/(4 s0^2)",
-                f"{c:.4g} / {p:.4g} / {m:.4g}", f"{r}x{r}, s0={S0}, eps=1e-4 s0", str(samples))
-            for r, c, p, m in s_rows]
+    rows = [
+        Row(
+            f"S(mu), r={r}: closed form / polar_sensitivity / Monte Carlo",
+            "matches r(r-1)/(4 s0^2)",
+            f"{c:.4g} / {p:.4g} / {m:.4g}",
+            f"{r}x{r}, s0={S0}, eps=1e-4 s0",
+            str(samples),
+        )
+        for r, c, p, m in s_rows
+    ]
     ar_b = ar[BETA]
-    rows.append(Row(f"AR(1) stationary variance at beta={BETA}", "(1-b)/(1+b) = 0.0256, not (1-b)^2 = 0.0025",
-                    f"simulated {ar_b:.4f} = {ar_b / ((1 - BETA) / (1 + BETA)):.3f} x (1-b)/(1+b), "
-                    f"{ar_b / (1 - BETA) ** 2:.1f} x (1-b)^2", f"{chains} chains x {steps} steps (2nd half)", "1"))
-    rows.append(Row(f"momentum through the polar map (beta={BETA}): E||dP||^2 / (2 eps^2 S)", "(1-b)/(1+b) = 0.0256",
-                    f"{mom_ratio:.4f}", f"8x8 flat, eps=1e-4, {n_chain} chains", "1"))
-    rows += [Row(f"B_crit, {name}: closed form 2 sigma^2 S/r vs Monte Carlo", "B_crit = 2 sigma^2 S(mu)/r",
-                 f"{c:.4g} vs {m:.4g} ({m / c:.3f}x)", "16x16, sigma^2=1, B=1e4 B_crit", str(samples))
-             for name, c, m in bc_rows]
-    notes = ["Monte Carlo B_crit = B E||polar(mu + sigma Z / sqrt(B)) - polar(mu)||_F^2 / r, i.e. the batch at which "
-             "the relative squared polar error is 1 under linearisation; the right panel shows where that "
-             "linearisation holds (B >> B_crit) and how the error saturates below it."]
-    choices = ["square full-rank mu (the square-G regime): r x r with random orthogonal frames; exact polar (SVD) in "
-               "float64. AR(1) noise is Muon's EMA momentum buf <- beta buf + (1 - beta) g."]
-    return Section("fig4", "Fig. 4: noise geometry (S(mu), the AR(1) momentum factor, B_crit)", rows, choices, notes,
-                   png=png, seconds=time.perf_counter() - t0,
-                   data=dict(s=s_rows, ar=ar, mom_ratio=mom_ratio, bcrit=bc_rows))
+    rows.append(
+        Row(
+            f"AR(1) stationary variance at beta={BETA}",
+            "(1-b)/(1+b) = 0.0256, not (1-b)^2 = 0.0025",
+            f"simulated {ar_b:.4f} = {ar_b / ((1 - BETA) / (1 + BETA)):.3f} x (1-b)/(1+b), "
+            f"{ar_b / (1 - BETA) ** 2:.1f} x (1-b)^2",
+            f"{chains} chains x {steps} steps (2nd half)",
+            "1",
+        )
+    )
+    rows.append(
+        Row(
+            f"momentum through the polar map (beta={BETA}): E||dP||^2 / (2 eps^2 S)",
+            "(1-b)/(1+b) = 0.0256",
+            f"{mom_ratio:.4f}",
+            f"8x8 flat, eps=1e-4, {n_chain} chains",
+            "1",
+        )
+    )
+    rows += [
+        Row(
+            f"B_crit, {name}: closed form 2 sigma^2 S/r vs Monte Carlo",
+            "B_crit = 2 sigma^2 S(mu)/r",
+            f"{c:.4g} vs {m:.4g} ({m / c:.3f}x)",
+            "16x16, sigma^2=1, B=1e4 B_crit",
+            str(samples),
+        )
+        for name, c, m in bc_rows
+    ]
+    notes = [
+        "Monte Carlo B_crit = B E||polar(mu + sigma Z / sqrt(B)) - polar(mu)||_F^2 / r, i.e. the batch at which "
+        "the relative squared polar error is 1 under linearisation; the right panel shows where that "
+        "linearisation holds (B >> B_crit) and how the error saturates below it."
+    ]
+    choices = [
+        "square full-rank mu (the square-G regime): r x r with random orthogonal frames; exact polar (SVD) in "
+        "float64. AR(1) noise is Muon's EMA momentum buf <- beta buf + (1 - beta) g."
+    ]
+    return Section(
+        "fig4",
+        "Fig. 4: noise geometry (S(mu), the AR(1) momentum factor, B_crit)",
+        rows,
+        choices,
+        notes,
+        png=png,
+        seconds=time.perf_counter() - t0,
+        data=dict(s=s_rows, ar=ar, mom_ratio=mom_ratio, bcrit=bc_rows),
+    )
 
 
 __all__ = ["ar1_variance", "fig4", "polar_mse", "spectra", "with_spectrum"]

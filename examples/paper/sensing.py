@@ -106,25 +106,62 @@ def fig3(out: Path, quick: bool = False) -> Section:
     setting_f = f"d=10, p=6, rank {RANK}, same schedule"
     nfam = len(family)
     rows = [
-        Row("large: Muon ||W||_* vs cvxpy minimum", "20.3 vs 14.1 (1.44x)",
-            f"{nuclear_norm(large['runs']['muon_svd'].W):.2f} vs {big_min:.2f} ({large['gap']:.2f}x)", setting_l, "1"),
-        Row("large: gap a quarter into training -> end", "not diminishing",
-            f"{large['gap_at_interp']:.2f}x (step {large['step_interp']}) -> {large['gap']:.2f}x", setting_l, "1"),
-        Row("family: Muon gap min-max, mean", "1.29x-2.02x, mean 1.59x",
-            f"{min(gaps):.2f}x-{max(gaps):.2f}x, mean {sum(gaps) / nfam:.2f}x", setting_f, str(nfam)),
-        Row("family: seeds reaching the minimum (gap < 1.01)", "0 of 10",
-            f"{sum(g < 1.01 for g in gaps)} of {nfam}", setting_f, str(nfam)),
-        Row("normalised entropy Muon vs GD (flatter)", "Muon flatter",
+        Row(
+            "large: Muon ||W||_* vs cvxpy minimum",
+            "20.3 vs 14.1 (1.44x)",
+            f"{nuclear_norm(large['runs']['muon_svd'].W):.2f} vs {big_min:.2f} ({large['gap']:.2f}x)",
+            setting_l,
+            "1",
+        ),
+        Row(
+            "large: gap a quarter into training -> end",
+            "not diminishing",
+            f"{large['gap_at_interp']:.2f}x (step {large['step_interp']}) -> {large['gap']:.2f}x",
+            setting_l,
+            "1",
+        ),
+        Row(
+            "family: Muon gap min-max, mean",
+            "1.29x-2.02x, mean 1.59x",
+            f"{min(gaps):.2f}x-{max(gaps):.2f}x, mean {sum(gaps) / nfam:.2f}x",
+            setting_f,
+            str(nfam),
+        ),
+        Row(
+            "family: seeds reaching the minimum (gap < 1.01)",
+            "0 of 10",
+            f"{sum(g < 1.01 for g in gaps)} of {nfam}",
+            setting_f,
+            str(nfam),
+        ),
+        Row(
+            "normalised entropy Muon vs GD (flatter)",
+            "Muon flatter",
             f"large {large['ent_muon']:.3f} vs {large['ent_gd']:.3f}; family Muon > GD on "
-            f"{sum(f['ent_muon'] > f['ent_gd'] for f in family)} of {nfam}", "both", str(nfam + 1)),
-        Row("norm-matched GD vs Muon: ||W_resc - W_muon|| / ||W_muon||", "does not reproduce Muon",
+            f"{sum(f['ent_muon'] > f['ent_gd'] for f in family)} of {nfam}",
+            "both",
+            str(nfam + 1),
+        ),
+        Row(
+            "norm-matched GD vs Muon: ||W_resc - W_muon|| / ||W_muon||",
+            "does not reproduce Muon",
             f"large {large['resc_vs_muon']:.2f}; family {mean_range([f['resc_vs_muon'] for f in family], 2)} "
-            f"(vs GD: {large['resc_vs_gd']:.0e})", "both", str(nfam + 1)),
-        Row("GD gap to the minimum (family mean; large)", "-",
-            f"{sum(f['gd_gap'] for f in family) / nfam:.2f}x; {large['gd_gap']:.2f}x", "both", str(nfam + 1)),
+            f"(vs GD: {large['resc_vs_gd']:.0e})",
+            "both",
+            str(nfam + 1),
+        ),
+        Row(
+            "GD gap to the minimum (family mean; large)",
+            "-",
+            f"{sum(f['gd_gap'] for f in family) / nfam:.2f}x; {large['gd_gap']:.2f}x",
+            "both",
+            str(nfam + 1),
+        ),
     ]
-    rows += [Row(f"ablation: {k}", "-", f"gap {g:.2f}x (residual {r:.0e})", "large instance", "1")
-             for k, (g, r) in ablations.items()]
+    rows += [
+        Row(f"ablation: {k}", "-", f"gap {g:.2f}x (residual {r:.0e})", "large instance", "1")
+        for k, (g, r) in ablations.items()
+    ]
     choices = [
         f"target rank {RANK} (X* = L R^T / sqrt(d), Gaussian factors), Gaussian A_i; ablation: rank 4.",
         f"init W0 = {INIT} * N(0, 1/d); ablation: 1e-1.",
@@ -133,15 +170,24 @@ def fig3(out: Path, quick: bool = False) -> Section:
         "(a discretised flow that lands on the interpolation set); ablation: constant 0.01.",
         "'p = n = 6, d = 10' read as 10x10 matrices with 6 measurements.",
     ]
-    return Section("fig3", "Fig. 3: nuclear-norm gap (Muon does not find the minimum-nuclear-norm interpolant)",
-                   rows, choices, png=png, seconds=time.perf_counter() - t0,
-                   data=dict(gaps=gaps, large=large["gap"], large_at_interp=large["gap_at_interp"],
-                             family_at_interp=[f["gap_at_interp"] for f in family],
-                             gd_residual=[f["gd_residual"] for f in family] + [large["gd_residual"]],
-                             ent=[(f["ent_muon"], f["ent_gd"]) for f in family]
-                             + [(large["ent_muon"], large["ent_gd"])],
-                             resc_vs_muon=[f["resc_vs_muon"] for f in family] + [large["resc_vs_muon"]],
-                             ablations=ablations))
+    return Section(
+        "fig3",
+        "Fig. 3: nuclear-norm gap (Muon does not find the minimum-nuclear-norm interpolant)",
+        rows,
+        choices,
+        png=png,
+        seconds=time.perf_counter() - t0,
+        data=dict(
+            gaps=gaps,
+            large=large["gap"],
+            large_at_interp=large["gap_at_interp"],
+            family_at_interp=[f["gap_at_interp"] for f in family],
+            gd_residual=[f["gd_residual"] for f in family] + [large["gd_residual"]],
+            ent=[(f["ent_muon"], f["ent_gd"]) for f in family] + [(large["ent_muon"], large["ent_gd"])],
+            resc_vs_muon=[f["resc_vs_muon"] for f in family] + [large["resc_vs_muon"]],
+            ablations=ablations,
+        ),
+    )
 
 
 def _target_frames(problem: Problem, r: int) -> tuple[Tensor, Tensor]:
@@ -165,8 +211,10 @@ def fig7(out: Path, quick: bool = False) -> Section:
         curves[d], after[d], wg_after[d] = [], [], []
         for s in seeds:
             pr = make_problem(n=d, rank=RANK, p=int(FIG7_P_RATIO * d * d), seed=s, underdetermined=False)
-            probes = {"wx": lambda W, pr=pr: sin_theta(W, pr.target, k=RANK),
-                      "wg": lambda W, pr=pr: sin_theta(W, pr.gradient(W), k=RANK)}
+            probes = {
+                "wx": lambda W, pr=pr: sin_theta(W, pr.target, k=RANK),
+                "wg": lambda W, pr=pr: sin_theta(W, pr.gradient(W), k=RANK),
+            }
             run = train(pr, "muon_svd", steps=steps, lr=FIG7_LR, seed=s, log_every=max(1, steps // 50), probes=probes)
             half = len(run.steps) // 2
             curves[d].append((run.steps, run.probes["wx"]))
@@ -176,9 +224,15 @@ def fig7(out: Path, quick: bool = False) -> Section:
     abl = None
     if not quick:
         pr = make_problem(n=20, rank=RANK, p=200, seed=0)
-        run = train(pr, "muon_svd", steps=steps, lr=FIG7_LR, log_every=10,
-                    probes={"wx": lambda W: sin_theta(W, pr.target, k=RANK)})
-        abl = max(run.probes["wx"][len(run.steps) // 2:])
+        run = train(
+            pr,
+            "muon_svd",
+            steps=steps,
+            lr=FIG7_LR,
+            log_every=10,
+            probes={"wx": lambda W: sin_theta(W, pr.target, k=RANK)},
+        )
+        abl = max(run.probes["wx"][len(run.steps) // 2 :])
 
     fig, axes = figure(len(dims))
     for ax, d in zip(axes, dims):
@@ -189,15 +243,34 @@ def fig7(out: Path, quick: bool = False) -> Section:
         ax.set(title=f"d={d}: ||sin Theta(W, X*)||_F, {len(seeds)} seeds", xlabel="step")
         ax.legend(fontsize=8)
     png = save(fig, out / "fig7_sin_theta.png")
-    setting = (f"p={FIG7_P_RATIO} d^2, rank {RANK}, {steps} steps, lr {FIG7_LR} linear decay, "
-               "max over the 2nd half of training")
-    rows = [Row(f"d={d}: max ||sin Theta||_F after the transient (worst seed)", "< 0.1",
-                f"{max(after[d]):.3f} (seeds: {mean_range(after[d])})", setting, str(len(seeds))) for d in dims]
-    rows += [Row(f"d={d}: mean ||sin Theta(W, G)||_F after the transient (frames of W vs the gradient)", "-",
-                 f"{mean_range(wg_after[d], 2)}", setting, str(len(seeds))) for d in dims]
+    setting = (
+        f"p={FIG7_P_RATIO} d^2, rank {RANK}, {steps} steps, lr {FIG7_LR} linear decay, "
+        "max over the 2nd half of training"
+    )
+    rows = [
+        Row(
+            f"d={d}: max ||sin Theta||_F after the transient (worst seed)",
+            "< 0.1",
+            f"{max(after[d]):.3f} (seeds: {mean_range(after[d])})",
+            setting,
+            str(len(seeds)),
+        )
+        for d in dims
+    ]
+    rows += [
+        Row(
+            f"d={d}: mean ||sin Theta(W, G)||_F after the transient (frames of W vs the gradient)",
+            "-",
+            f"{mean_range(wg_after[d], 2)}",
+            setting,
+            str(len(seeds)),
+        )
+        for d in dims
+    ]
     if abl is not None:
-        rows.append(Row("ablation: underdetermined p=200, d=20 (Fig. 3 regime)", "-", f"{abl:.3f}",
-                        f"{steps} steps", "1"))
+        rows.append(
+            Row("ablation: underdetermined p=200, d=20 (Fig. 3 regime)", "-", f"{abl:.3f}", f"{steps} steps", "1")
+        )
     choices = [
         "Theta: principal angles between the top-r singular frames of W and of the target X* (the larger of the "
         "left/right values, `lightning_muon.sin_theta`), r = target rank 2.",
@@ -205,11 +278,20 @@ def fig7(out: Path, quick: bool = False) -> Section:
         "spectrum fills the null space and the top-r frames of W are not the target's.",
         "'after the transient' = the second half of training.",
     ]
-    notes = ["The frames of W against those of the gradient G (the PolarMisalignmentMonitor's sin-Theta) stay near "
-             "sqrt(2)=1.41 (orthogonal): near convergence G is residual noise, not aligned with W; hence the target."]
-    return Section("fig7", "Fig. 7: ||sin Theta||_F during Muon training (matrix sensing)", rows, choices, notes,
-                   png=png, seconds=time.perf_counter() - t0,
-                   data=dict(after={d: after[d] for d in dims}, ablation=abl))
+    notes = [
+        "The frames of W against those of the gradient G (the PolarMisalignmentMonitor's sin-Theta) stay near "
+        "sqrt(2)=1.41 (orthogonal): near convergence G is residual noise, not aligned with W; hence the target."
+    ]
+    return Section(
+        "fig7",
+        "Fig. 7: ||sin Theta||_F during Muon training (matrix sensing)",
+        rows,
+        choices,
+        notes,
+        png=png,
+        seconds=time.perf_counter() - t0,
+        data=dict(after={d: after[d] for d in dims}, ablation=abl),
+    )
 
 
 WD_LAMBDAS = (0.0, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1)
@@ -249,8 +331,17 @@ def fig9(out: Path, quick: bool = False) -> Section:
         probes = {f"a{i}": (lambda W, i=i, U=U, V=V: float(U[:, i] @ W @ V[:, i])) for i in range(WD_RANK)}
         for mode in res:
             for lam in lambdas:
-                run = train(pr, "muon_svd", steps=steps, lr=WD_LR, seed=s, log_every=2, probes=probes,
-                            weight_decay=lam, decay=mode)
+                run = train(
+                    pr,
+                    "muon_svd",
+                    steps=steps,
+                    lr=WD_LR,
+                    seed=s,
+                    log_every=2,
+                    probes=probes,
+                    weight_decay=lam,
+                    decay=mode,
+                )
                 vals = [run.probes[f"a{i}"] for i in range(WD_RANK)]
                 res[mode].setdefault(lam, []).append(atsr(run.steps, vals))
                 shrink[mode].setdefault(lam, []).append(float(min(v[-1] / s_star[i] for i, v in enumerate(vals))))
@@ -267,8 +358,17 @@ def fig9(out: Path, quick: bool = False) -> Section:
                 pr = make_problem(n=20, rank=WD_RANK, p=600, seed=s, underdetermined=False)
                 U, V = _target_frames(pr, WD_RANK)
                 probes = {f"a{i}": (lambda W, i=i, U=U, V=V: float(U[:, i] @ W @ V[:, i])) for i in range(WD_RANK)}
-                run = train(pr, "muon_svd", steps=steps, lr=WD_LR, seed=s, log_every=2, probes=probes,
-                            weight_decay=1e-2, decay=mode)
+                run = train(
+                    pr,
+                    "muon_svd",
+                    steps=steps,
+                    lr=WD_LR,
+                    seed=s,
+                    log_every=2,
+                    probes=probes,
+                    weight_decay=1e-2,
+                    decay=mode,
+                )
                 vals_.append(atsr(run.steps, [run.probes[f"a{i}"] for i in range(WD_RANK)]))
             abl[mode] = sum(vals_) / len(vals_)
 
@@ -286,17 +386,37 @@ def fig9(out: Path, quick: bool = False) -> Section:
         ax.set(title=f"{mode}, lambda={lam_show}: target directions", xlabel="step")
         ax.legend(fontsize=8)
     png = save(fig, out / "fig9_weight_decay.png")
-    setting = (f"sensing d=20, p={WD_P_RATIO} d^2, rank {WD_RANK}, {steps} steps, lr {WD_LR} linear decay, "
-               "exact polar")
-    rows = [Row(f"ATSR stand-in, lambda={lam:g}: coupled / decoupled", "7.54x / 2.28x" if lam == 1e-2 else "-",
-                f"{mean['coupled'][lam]:.2f}x / {mean['decoupled'][lam]:.2f}x", setting, str(len(seeds)))
-            for lam in lambdas]
-    rows += [Row(f"smallest u_i^T W v_i / s_i at the end, lambda={lam:g}: coupled / decoupled", "-",
-                 f"{sum(shrink['coupled'][lam]) / len(seeds):.2f} / {sum(shrink['decoupled'][lam]) / len(seeds):.2f}",
-                 setting, str(len(seeds))) for lam in big]
+    setting = f"sensing d=20, p={WD_P_RATIO} d^2, rank {WD_RANK}, {steps} steps, lr {WD_LR} linear decay, exact polar"
+    rows = [
+        Row(
+            f"ATSR stand-in, lambda={lam:g}: coupled / decoupled",
+            "7.54x / 2.28x" if lam == 1e-2 else "-",
+            f"{mean['coupled'][lam]:.2f}x / {mean['decoupled'][lam]:.2f}x",
+            setting,
+            str(len(seeds)),
+        )
+        for lam in lambdas
+    ]
+    rows += [
+        Row(
+            f"smallest u_i^T W v_i / s_i at the end, lambda={lam:g}: coupled / decoupled",
+            "-",
+            f"{sum(shrink['coupled'][lam]) / len(seeds):.2f} / {sum(shrink['decoupled'][lam]) / len(seeds):.2f}",
+            setting,
+            str(len(seeds)),
+        )
+        for lam in big
+    ]
     if abl:
-        rows.append(Row("ablation: identifiable p=1.5 d^2, lambda=0.01: coupled / decoupled", "-",
-                        f"{abl['coupled']:.2f}x / {abl['decoupled']:.2f}x", "otherwise as above", str(len(seeds))))
+        rows.append(
+            Row(
+                "ablation: identifiable p=1.5 d^2, lambda=0.01: coupled / decoupled",
+                "-",
+                f"{abl['coupled']:.2f}x / {abl['decoupled']:.2f}x",
+                "otherwise as above",
+                str(len(seeds)),
+            )
+        )
     choices = [
         "ATSR is not defined in the text we have. Stand-in: for each of the target's r=4 singular pairs "
         "(u_i, v_i), the step at which u_i^T W v_i first reaches 90% of its final value; ATSR = last / first of "
@@ -306,9 +426,15 @@ def fig9(out: Path, quick: bool = False) -> Section:
         f"underdetermined p = {WD_P_RATIO} d^2 (ablation: the identifiable p = 1.5 d^2, where the gradient dominates "
         "lambda W and the contrast vanishes).",
     ]
-    return Section("fig9", "Fig. 9/10: weight decay phase diagram (coupled vs decoupled)", rows, choices,
-                   png=png, seconds=time.perf_counter() - t0,
-                   data=dict(atsr=mean, raw=res, shrink=shrink, ablation=abl))
+    return Section(
+        "fig9",
+        "Fig. 9/10: weight decay phase diagram (coupled vs decoupled)",
+        rows,
+        choices,
+        png=png,
+        seconds=time.perf_counter() - t0,
+        data=dict(atsr=mean, raw=res, shrink=shrink, ablation=abl),
+    )
 
 
 def fig12(out: Path, quick: bool = False) -> Section:
@@ -320,11 +446,21 @@ def fig12(out: Path, quick: bool = False) -> Section:
     curves: dict[str, list] = {"muon_svd": [], "gd": []}
     for s in seeds:
         pr = make_problem(n=d, rank=RANK, p=int(FIG7_P_RATIO * d * d), seed=s, underdetermined=False)
-        probes = {"dp": lambda W, pr=pr: polar_misalignment(W, pr.gradient(W)),
-                  "sin": lambda W, pr=pr: sin_theta(W, pr.gradient(W), k=RANK)}
+        probes = {
+            "dp": lambda W, pr=pr: polar_misalignment(W, pr.gradient(W)),
+            "sin": lambda W, pr=pr: sin_theta(W, pr.gradient(W), k=RANK),
+        }
         for m in curves:
-            run = train(pr, m, steps=steps, lr=FIG7_LR, gd_lr=stable_gd_lr(pr), seed=s, log_every=max(1, steps // 50),
-                        probes=probes)
+            run = train(
+                pr,
+                m,
+                steps=steps,
+                lr=FIG7_LR,
+                gd_lr=stable_gd_lr(pr),
+                seed=s,
+                log_every=max(1, steps // 50),
+                probes=probes,
+            )
             curves[m].append((run.steps, run.probes["dp"], run.probes["sin"]))
 
     def stat(m: str, idx: int) -> list[float]:
@@ -342,15 +478,30 @@ def fig12(out: Path, quick: bool = False) -> Section:
     png = save(fig, out / "fig12_delta_p.png")
     n = len(curves["muon_svd"][0][0])
     setting = f"d={d}, p=1.5 d^2, rank {RANK}, {steps} steps (Muon lr {FIG7_LR} linear decay; GD step 1/L)"
-    rows = [Row(f"{m}: delta_P at step 0 / mid / end", "measured directly (no number in our text)",
-                f"{mean_range(stat(m, 0), 2)} / {mean_range(stat(m, n // 2), 2)} / {mean_range(stat(m, -1), 2)}",
-                setting, str(len(seeds))) for m in curves]
-    notes = ["delta_P = (||W^T P - P^T W||_F + ||W P^T - P W^T||_F) / (2 ||W||_F ||P||_F), P = polar(G) "
-             "(`lightning_muon.polar_misalignment`, exact SVD): 0 iff W and P share singular vectors, defined for a "
-             "flat spectrum where singular frames (sin Theta) are not."]
-    return Section("fig12", "Fig. 12: basis-free polar misalignment delta_P over training", rows, notes=notes,
-                   png=png, seconds=time.perf_counter() - t0,
-                   data={m: dict(start=stat(m, 0), mid=stat(m, n // 2), end=stat(m, -1)) for m in curves})
+    rows = [
+        Row(
+            f"{m}: delta_P at step 0 / mid / end",
+            "measured directly (no number in our text)",
+            f"{mean_range(stat(m, 0), 2)} / {mean_range(stat(m, n // 2), 2)} / {mean_range(stat(m, -1), 2)}",
+            setting,
+            str(len(seeds)),
+        )
+        for m in curves
+    ]
+    notes = [
+        "delta_P = (||W^T P - P^T W||_F + ||W P^T - P W^T||_F) / (2 ||W||_F ||P||_F), P = polar(G) "
+        "(`lightning_muon.polar_misalignment`, exact SVD): 0 iff W and P share singular vectors, defined for a "
+        "flat spectrum where singular frames (sin Theta) are not."
+    ]
+    return Section(
+        "fig12",
+        "Fig. 12: basis-free polar misalignment delta_P over training",
+        rows,
+        notes=notes,
+        png=png,
+        seconds=time.perf_counter() - t0,
+        data={m: dict(start=stat(m, 0), mid=stat(m, n // 2), end=stat(m, -1)) for m in curves},
+    )
 
 
 __all__ = ["acquisition_steps", "atsr", "fig3", "fig7", "fig9", "fig12", "stable_gd_lr"]

@@ -196,8 +196,14 @@ class BatchSizeWarmup(Callback):
 
     # -------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {"accumulate": self.accumulate, "pending": self.pending, "last_change": self.last_change,
-                "lr_factor": self.lr_factor, "history": list(self.history), "micro_batch": self.micro_batch}
+        return {
+            "accumulate": self.accumulate,
+            "pending": self.pending,
+            "last_change": self.last_change,
+            "lr_factor": self.lr_factor,
+            "history": list(self.history),
+            "micro_batch": self.micro_batch,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.accumulate = state_dict["accumulate"]

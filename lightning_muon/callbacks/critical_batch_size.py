@@ -175,8 +175,12 @@ class CriticalBatchSizeMonitor(SpectralMonitor):
         named = dict(pl_module.named_modules())
         if self.estimator == "layernorm":
             self.mode = "layernorm"
-            self.slots = [n for n, m in named.items() if isinstance(m, _NORMS) and (
-                getattr(m, "weight", None) is not None or getattr(m, "bias", None) is not None)]
+            self.slots = [
+                n
+                for n, m in named.items()
+                if isinstance(m, _NORMS)
+                and (getattr(m, "weight", None) is not None or getattr(m, "bias", None) is not None)
+            ]
             if not self.slots:
                 raise MisconfigurationException(
                     "CriticalBatchSizeMonitor(estimator='layernorm'): the model has no nn.LayerNorm or nn.RMSNorm "
@@ -201,7 +205,8 @@ class CriticalBatchSizeMonitor(SpectralMonitor):
                 )
             if missing:
                 warnings.warn(
-                    f"CriticalBatchSizeMonitor: no per-example estimate for {missing} (not nn.Linear weights)"
+                    f"CriticalBatchSizeMonitor: no per-example estimate for {missing} (not nn.Linear weights)",
+                    stacklevel=2,
                 )
         self.mode = mode
         self._modules = linear
@@ -255,8 +260,13 @@ class CriticalBatchSizeMonitor(SpectralMonitor):
         if self.mode == "layernorm":
             eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
             norms = norm_grad_norms(
-                x, g, len(module.normalized_shape), eps, rms=isinstance(module, nn.RMSNorm),
-                weight=getattr(module, "weight", None) is not None, bias=getattr(module, "bias", None) is not None,
+                x,
+                g,
+                len(module.normalized_shape),
+                eps,
+                rms=isinstance(module, nn.RMSNorm),
+                weight=getattr(module, "weight", None) is not None,
+                bias=getattr(module, "bias", None) is not None,
             )
         else:
             norms = linear_grad_norms(x, g, self.method)
@@ -324,12 +334,13 @@ class CriticalBatchSizeMonitor(SpectralMonitor):
         if trainer.world_size > 1:  # every rank ends with the same numbers (NaN anywhere stays NaN)
             packed = trainer.strategy.reduce(packed, reduce_op="mean")
         n = len(self.slots)
-        small, big, (b_small, b_big) = packed[:n], packed[n:2 * n], packed[2 * n:].tolist()
+        small, big, (b_small, b_big) = packed[:n], packed[n : 2 * n], packed[2 * n :].tolist()
         if self.ema_small is None or self.ema_small.shape != small.shape:
             self.ema_small, self.ema_big = torch.zeros_like(small), torch.zeros_like(big)
             self.ema_counts, self.ema_steps = torch.zeros_like(small), 0
         self.ema_small, self.ema_big, self.ema_counts = (
-            t.to(small.device) for t in (self.ema_small, self.ema_big, self.ema_counts))
+            t.to(small.device) for t in (self.ema_small, self.ema_big, self.ema_counts)
+        )
         fresh = small.isfinite() & big.isfinite()
         self.ema_small = torch.where(fresh, self.ema_small.lerp(small, 1 - self.ema), self.ema_small)
         self.ema_big = torch.where(fresh, self.ema_big.lerp(big, 1 - self.ema), self.ema_big)
@@ -398,10 +409,13 @@ class CriticalBatchSizeMonitor(SpectralMonitor):
                 G, sigma2, momentum=beta, batch_size=global_batch, singular_values_=spectra[n]
             )
             b_crit[f"{p}b_crit/{n}"] = _num(est.b_crit)
-            metrics.update({
-                f"{p}rank/{n}": _num(est.rank), f"{p}sigma2/{n}": _num(est.sigma2),
-                f"{p}sensitivity/{n}": _num(est.sensitivity),
-            })
+            metrics.update(
+                {
+                    f"{p}rank/{n}": _num(est.rank),
+                    f"{p}sigma2/{n}": _num(est.sigma2),
+                    f"{p}sensitivity/{n}": _num(est.sensitivity),
+                }
+            )
         metrics.update(b_crit)
         metrics.update(aggregates(f"{p}b_crit", b_crit))
         return metrics

@@ -92,7 +92,9 @@ class PolarMisalignmentMonitor(SpectralMonitor):
             frames = cache.frames(kind, names, self.k)
             for n in names:
                 (Uw, Vw), (Ux, Vx) = weight_frames[n], frames[n]
-                metrics[f"{self.prefix}{kind}_sin_theta/{n}"] = float(torch.maximum(_frame_sin(Uw, Ux), _frame_sin(Vw, Vx)))
+                metrics[f"{self.prefix}{kind}_sin_theta/{n}"] = float(
+                    torch.maximum(_frame_sin(Uw, Ux), _frame_sin(Vw, Vx))
+                )
         for n in names:
             W, group = cache.matrix("weight", n), groups.get(id(params[n]), {})
             method = group.get("ns_method", "polar_express") if group.get("use_muon") else "polar_express"
@@ -101,5 +103,9 @@ class PolarMisalignmentMonitor(SpectralMonitor):
                 P = orthogonalize(cache.matrix(kind, n), method, steps, dtype=torch.float32)
                 metrics[f"{self.prefix}{kind}_delta_p/{n}"] = float(_delta_p(W, P))
         for m in METRICS:
-            metrics.update(aggregates(f"{self.prefix}{m}", {k: v for k, v in metrics.items() if k.startswith(f"{self.prefix}{m}/")}))
+            metrics.update(
+                aggregates(
+                    f"{self.prefix}{m}", {k: v for k, v in metrics.items() if k.startswith(f"{self.prefix}{m}/")}
+                )
+            )
         return metrics

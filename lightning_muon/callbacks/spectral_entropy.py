@@ -32,7 +32,10 @@ class SpectralEntropyMonitor(SpectralMonitor):
     """
 
     prefix = "spectral_entropy/"
-    charts = {"per layer": r"^spectral_entropy/(?!mean$|min$|max$)", "mean, min, max": r"^spectral_entropy/(mean|min|max)$"}
+    charts = {
+        "per layer": r"^spectral_entropy/(?!mean$|min$|max$)",
+        "mean, min, max": r"^spectral_entropy/(mean|min|max)$",
+    }
 
     def __init__(
         self,

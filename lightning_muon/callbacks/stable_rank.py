@@ -56,8 +56,12 @@ class StableRankMonitor(SpectralMonitor):
         if not trainer.is_global_zero:
             return {}
         # Spectra a SpectralEntropyMonitor computes this step anyway: take sigma_1 from them.
-        shared = {n for c in trainer.callbacks if isinstance(c, SpectralEntropyMonitor)
-                  and trainer.global_step % c.every_n_steps == 0 for n in c.layers}
+        shared = {
+            n
+            for c in trainer.callbacks
+            if isinstance(c, SpectralEntropyMonitor) and trainer.global_step % c.every_n_steps == 0
+            for n in c.layers
+        }
         cache.spectra("weight", [n for n in mats if n in shared])
         sigma = cache.sigma_max("weight", mats, self.vectors, self.num_iters)
         values = {f"{self.prefix}{n}": float(M.square().sum() / sigma[n].square()) for n, M in mats.items()}

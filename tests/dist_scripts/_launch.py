@@ -26,8 +26,12 @@ def launch(script: str, *args: str) -> subprocess.Popen:
     """Run ``script`` (a file of this folder) with this repository first on the path, one thread per rank."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), PORT=free_port(), MASTER_PORT=free_port(), OMP_NUM_THREADS="1")
     return subprocess.Popen(
-        [sys.executable, str(SCRIPTS / script), *args], cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, str(SCRIPTS / script), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 

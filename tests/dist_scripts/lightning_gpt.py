@@ -67,8 +67,12 @@ class TinyGPT(L.LightningModule):
             from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
             if self.device_mesh["tensor_parallel"].size() > 1:
-                plan = {"qkv": ColwiseParallel(), "proj": RowwiseParallel(), "fc": ColwiseParallel(),
-                        "out": RowwiseParallel()}
+                plan = {
+                    "qkv": ColwiseParallel(),
+                    "proj": RowwiseParallel(),
+                    "fc": ColwiseParallel(),
+                    "out": RowwiseParallel(),
+                }
                 for block in self.blocks:
                     parallelize_module(block, self.device_mesh["tensor_parallel"], plan)
             mesh = self.device_mesh["data_parallel"]
@@ -91,8 +95,9 @@ class TinyGPT(L.LightningModule):
         return F.cross_entropy(self(x).flatten(0, 1), y.flatten())
 
     def configure_optimizers(self):
-        return configure_muon(self, lr=0.02, adjust_lr="original", adamw_lr=3e-3, weight_decay=0.01,
-                              ns_dtype=ARGS.ns_dtype)
+        return configure_muon(
+            self, lr=0.02, adjust_lr="original", adamw_lr=3e-3, weight_decay=0.01, ns_dtype=ARGS.ns_dtype
+        )
 
     def train_dataloader(self):
         g = torch.Generator().manual_seed(0)
@@ -148,10 +153,17 @@ def main() -> None:
     else:
         strategy, devices = ("ddp", 2) if ARGS.strategy == "ddp" else ("auto", 1)
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, max_epochs=ARGS.epochs,
-        use_distributed_sampler=False, logger=False, enable_progress_bar=False,
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_epochs=ARGS.epochs,
+        use_distributed_sampler=False,
+        logger=False,
+        enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[L.pytorch.callbacks.ModelCheckpoint(ARGS.out, "e{epoch}", save_top_k=-1, auto_insert_metric_name=False)],
+        callbacks=[
+            L.pytorch.callbacks.ModelCheckpoint(ARGS.out, "e{epoch}", save_top_k=-1, auto_insert_metric_name=False)
+        ],
     )
     count_work_and_comms(ARGS.out, lambda: trainer.global_rank)
     model = TinyGPT(fsdp=ARGS.strategy in ("fsdp", "tp", "hsdp"))

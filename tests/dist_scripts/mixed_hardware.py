@@ -59,8 +59,14 @@ def run(rank: int, mode: str, out: str) -> None:
             p.grad = g
         opt.step()
     full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
-    torch.save({"own": own, "agreed": opt.resolved_ns_dtype(torch.device("cpu")),
-                "params": [full(p.detach()).clone() for p in params]}, os.path.join(out, f"{mode}_rank{rank}.pt"))
+    torch.save(
+        {
+            "own": own,
+            "agreed": opt.resolved_ns_dtype(torch.device("cpu")),
+            "params": [full(p.detach()).clone() for p in params],
+        },
+        os.path.join(out, f"{mode}_rank{rank}.pt"),
+    )
 
 
 if __name__ == "__main__":

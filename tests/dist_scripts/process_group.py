@@ -61,8 +61,11 @@ def worker(rank: int, out: str) -> None:
         result["alone"] = run(0, None)
     result["own"] = run(10 + rank, None)
     dist.barrier()
-    for label, group in [("auto", "auto"), ("group", dist.new_group([0, 1])),
-                         ("mesh", init_device_mesh("cpu", (WORLD,)))]:
+    for label, group in [
+        ("auto", "auto"),
+        ("group", dist.new_group([0, 1])),
+        ("mesh", init_device_mesh("cpu", (WORLD,))),
+    ]:
         counted.clear()
         result[label] = run(0, group)
         result[f"{label}_orthogonalized"] = sum(counted)

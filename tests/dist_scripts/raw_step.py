@@ -74,13 +74,11 @@ def worker(rank: int, world: int, mode: str, ns_dtype: str, out: str) -> None:
         comms.append({str(k): v for k, v in mode_.get_comm_counts().items()})
     full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
     result = {
-            "params": [full(p.detach()).clone() for p in params],
-            "momentum": [full(opt.state[p]["momentum_buffer"]).clone() for p in params if p.ndim >= 2],
-            "momentum_is_local_shard": all(
-                type(opt.state[p]["momentum_buffer"]) is type(p) for p in params if p.ndim >= 2
-            ),
-            "comms": comms,
-            "orthogonalized": counted,
+        "params": [full(p.detach()).clone() for p in params],
+        "momentum": [full(opt.state[p]["momentum_buffer"]).clone() for p in params if p.ndim >= 2],
+        "momentum_is_local_shard": all(type(opt.state[p]["momentum_buffer"]) is type(p) for p in params if p.ndim >= 2),
+        "comms": comms,
+        "orthogonalized": counted,
     }
     if mode == "fsdp":  # a NaN in rank 0's rows only: with nonfinite="skip" every rank skips
         opt.nonfinite = "skip"

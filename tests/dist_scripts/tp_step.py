@@ -155,9 +155,7 @@ def worker(rank: int, world: int, dp: int, tp: int, mode: str, out: str, ckpt: s
         momentum=[full(opt.state[p]["momentum_buffer"]).clone() for p in params if p.ndim >= 2],
         comms=comms,
         orthogonalized=counted,
-        momentum_is_local_shard=all(
-            type(opt.state[p]["momentum_buffer"]) is type(p) for p in params if p.ndim >= 2
-        ),
+        momentum_is_local_shard=all(type(opt.state[p]["momentum_buffer"]) is type(p) for p in params if p.ndim >= 2),
     )
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     if distributed:

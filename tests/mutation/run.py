@@ -67,91 +67,199 @@ class Mutation:
 
 MUTATIONS: list[Mutation] = [
     # ---- Newton–Schulz (lightning_muon/newton_schulz.py)
-    Mutation("pe_coefficient_third_digit", NS,
-             "(4.042929935166739, -2.808917465908714, 0.5000178451051316)",
-             "(4.052929935166739, -2.808917465908714, 0.5000178451051316)", T_NS),
+    Mutation(
+        "pe_coefficient_third_digit",
+        NS,
+        "(4.042929935166739, -2.808917465908714, 0.5000178451051316)",
+        "(4.052929935166739, -2.808917465908714, 0.5000178451051316)",
+        T_NS,
+    ),
     Mutation("pe_norm_scale_1", NS, "norm_scale=1.02", "norm_scale=1.0", T_NS),
     Mutation("pe_norm_eps", NS, "norm_eps=1e-6", "norm_eps=1e-7", T_NS),
     Mutation("no_transpose_tall", NS, "transpose = m > n", "transpose = False", T_NS),
-    Mutation("keller_coefficient", NS, "_KELLER: Coefficients = (3.4445, -4.7750, 2.0315)",
-             "_KELLER: Coefficients = (3.4445, -4.7750, 2.0415)", T_NS),
+    Mutation(
+        "keller_coefficient",
+        NS,
+        "_KELLER: Coefficients = (3.4445, -4.7750, 2.0315)",
+        "_KELLER: Coefficients = (3.4445, -4.7750, 2.0415)",
+        T_NS,
+    ),
     Mutation("ns5_tail_coefficient", NS, "(15 / 8, -10 / 8, 3 / 8)", "(15 / 8, -9 / 8, 3 / 8)", T_NS),
     Mutation("schedule_off_by_one", NS, "if i < len(self.schedule) else", "if i < len(self.schedule) - 1 else", T_NS),
-    Mutation("batched_kernel_b_c_swapped", NS, "torch.baddbmm(A, A, A, beta=b, alpha=c)",
-             "torch.baddbmm(A, A, A, beta=c, alpha=b)", T_NS),
-    Mutation("looped_kernel_b_c_swapped", NS, "torch.addmm(A, A, A, beta=b, alpha=c)",
-             "torch.addmm(A, A, A, beta=c, alpha=b)", T_NS),
+    Mutation(
+        "batched_kernel_b_c_swapped",
+        NS,
+        "torch.baddbmm(A, A, A, beta=b, alpha=c)",
+        "torch.baddbmm(A, A, A, beta=c, alpha=b)",
+        T_NS,
+    ),
+    Mutation(
+        "looped_kernel_b_c_swapped",
+        NS,
+        "torch.addmm(A, A, A, beta=b, alpha=c)",
+        "torch.addmm(A, A, A, beta=c, alpha=b)",
+        T_NS,
+    ),
     # ---- Muon step (lightning_muon/optimizer.py)
-    Mutation("ema_weight", OPT, "torch._foreach_lerp_(bufs, grads, 1 - beta)",
-             "torch._foreach_lerp_(bufs, grads, beta)", T_OPT),
-    Mutation("nesterov_weight", OPT, "torch._foreach_lerp(grads, bufs, beta) if",
-             "torch._foreach_lerp(grads, bufs, 1 - beta) if", T_OPT),
-    Mutation("nesterov_flag_inverted", OPT, 'if group["nesterov"] else bufs', 'if not group["nesterov"] else bufs',
-             T_OPT),
-    Mutation("decay_sign", OPT, 'w.mul_(1 - lr * group["weight_decay"])', 'w.mul_(1 + lr * group["weight_decay"])',
-             T_OPT),
-    Mutation("decay_without_lr", OPT, 'w.mul_(1 - lr * group["weight_decay"])', 'w.mul_(1 - group["weight_decay"])',
-             T_OPT),
-    Mutation("update_sign", OPT, 'alpha=-adjusted_lr(lr, p.shape, group["adjust_lr"])',
-             'alpha=adjusted_lr(lr, p.shape, group["adjust_lr"])', T_OPT),
-    Mutation("original_scale_transposed", OPT, "math.sqrt(max(1.0, m / n))", "math.sqrt(max(1.0, n / m))",
-             T_OPT),
+    Mutation(
+        "ema_weight",
+        OPT,
+        "torch._foreach_lerp_(bufs, grads, 1 - beta)",
+        "torch._foreach_lerp_(bufs, grads, beta)",
+        T_OPT,
+    ),
+    Mutation(
+        "nesterov_weight",
+        OPT,
+        "torch._foreach_lerp(grads, bufs, beta) if",
+        "torch._foreach_lerp(grads, bufs, 1 - beta) if",
+        T_OPT,
+    ),
+    Mutation(
+        "nesterov_flag_inverted", OPT, 'if group["nesterov"] else bufs', 'if not group["nesterov"] else bufs', T_OPT
+    ),
+    Mutation(
+        "decay_sign", OPT, 'w.mul_(1 - lr * group["weight_decay"])', 'w.mul_(1 + lr * group["weight_decay"])', T_OPT
+    ),
+    Mutation(
+        "decay_without_lr", OPT, 'w.mul_(1 - lr * group["weight_decay"])', 'w.mul_(1 - group["weight_decay"])', T_OPT
+    ),
+    Mutation(
+        "update_sign",
+        OPT,
+        'alpha=-adjusted_lr(lr, p.shape, group["adjust_lr"])',
+        'alpha=adjusted_lr(lr, p.shape, group["adjust_lr"])',
+        T_OPT,
+    ),
+    Mutation("original_scale_transposed", OPT, "math.sqrt(max(1.0, m / n))", "math.sqrt(max(1.0, n / m))", T_OPT),
     Mutation("match_rms_min_side", OPT, "0.2 * math.sqrt(max(m, n))", "0.2 * math.sqrt(min(m, n))", T_OPT),
-    Mutation("spectral_scale_transposed", OPT, "lambda m, n: math.sqrt(m / n)", "lambda m, n: math.sqrt(n / m)",
-             T_OPT),
+    Mutation("spectral_scale_transposed", OPT, "lambda m, n: math.sqrt(m / n)", "lambda m, n: math.sqrt(n / m)", T_OPT),
     Mutation("conv_fan_in_not_flattened", OPT, "n = math.prod(shape[1:])", "n = shape[1]", T_OPT),
-    Mutation("adamw_betas_swapped", OPT, 'beta1, beta2 = group["betas"]', 'beta2, beta1 = group["betas"]',
-             T_OPT),
+    Mutation("adamw_betas_swapped", OPT, 'beta1, beta2 = group["betas"]', 'beta2, beta1 = group["betas"]', T_OPT),
     Mutation("adamw_lr_ignored", OPT, "lr=lr if adamw_lr is None else adamw_lr", "lr=lr", T_OPT),
     # ---- DDP / FSDP2 work split (lightning_muon/distributed.py)
-    Mutation("ddp_owner_most_loaded", DIST, "rank = min(range(world), key=lambda r: (load[r], r))",
-             "rank = max(range(world), key=lambda r: (load[r], r))", ["tests/test_distributed.py"],
-             ("-k", "assign_owners or shard_rows")),
-    Mutation("shard_rows_floor", DIST, "size = math.ceil(rows / world) if rows else 0",
-             "size = rows // world if rows else 0", ["tests/test_distributed.py"],
-             ("-k", "assign_owners or shard_rows")),
+    Mutation(
+        "ddp_owner_most_loaded",
+        DIST,
+        "rank = min(range(world), key=lambda r: (load[r], r))",
+        "rank = max(range(world), key=lambda r: (load[r], r))",
+        ["tests/test_distributed.py"],
+        ("-k", "assign_owners or shard_rows"),
+    ),
+    Mutation(
+        "shard_rows_floor",
+        DIST,
+        "size = math.ceil(rows / world) if rows else 0",
+        "size = rows // world if rows else 0",
+        ["tests/test_distributed.py"],
+        ("-k", "assign_owners or shard_rows"),
+    ),
     # ---- spectral diagnostics (lightning_muon/spectral.py)
-    Mutation("entropy_log2", SPEC, "H = -torch.special.xlogy(p, p).sum(-1)",
-             "H = -(p * torch.log2(torch.where(p > 0, p, torch.ones_like(p)))).sum(-1)", T_SPEC),
-    Mutation("entropy_of_squares", SPEC, "p = s / s.sum(-1, keepdim=True)",
-             "p = s**2 / (s**2).sum(-1, keepdim=True)", T_SPEC),
-    Mutation("stable_rank_sigma_not_squared", SPEC, "return X.square().sum((-2, -1)) / sigma.square()",
-             "return X.square().sum((-2, -1)) / sigma", T_SPEC),
-    Mutation("sin_theta_no_sqrt", SPEC, "(k - (Ua.mT @ Ub).square().sum((-2, -1))).clamp_min(0).sqrt()",
-             "(k - (Ua.mT @ Ub).square().sum((-2, -1))).clamp_min(0)", T_SPEC),
+    Mutation(
+        "entropy_log2",
+        SPEC,
+        "H = -torch.special.xlogy(p, p).sum(-1)",
+        "H = -(p * torch.log2(torch.where(p > 0, p, torch.ones_like(p)))).sum(-1)",
+        T_SPEC,
+    ),
+    Mutation(
+        "entropy_of_squares", SPEC, "p = s / s.sum(-1, keepdim=True)", "p = s**2 / (s**2).sum(-1, keepdim=True)", T_SPEC
+    ),
+    Mutation(
+        "stable_rank_sigma_not_squared",
+        SPEC,
+        "return X.square().sum((-2, -1)) / sigma.square()",
+        "return X.square().sum((-2, -1)) / sigma",
+        T_SPEC,
+    ),
+    Mutation(
+        "sin_theta_no_sqrt",
+        SPEC,
+        "(k - (Ua.mT @ Ub).square().sum((-2, -1))).clamp_min(0).sqrt()",
+        "(k - (Ua.mT @ Ub).square().sum((-2, -1))).clamp_min(0)",
+        T_SPEC,
+    ),
     Mutation("delta_p_no_half", SPEC, "num / (2 * W.norm(dim=(-2, -1))", "num / (W.norm(dim=(-2, -1))", T_SPEC),
     Mutation("noise_scale_trace_sign", SPEC, "(1 / b_small - 1 / b_big)", "(1 / b_small + 1 / b_big)", T_SPEC),
-    Mutation("sensitivity_diagonal_included", SPEC,
-             "mask = mask & ~torch.eye(s.shape[-1], dtype=torch.bool, device=s.device)", "mask = mask", T_SPEC),
+    Mutation(
+        "sensitivity_diagonal_included",
+        SPEC,
+        "mask = mask & ~torch.eye(s.shape[-1], dtype=torch.bool, device=s.device)",
+        "mask = mask",
+        T_SPEC,
+    ),
     Mutation("momentum_factor_naive", SPEC, "((1 - momentum) / (1 + momentum))", "((1 - momentum) ** 2)", T_SPEC),
     Mutation("noise_edge_sqrt_of_sum", SPEC, "(m**0.5 + n**0.5)", "(m + n) ** 0.5", T_CBS),
     # ---- monitors (lightning_muon/callbacks/)
-    Mutation("bcrit_ignores_momentum", CBS, 'beta = group.get("momentum", 0.0) if group.get("use_muon") else 0.0',
-             "beta = 0.0", T_CBS),
-    Mutation("micro_batch_scale_not_squared", CBS, "factor = (accumulate / (float(scaler.get_scale()) if scaler is not None else 1.0)) ** 2",
-             "factor = (accumulate / (float(scaler.get_scale()) if scaler is not None else 1.0))", T_CBS),
-    Mutation("ema_bias_correction_off_by_one", CBS, "1 - self.ema**counts, torch.ones_like(counts)",
-             "1 - self.ema ** (counts + 1), torch.ones_like(counts)", T_CBS),
-    Mutation("sigma2_per_row", CBS, "sigma2 = per_slot.trace_sigma[index[n]] / G.numel()",
-             "sigma2 = per_slot.trace_sigma[index[n]] / G.shape[0]", T_CBS),
-    Mutation("misalignment_nesterov_weight", MISALIGN, "return grad.lerp(buf, beta) if",
-             "return grad.lerp(buf, 1 - beta) if", ["tests/test_callbacks.py"]),
+    Mutation(
+        "bcrit_ignores_momentum",
+        CBS,
+        'beta = group.get("momentum", 0.0) if group.get("use_muon") else 0.0',
+        "beta = 0.0",
+        T_CBS,
+    ),
+    Mutation(
+        "micro_batch_scale_not_squared",
+        CBS,
+        "factor = (accumulate / (float(scaler.get_scale()) if scaler is not None else 1.0)) ** 2",
+        "factor = (accumulate / (float(scaler.get_scale()) if scaler is not None else 1.0))",
+        T_CBS,
+    ),
+    Mutation(
+        "ema_bias_correction_off_by_one",
+        CBS,
+        "1 - self.ema**counts, torch.ones_like(counts)",
+        "1 - self.ema ** (counts + 1), torch.ones_like(counts)",
+        T_CBS,
+    ),
+    Mutation(
+        "sigma2_per_row",
+        CBS,
+        "sigma2 = per_slot.trace_sigma[index[n]] / G.numel()",
+        "sigma2 = per_slot.trace_sigma[index[n]] / G.shape[0]",
+        T_CBS,
+    ),
+    Mutation(
+        "misalignment_nesterov_weight",
+        MISALIGN,
+        "return grad.lerp(buf, beta) if",
+        "return grad.lerp(buf, 1 - beta) if",
+        ["tests/test_callbacks.py"],
+    ),
     # ---- routing (lightning_muon/routing.py)
-    Mutation("head_pattern_dropped", ROUTING, '("lm_head", "head", "heads", "classifier", "fc_out", "out_head")',
-             '("lm_head", "heads", "classifier", "fc_out", "out_head")',
-             ["tests/test_routing_defaults.py", "tests/test_routing.py", "tests/test_bad_inputs.py"]),
+    Mutation(
+        "head_pattern_dropped",
+        ROUTING,
+        '("lm_head", "head", "heads", "classifier", "fc_out", "out_head")',
+        '("lm_head", "heads", "classifier", "fc_out", "out_head")',
+        ["tests/test_routing_defaults.py", "tests/test_routing.py", "tests/test_bad_inputs.py"],
+    ),
 ]
 
 
 def _pytest(copy: Path, m: Mutation, timeout: float) -> tuple[str, float, str]:
-    env = dict(os.environ, PYTHONPATH=f"{copy}{os.pathsep}{copy / 'tests' / 'mutation'}", OMP_NUM_THREADS="1",
-               PYTHONDONTWRITEBYTECODE="1")
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "one_thread",
-           *m.pytest_args, *m.tests]
+    env = dict(
+        os.environ,
+        PYTHONPATH=f"{copy}{os.pathsep}{copy / 'tests' / 'mutation'}",
+        OMP_NUM_THREADS="1",
+        PYTHONDONTWRITEBYTECODE="1",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-x",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "one_thread",
+        *m.pytest_args,
+        *m.tests,
+    ]
     start = time.perf_counter()
     try:
-        done = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout,
-                              check=False)
+        done = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return "killed (timeout)", time.perf_counter() - start, ""
     lines = (done.stdout + done.stderr).strip().splitlines()
@@ -165,8 +273,14 @@ def _pytest(copy: Path, m: Mutation, timeout: float) -> tuple[str, float, str]:
 
 def _check_imports_copy(copy: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(copy))
-    out = subprocess.run([sys.executable, "-c", "import lightning_muon; print(lightning_muon.__file__)"],
-                         cwd=copy, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", "import lightning_muon; print(lightning_muon.__file__)"],
+        cwd=copy,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     if not Path(out).resolve().is_relative_to(copy.resolve()):
         raise SystemExit(f"the copy is not the package pytest imports ({out}); check the editable install")
 
@@ -223,8 +337,9 @@ def summary(results: list[dict]) -> str:
     lines += [f"| {r['name']} | {r['file']} | {r['status']} | {r['detail']} | {r['seconds']} |" for r in results]
     score = f"{killed}/{scored} killed ({100 * killed / scored:.0f}%)" if scored else "nothing scored"
     lines.append("")
-    lines.append(f"Score: {score}; {len(equivalent)} equivalent survivors; "
-                 f"{len(missing)} not run (pattern or baseline).")
+    lines.append(
+        f"Score: {score}; {len(equivalent)} equivalent survivors; {len(missing)} not run (pattern or baseline)."
+    )
     return "\n".join(lines)
 
 
@@ -232,11 +347,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="names of the mutations to run (default: all)")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
-    parser.add_argument("--timeout", type=float, default=900,
-                        help="seconds per pytest run (a timeout counts as killed)")
+    parser.add_argument(
+        "--timeout", type=float, default=900, help="seconds per pytest run (a timeout counts as killed)"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--tests", nargs="*",
-                        help="run these test files instead of each mutation's own (e.g. an older suite)")
+    parser.add_argument(
+        "--tests", nargs="*", help="run these test files instead of each mutation's own (e.g. an older suite)"
+    )
     args = parser.parse_args(argv)
     chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
     if args.tests:

@@ -28,8 +28,9 @@ class Tiny(LitGPT):
     def train_dataloader(self):
         tokens = np.random.default_rng(0).integers(0, 40, size=16 * 16 + 1).astype(np.uint16)
         ds = TokenBlocks(tokens, 16)  # 16 samples: 2 ranks x batch 2 -> 4 steps per epoch
-        sampler = DistributedSampler(ds, num_replicas=self.trainer.world_size,
-                                     rank=self.trainer.global_rank, shuffle=False)
+        sampler = DistributedSampler(
+            ds, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+        )
         return DataLoader(ds, batch_size=2, sampler=sampler)
 
 
@@ -59,16 +60,28 @@ def main() -> None:
     recorder = Recorder(args.kill_rank, args.kill_at_step)
     ckpt = ModelCheckpoint(dirpath=args.out / "ckpt", save_last=True, save_top_k=-1, every_n_epochs=1)
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy=DDPStrategy(timeout=timedelta(seconds=60)),
-        max_epochs=args.max_epochs, use_distributed_sampler=False, logger=False,
-        callbacks=[recorder, ckpt], enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=2,
+        strategy=DDPStrategy(timeout=timedelta(seconds=60)),
+        max_epochs=args.max_epochs,
+        use_distributed_sampler=False,
+        logger=False,
+        callbacks=[recorder, ckpt],
+        enable_progress_bar=False,
+        enable_model_summary=False,
         default_root_dir=args.out,
     )
     trainer.fit(model, ckpt_path="last" if args.resume else None)
     if trainer.global_rank == 0:
-        torch.save({"params": {k: v.detach().clone() for k, v in model.named_parameters()},
-                    "optimizer": trainer.optimizers[0].state_dict(), "start_step": recorder.start_step,
-                    "global_step": trainer.global_step}, args.out / "final.pt")
+        torch.save(
+            {
+                "params": {k: v.detach().clone() for k, v in model.named_parameters()},
+                "optimizer": trainer.optimizers[0].state_dict(),
+                "start_step": recorder.start_step,
+                "global_step": trainer.global_step,
+            },
+            args.out / "final.pt",
+        )
 
 
 if __name__ == "__main__":

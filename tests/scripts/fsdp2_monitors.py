@@ -46,8 +46,17 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     include = ["net.0.weight", "net.2.weight"]
     pl.Trainer(
-        accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-        max_steps=3, logger=TensorBoardLogger(sys.argv[1], name="", version="run"),
-        callbacks=[SpectralEntropyMonitor(2, include), StableRankMonitor(2, include), PolarMisalignmentMonitor(2, include, k=4)],
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=2,
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        max_steps=3,
+        logger=TensorBoardLogger(sys.argv[1], name="", version="run"),
+        callbacks=[
+            SpectralEntropyMonitor(2, include),
+            StableRankMonitor(2, include),
+            PolarMisalignmentMonitor(2, include, k=4),
+        ],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     ).fit(Sharded())

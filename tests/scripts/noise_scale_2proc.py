@@ -50,7 +50,9 @@ class Model(pl.LightningModule):
 
     def train_dataloader(self):
         ds = TensorDataset(*data())
-        sampler = DistributedSampler(ds, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False)
+        sampler = DistributedSampler(
+            ds, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+        )
         return DataLoader(ds, batch_size=MICRO, sampler=sampler)
 
     def configure_optimizers(self):
@@ -79,16 +81,33 @@ if __name__ == "__main__":
     out, mode = Path(sys.argv[1]), sys.argv[2]
     fsdp = mode == "fsdp2"
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if fsdp else DDPStrategy()
-    monitor = CriticalBatchSizeMonitor(every_n_steps=10, include=["net.0.weight", "net.2.weight"], sample_every_n_steps=1)
+    monitor = CriticalBatchSizeMonitor(
+        every_n_steps=10, include=["net.0.weight", "net.2.weight"], sample_every_n_steps=1
+    )
     warmup = BatchSizeWarmup(max_batch_size=128, safety=1.0, min_interval=2)
     record = Record(monitor)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy=strategy, max_epochs=1, logger=CSVLogger(out, name="", version="run"),
-        callbacks=[monitor, warmup, record], enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, use_distributed_sampler=False, log_every_n_steps=1,
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_epochs=1,
+        logger=CSVLogger(out, name="", version="run"),
+        callbacks=[monitor, warmup, record],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        log_every_n_steps=1,
     )
     trainer.fit(Model(fsdp))
-    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps({
-        "history": warmup.history, "windows": record.windows, "b_simple": monitor.b_simple(),
-        "first": record.first, "mode": monitor.mode,
-    }))
+    (out / f"rank{trainer.global_rank}.json").write_text(
+        json.dumps(
+            {
+                "history": warmup.history,
+                "windows": record.windows,
+                "b_simple": monitor.b_simple(),
+                "first": record.first,
+                "mode": monitor.mode,
+            }
+        )
+    )

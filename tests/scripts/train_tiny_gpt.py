@@ -24,18 +24,32 @@ def main() -> None:
     L.seed_everything(7, verbose=False)
     tokens = np.random.default_rng(0).integers(0, 40, size=16 * 4 * 17 + 1).astype(np.uint16)
     loader = DataLoader(TokenBlocks(tokens, 16), batch_size=4, shuffle=False)
-    model = LitGPT(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=32, lr=0.02,
-                   warmup_steps=5, schedule="constant")  # a schedule independent of max_epochs
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, deterministic=True)
+    model = LitGPT(
+        vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=32, lr=0.02, warmup_steps=5, schedule="constant"
+    )  # a schedule independent of max_epochs
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=max_epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+    )
     trainer.fit(model, train_dataloaders=loader, ckpt_path=resume)
     out.mkdir(parents=True, exist_ok=True)
     trainer.save_checkpoint(out / "last.ckpt")
     opt = trainer.optimizers[0]
-    torch.save({"params": {k: v.detach().clone() for k, v in model.named_parameters()},
-                "optimizer": opt.state_dict(), "global_step": trainer.global_step,
-                "lr": [g["lr"] for g in opt.param_groups]}, out / "final.pt")
+    torch.save(
+        {
+            "params": {k: v.detach().clone() for k, v in model.named_parameters()},
+            "optimizer": opt.state_dict(),
+            "global_step": trainer.global_step,
+            "lr": [g["lr"] for g in opt.param_groups],
+        },
+        out / "final.pt",
+    )
 
 
 if __name__ == "__main__":
