@@ -26,6 +26,8 @@ from .precision import resolve_ns_dtype
 __all__ = [
     "NSPreset",
     "NS_PRESETS",
+    "GramVariant",
+    "GRAM_METHODS",
     "METHODS",
     "orthogonalize",
     "ns_flops",
@@ -84,7 +86,46 @@ NS_PRESETS: dict[str, NSPreset] = {
     "quintic": NSPreset((_KELLER,), _KELLER, norm_scale=1.0, norm_eps=1e-7, band=(0.45, 1.25)),
     "polar_express": NSPreset(_POLAR_EXPRESS, _NEWTON_SCHULZ_5, norm_scale=1.02, norm_eps=1e-6, band=(0.8, 1.2)),
 }
-METHODS: tuple[str, ...] = (*NS_PRESETS, "svd")
+
+
+@dataclass(frozen=True)
+class GramVariant:
+    """Gram Newton–Schulz with the coefficients of an :data:`NS_PRESETS` entry.
+
+    The iteration runs on the ``k x k`` Gram matrix (``k`` the smaller side) and touches the
+    ``k x n`` matrix only at the start, at each restart and at the end. ``restarts`` are the steps
+    before which ``X`` is rebuilt as ``Q X`` and the Gram matrix recomputed from it; past the last
+    listed restart one follows every ``restart_every`` steps.
+    """
+
+    preset: str
+    restarts: tuple[int, ...]
+    restart_every: int
+
+    def restart_steps(self, steps: int) -> frozenset[int]:
+        """Steps in ``range(1, steps)`` that begin with a restart."""
+        out = {i for i in self.restarts if 0 < i < steps}
+        last = max(self.restarts, default=0)
+        out.update(range(last + self.restart_every, steps, self.restart_every))
+        return frozenset(out)
+
+
+# Why restarts: the Gram matrix R = X X^T holds the squared singular values of X, so a round-off
+# error of size eps * ||X||_F^2 in R can make its smallest eigenvalues slightly negative. A step
+# maps r -> r * p(r)^2 with p(r) = a + b r + c r^2 and b < 0: a negative r is multiplied by about
+# a^2 (66 in Polar Express' first step) and never recovers, whereas standard NS recomputes X X^T
+# from X at every step. A restart rebuilds X = Q X and R = X X^T, resetting that error to the
+# round-off of the current, better-conditioned X. Steps chosen with a scalar model (as Dao-AILab's
+# restart autotuner does): the condition number of Q over singular values in [1e-10, 1] when -4e-4
+# (float16 round-off) is added to R at each (re)start. Polar Express, restarts {2, 5, 8, ...}: 107
+# at 5, 8 and 10 steps (no restart: 1.7e14 at 5 steps; {2} alone: 5e6 at 8). Keller's quintic,
+# {2, 4, 6, ...}: 20 at 5 and 8 steps ({2} alone: 74 at 5, 7e25 at 8). With bfloat16's round-off
+# (-4e-3) no schedule of one or two restarts stays below 1e20, hence float16 for 16-bit Gram NS.
+GRAM_METHODS: dict[str, GramVariant] = {
+    "gram_polar_express": GramVariant("polar_express", restarts=(2,), restart_every=3),
+    "gram_quintic": GramVariant("quintic", restarts=(2,), restart_every=2),
+}
+METHODS: tuple[str, ...] = (*NS_PRESETS, *GRAM_METHODS, "svd")
 
 
 def singular_value_band(method: str) -> tuple[float, float]:
@@ -97,7 +138,12 @@ def singular_value_band(method: str) -> tuple[float, float]:
     """
     if method == "svd":
         return (1.0, 1.0)
-    return NS_PRESETS[_check_method(method)].band
+    return _preset(_check_method(method)).band
+
+
+def _preset(method: str) -> NSPreset:
+    """The coefficient preset a Newton–Schulz method (standard or Gram) iterates with."""
+    return NS_PRESETS[GRAM_METHODS[method].preset if method in GRAM_METHODS else method]
 
 
 def _check_method(method: str) -> str:
@@ -133,6 +179,50 @@ _KERNELS: dict[str, Callable[[Tensor, list[Coefficients]], Tensor]] = {
 }
 
 
+def _gram_newton_schulz(
+    X: Tensor, coefficients: list[Coefficients], restarts: frozenset[int], mm: Callable, addmm: Callable
+) -> Tensor:
+    """Gram NS on one (k, n) matrix or a (batch, k, n) stack, k <= n (``mm``/``addmm`` match the rank).
+
+    Standard NS has ``X_t = Q_t X_0`` with ``Q_t`` a polynomial in ``R_0 = X_0 X_0^T``; this
+    carries ``Q`` and ``R_t = X_t X_t^T`` (both k x k, commuting, symmetric) instead of ``X``:
+    ``Z = b R + c R^2``, ``Q <- Q (a I + Z)``, ``R <- (a I + Z) R (a I + Z)``.
+    """
+    R = mm(X, X.mT)
+    eye = torch.eye(X.shape[-2], dtype=X.dtype, device=X.device)
+    Q: Tensor | None = None
+    last = len(coefficients) - 1
+    for i, (a, b, c) in enumerate(coefficients):
+        if i in restarts:
+            X = mm(Q, X)
+            R = mm(X, X.mT)
+            Q = None
+        Z = addmm(R, R, R, beta=b, alpha=c)  # b R + c R^2
+        Q = Z + a * eye if Q is None else addmm(Q, Q, Z, beta=a)  # a Q + Q Z
+        if i < last and i + 1 not in restarts:
+            RZ = addmm(R, R, Z, beta=a)  # a R + R Z
+            R = addmm(RZ, Z, RZ, beta=a)  # a RZ + Z RZ = (a I + Z) R (a I + Z)
+            R = 0.5 * (R + R.mT)  # exact arithmetic keeps R symmetric; round-off does not
+    return mm(Q, X)
+
+
+def _gram_batched(X: Tensor, coefficients: list[Coefficients], restarts: frozenset[int]) -> Tensor:
+    return _gram_newton_schulz(X, coefficients, restarts, torch.bmm, torch.baddbmm)
+
+
+def _gram_looped(X: Tensor, coefficients: list[Coefficients], restarts: frozenset[int]) -> Tensor:
+    out = torch.empty_like(X)
+    for i, x in enumerate(X):
+        out[i] = _gram_newton_schulz(x, coefficients, restarts, torch.mm, torch.addmm)
+    return out
+
+
+_GRAM_KERNELS: dict[str, Callable[[Tensor, list[Coefficients], frozenset[int]], Tensor]] = {
+    "batched": _gram_batched,
+    "looped": _gram_looped,
+}
+
+
 #: On CPU, matrices whose smaller side is at least this are iterated one at a time.
 LOOP_MIN_SIDE = 512
 
@@ -163,6 +253,14 @@ def _compiled(kernel: str) -> Callable[[Tensor, list[Coefficients]], Tensor]:
     if kernel not in _COMPILED:
         _COMPILED[kernel] = torch.compile(_KERNELS[kernel], dynamic=False)
     return _COMPILED[kernel]
+
+
+def _compiled_gram(kernel: str) -> Callable[[Tensor, list[Coefficients], frozenset[int]], Tensor]:
+    """``torch.compile`` of a Gram Newton–Schulz kernel, built once per kernel."""
+    key = f"gram_{kernel}"
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(_GRAM_KERNELS[kernel], dynamic=False)
+    return _COMPILED[key]
 
 
 def _polar_svd(X: Tensor) -> Tensor:
@@ -224,8 +322,10 @@ def orthogonalize(
         compute = dtype or (torch.float64 if G.dtype == torch.float64 else torch.float32)
         out = _polar_svd(X.to(compute))
     else:
-        preset = NS_PRESETS[method]
+        preset = _preset(method)
         compute = dtype or resolve_ns_dtype(G.device)
+        if method in GRAM_METHODS and compute == torch.bfloat16:
+            compute = torch.float16  # see GRAM_METHODS: the Gram matrix needs float16's mantissa
         if torch.finfo(compute).max < 0.5 * torch.finfo(X.dtype).max:
             # A narrower range than the input's (fp16): normalise before the cast, or large entries
             # overflow and tiny ones (late-training momentum) underflow.
@@ -238,8 +338,12 @@ def orthogonalize(
             norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=acc)
             X = X / (norm * preset.norm_scale + preset.norm_eps).to(compute)  # out of place
         kernel = kernel or default_kernel(X.device, X.shape[-2])
-        ns = _compiled(kernel) if compile else _KERNELS[kernel]
-        out = ns(X, preset.coefficients(steps))
+        if method in GRAM_METHODS:
+            gram = _compiled_gram(kernel) if compile else _GRAM_KERNELS[kernel]
+            out = gram(X, preset.coefficients(steps), GRAM_METHODS[method].restart_steps(steps))
+        else:
+            ns = _compiled(kernel) if compile else _KERNELS[kernel]
+            out = ns(X, preset.coefficients(steps))
     out = out.reshape(*batch_shape, *out.shape[-2:])
     if transpose:
         out = out.mT
