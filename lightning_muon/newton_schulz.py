@@ -350,8 +350,24 @@ def orthogonalize(
     return out.to(G.dtype).contiguous()
 
 
-def ns_flops(m: int, n: int, steps: int) -> int:
-    """Floating-point operations of ``steps`` Newton–Schulz iterations on one m x n matrix."""
+def ns_flops(m: int, n: int, steps: int, method: str | None = None) -> int:
+    """Floating-point operations of ``steps`` Newton–Schulz iterations on one m x n matrix.
+
+    ``method`` matters only for the Gram methods (:data:`GRAM_METHODS`), which trade the per-step
+    ``k x n`` products for ``k x k`` ones plus a few ``k x n`` products at the start, restarts and end.
+
+    Example:
+        >>> ns_flops(768, 3072, 5) / ns_flops(768, 3072, 5, "gram_polar_express")
+        1.5
+    """
     m, n = min(m, n), max(m, n)
+    if method in GRAM_METHODS:
+        restarts = GRAM_METHODS[method].restart_steps(steps)
+        total = 2 * m * m * n * (2 + 2 * len(restarts))  # R = X X^T and Q X at the start, each restart, the end
+        for i in range(steps):
+            total += 2 * m**3  # Z = b R + c R^2
+            total += 0 if i == 0 or i in restarts else 2 * m**3  # Q <- a Q + Q Z
+            total += 4 * m**3 if i < steps - 1 and i + 1 not in restarts else 0  # R Z, Z (R Z)
+        return total
     per_step = 2 * m * m * n + 2 * m * m * m + 2 * m * m * n  # X X^T, A A, B X
     return steps * per_step

@@ -219,3 +219,12 @@ def test_unknown_method_lists_gram_methods():
         orthogonalize(torch.randn(4, 8), "gram")
     with pytest.raises(ValueError, match="gram_quintic"):
         Muon([nn.Parameter(torch.randn(4, 8))], ns_method="gram")
+
+
+def test_benchmark_script_prints_a_table(capsys):
+    from benchmarks import gram_newton_schulz as bench
+
+    bench.main(["--shapes", "16x48", "24x24", "--repeats", "1", "--warmup", "0", "--dtype", "float32"])
+    out = capsys.readouterr().out
+    assert "| 16x48 | gram_polar_express |" in out and out.count("| 24x24 |") == 2
+    assert "load average" in out
