@@ -33,6 +33,7 @@ __all__ = [
     "ns_flops",
     "singular_value_band",
     "default_kernel",
+    "default_gram",
 ]
 
 Coefficients = tuple[float, float, float]
@@ -125,6 +126,7 @@ GRAM_METHODS: dict[str, GramVariant] = {
     "gram_polar_express": GramVariant("polar_express", restarts=(2,), restart_every=3),
     "gram_quintic": GramVariant("quintic", restarts=(2,), restart_every=2),
 }
+_GRAM_OF: dict[str, str] = {variant.preset: name for name, variant in GRAM_METHODS.items()}
 METHODS: tuple[str, ...] = (*NS_PRESETS, *GRAM_METHODS, "svd")
 
 
@@ -247,6 +249,35 @@ def default_kernel(device: torch.device | str, side: int) -> str:
     return "looped" if torch.device(device).type == "cpu" and side >= LOOP_MIN_SIDE else "batched"
 
 
+#: On CPU in float32/float64, a standard preset runs as its Gram form when max(m, n) >= this * min(m, n).
+GRAM_MIN_ASPECT = 2.0
+
+
+def default_gram(device: torch.device | str, dtype: torch.dtype, m: int, n: int) -> bool:
+    """Whether a standard preset (``"polar_express"``, ``"quintic"``) runs as its Gram form here.
+
+    Yes on CPU in float32 or float64 when one side is at least ``GRAM_MIN_ASPECT`` times the other:
+    there Gram NS computes the same polynomial with fewer FLOPs (2/3 of them at aspect ratio 4 for
+    Polar Express) and ran correspondingly faster, with the same singular values and distance to
+    the SVD polar factor (``benchmarks/gram_newton_schulz.py``; numbers in
+    ``docs/gram-newton-schulz.md``). Not for square-ish matrices (more FLOPs), not in 16 bits (Gram
+    NS then iterates in float16, not the requested dtype), and not on GPUs (not measured here).
+    Set ``GRAM_MIN_ASPECT = math.inf`` to turn it off.
+
+    Example:
+        >>> default_gram("cpu", torch.float32, 768, 3072), default_gram("cpu", torch.float32, 768, 768)
+        (True, False)
+        >>> default_gram("cpu", torch.bfloat16, 768, 3072), default_gram("cuda", torch.float32, 768, 3072)
+        (False, False)
+    """
+    small, large = min(m, n), max(m, n)
+    return (
+        torch.device(device).type == "cpu"
+        and dtype in (torch.float32, torch.float64)
+        and large >= GRAM_MIN_ASPECT * small
+    )
+
+
 _COMPILED: dict[str, Callable[[Tensor, list[Coefficients]], Tensor]] = {}
 
 
@@ -281,6 +312,7 @@ def orthogonalize(
     dtype: torch.dtype | None = None,
     kernel: str | None = None,
     compile: bool = False,
+    gram: bool | None = None,
 ) -> Tensor:
     """Approximate polar factor ``U V^T`` of each matrix in ``G`` (shape ``(..., m, n)``).
 
@@ -302,6 +334,9 @@ def orthogonalize(
             compute the same thing. Default: :func:`default_kernel` (by device and size).
         compile: run the Newton–Schulz kernel through ``torch.compile`` (opt-in: the first call
             per kernel and shape compiles for seconds; about 1.1x faster after that on CPU).
+        gram: run ``"polar_express"``/``"quintic"`` as their Gram forms (True) or as standard NS
+            (False). Default: :func:`default_gram` (on CPU in float32/float64 for matrices at least
+            twice as wide as tall, or tall as wide). Ignored by ``"svd"`` and the ``gram_*`` methods.
 
     Returns:
         A new tensor with the shape and dtype of ``G``; ``G`` is never modified. A zero matrix
@@ -316,6 +351,8 @@ def orthogonalize(
         raise ValueError(f"orthogonalize: steps must be an integer >= 1, got {steps!r}")
     if G.is_complex():
         raise ValueError("orthogonalize: complex tensors are not supported")
+    if gram is not None and not isinstance(gram, bool):
+        raise ValueError(f"orthogonalize: gram must be None, True or False, got {gram!r}")
     if G.numel() == 0:
         return torch.zeros_like(G)
     m, n = G.shape[-2:]
@@ -343,6 +380,8 @@ def orthogonalize(
             norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=acc)
             X = X / (norm * preset.norm_scale + preset.norm_eps).to(compute)  # out of place
         kernel = kernel or default_kernel(X.device, X.shape[-2])
+        if method in NS_PRESETS and (default_gram(X.device, compute, m, n) if gram is None else gram):
+            method = _GRAM_OF[method]
         if method in GRAM_METHODS:
             gram = _compiled_gram(kernel) if compile else _GRAM_KERNELS[kernel]
             out = gram(X, preset.coefficients(steps), GRAM_METHODS[method].restart_steps(steps))

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_muon import GRAM_METHODS, METHODS, Muon, orthogonalize, singular_value_band
-from lightning_muon.newton_schulz import NS_PRESETS, _gram_batched
+from lightning_muon import GRAM_METHODS, METHODS, Muon, newton_schulz, orthogonalize, singular_value_band
+from lightning_muon.newton_schulz import NS_PRESETS, _gram_batched, default_gram
 
 PAIRS = [(name, variant.preset) for name, variant in GRAM_METHODS.items()]
 
@@ -49,7 +49,7 @@ def test_same_polynomial_as_standard_ns_in_float64(gram, standard, shape, steps)
     # Gram NS is a reordering of the same matrix polynomial: in float64 only round-off separates them.
     G = torch.randn(*shape, dtype=torch.float64)
     ours = orthogonalize(G, gram, steps, dtype=torch.float64)
-    ref = orthogonalize(G, standard, steps, dtype=torch.float64)
+    ref = orthogonalize(G, standard, steps, dtype=torch.float64, gram=False)
     assert ours.shape == G.shape and ours.dtype == G.dtype
     torch.testing.assert_close(ours, ref, atol=1e-10, rtol=0)
 
@@ -65,9 +65,9 @@ def test_float32_singular_values_in_band_and_close_to_standard(gram, standard, m
     sv = torch.linalg.svdvals(out.double())
     assert lo <= sv.min() and sv.max() <= hi, (sv.min(), sv.max())
     # Observed 2e-6..1e-5 from standard NS in float64 (same coefficients); fp32 round-off.
-    assert _rel(out, orthogonalize(G, standard, dtype=torch.float64)) < 1e-4
+    assert _rel(out, orthogonalize(G, standard, dtype=torch.float64, gram=False)) < 1e-4
     # The 5-step presets are approximations of U V^T; same distance as standard NS (observed <= 0.2).
-    assert abs(_rel(out, P) - _rel(orthogonalize(G.float(), standard, dtype=torch.float32), P)) < 1e-4
+    assert abs(_rel(out, P) - _rel(orthogonalize(G.float(), standard, dtype=torch.float32, gram=False), P)) < 1e-4
 
 
 def test_converges_to_svd_polar_factor_with_more_steps():
@@ -84,7 +84,7 @@ def test_ill_conditioned_input_stays_bounded(gram, standard, m, n):
     # below the band; the largest must not exceed it, and the result must track standard NS.
     G, _ = _with_spectrum(m, n, torch.logspace(0, -4, min(m, n), dtype=torch.float64), seed=1)
     _, hi = singular_value_band(gram)
-    ref = orthogonalize(G, standard, dtype=torch.float64)
+    ref = orthogonalize(G, standard, dtype=torch.float64, gram=False)
     for dtype, tol in ((torch.float32, 1e-3), (torch.float16, 8e-2), (torch.bfloat16, 8e-2)):
         out = orthogonalize(G.float(), gram, dtype=dtype)
         sv = torch.linalg.svdvals(out.double())
@@ -98,7 +98,7 @@ def test_ill_conditioned_input_stays_bounded(gram, standard, m, n):
 def test_16_bit_in_band_and_close_to_standard(gram, standard, m, n):
     G, _ = _with_spectrum(m, n, torch.logspace(0, -2, min(m, n), dtype=torch.float64), batch=(2,), seed=2)
     lo, hi = singular_value_band(gram)
-    ref = orthogonalize(G, standard, dtype=torch.float64)
+    ref = orthogonalize(G, standard, dtype=torch.float64, gram=False)
     for dtype in (torch.bfloat16, torch.float16):
         x = G.to(dtype)
         out = orthogonalize(x, gram, dtype=dtype)
@@ -171,8 +171,9 @@ def test_input_never_modified():
 
 
 @pytest.mark.parametrize("gram, standard", PAIRS)
-def test_muon_step_with_gram_equals_standard(gram, standard):
+def test_muon_step_with_gram_equals_standard(gram, standard, monkeypatch):
     # Muon with a Gram method against Muon with the standard method (independent NS code), float64 NS.
+    monkeypatch.setattr(newton_schulz, "GRAM_MIN_ASPECT", math.inf)  # the standard run must stay standard
     shapes = [(16, 48), (48, 16), (24, 24), (2, 3, 8, 20)]
     params = {m: [nn.Parameter(torch.randn(*s, dtype=torch.float64)) for s in shapes] for m in (gram, standard)}
     for p, q in zip(params[gram], params[standard]):
@@ -211,7 +212,36 @@ def test_muon_step_with_gram_in_float32_matches_exact_update():
     lo, hi = singular_value_band("gram_polar_express")
     sv = torch.linalg.svdvals(update.double())
     assert lo <= sv.min() and sv.max() <= hi
-    assert _rel(update, orthogonalize(g.double(), "polar_express", dtype=torch.float64)) < 1e-4
+    assert _rel(update, orthogonalize(g.double(), "polar_express", dtype=torch.float64, gram=False)) < 1e-4
+
+
+def test_standard_presets_run_as_gram_where_default(monkeypatch):
+    wide, square = torch.randn(2, 24, 72), torch.randn(2, 24, 24)
+    assert default_gram("cpu", torch.float32, 24, 72) and not default_gram("cpu", torch.float32, 24, 24)
+    gram = orthogonalize(wide, "gram_polar_express", dtype=torch.float32)
+    standard = orthogonalize(wide, "polar_express", dtype=torch.float32, gram=False)
+    assert not torch.equal(gram, standard)  # different round-off: the two paths are told apart
+    assert torch.equal(orthogonalize(wide, "polar_express", dtype=torch.float32), gram)
+    assert torch.equal(orthogonalize(wide.mT, "polar_express", dtype=torch.float32), gram.mT)  # tall too
+    assert torch.equal(orthogonalize(square, "quintic", gram=True), orthogonalize(square, "gram_quintic"))
+    assert torch.equal(
+        orthogonalize(square, "quintic", dtype=torch.float32),
+        orthogonalize(square, "quintic", dtype=torch.float32, gram=False),
+    )
+    # 16-bit compute stays standard NS in the requested dtype.
+    assert torch.equal(
+        orthogonalize(wide, "polar_express", dtype=torch.bfloat16),
+        orthogonalize(wide, "polar_express", dtype=torch.bfloat16, gram=False),
+    )
+    monkeypatch.setattr(newton_schulz, "GRAM_MIN_ASPECT", math.inf)
+    assert torch.equal(orthogonalize(wide, "polar_express", dtype=torch.float32), standard)
+
+
+def test_bad_gram_flag():
+    with pytest.raises(ValueError, match="gram must be None, True or False"):
+        orthogonalize(torch.randn(4, 8), gram="yes")
+    with pytest.raises(ValueError, match="gram must be"):
+        orthogonalize(torch.randn(4, 8), gram=1)
 
 
 def test_unknown_method_lists_gram_methods():
