@@ -250,18 +250,19 @@ def default_kernel(device: torch.device | str, side: int) -> str:
 
 
 #: On CPU in float32/float64, a standard preset runs as its Gram form when max(m, n) >= this * min(m, n).
-GRAM_MIN_ASPECT = 2.0
+GRAM_MIN_ASPECT = 3.0
 
 
 def default_gram(device: torch.device | str, dtype: torch.dtype, m: int, n: int) -> bool:
     """Whether a standard preset (``"polar_express"``, ``"quintic"``) runs as its Gram form here.
 
     Yes on CPU in float32 or float64 when one side is at least ``GRAM_MIN_ASPECT`` times the other:
-    there Gram NS computes the same polynomial with fewer FLOPs (2/3 of them at aspect ratio 4 for
-    Polar Express) and ran correspondingly faster, with the same singular values and distance to
-    the SVD polar factor (``benchmarks/gram_newton_schulz.py``; numbers in
-    ``docs/gram-newton-schulz.md``). Not for square-ish matrices (more FLOPs), not in 16 bits (Gram
-    NS then iterates in float16, not the requested dtype), and not on GPUs (not measured here).
+    there Gram NS computes the same polynomial with fewer FLOPs (Polar Express: 3/4 of them at
+    aspect ratio 3, 2/3 at 4) and ran correspondingly faster, with the same singular values and
+    distance to the SVD polar factor; at aspect ratio 2 (7/8 of the FLOPs) the gain was within the
+    timing noise (``benchmarks/gram_newton_schulz.py``; numbers in ``docs/gram-newton-schulz.md``).
+    Not for square-ish matrices (more FLOPs), not in 16 bits (Gram NS then iterates in float16,
+    not the requested dtype), and not on GPUs (not measured here).
     Set ``GRAM_MIN_ASPECT = math.inf`` to turn it off.
 
     Example:
@@ -323,7 +324,8 @@ def orthogonalize(
             ``torch.optim.Muon``; output singular values roughly in [0.5, 1.2]), their Gram
             Newton–Schulz forms ``"gram_polar_express"`` / ``"gram_quintic"`` (the same polynomial
             iterated on the ``k x k`` Gram matrix, see :data:`GRAM_METHODS`: fewer FLOPs when one
-            side is at least about twice the other; a bfloat16 ``dtype`` iterates in float16) or
+            side is at least about 1.5x the other, measured faster from 3x; a bfloat16 ``dtype``
+            iterates in float16) or
             ``"svd"`` (exact, via ``torch.linalg.svd``; for research and tests).
         steps: Newton–Schulz iterations (ignored by ``"svd"``). Past the pinned Polar Express
             schedule, extra steps use the convergent degree-5 Newton–Schulz polynomial.
@@ -336,7 +338,7 @@ def orthogonalize(
             per kernel and shape compiles for seconds; about 1.1x faster after that on CPU).
         gram: run ``"polar_express"``/``"quintic"`` as their Gram forms (True) or as standard NS
             (False). Default: :func:`default_gram` (on CPU in float32/float64 for matrices at least
-            twice as wide as tall, or tall as wide). Ignored by ``"svd"`` and the ``gram_*`` methods.
+            three times as wide as tall, or tall as wide). Ignored by ``"svd"`` and the ``gram_*`` methods.
 
     Returns:
         A new tensor with the shape and dtype of ``G``; ``G`` is never modified. A zero matrix
