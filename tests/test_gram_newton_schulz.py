@@ -1,6 +1,8 @@
 """Gram Newton–Schulz against the exact SVD polar factor and against standard NS with the same coefficients."""
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +10,10 @@ from torch import nn
 
 from lightning_muon import GRAM_METHODS, METHODS, Muon, newton_schulz, orthogonalize, singular_value_band
 from lightning_muon.newton_schulz import NS_PRESETS, _gram_batched, default_gram
+
+sys.path.insert(0, str(Path(__file__).parent / "dist_scripts"))
+import raw_step  # noqa: E402
+from _launch import launch, wait  # noqa: E402
 
 PAIRS = [(name, variant.preset) for name, variant in GRAM_METHODS.items()]
 
@@ -260,3 +266,22 @@ def test_benchmark_script_prints_a_table(capsys):
     out = capsys.readouterr().out
     assert "| 16x48 | gram_polar_express |" in out and out.count("| 24x24 |") == 2
     assert "load average" in out
+
+
+@pytest.mark.slow  # 2 and 4 gloo processes
+@pytest.mark.parametrize("mode, world", [("ddp", 2), ("fsdp", 4)])
+def test_distributed_steps_with_gram_in_16_bit_match_one_process(tmp_path, mode, world):
+    # bfloat16 asked for, float16 computed: the ranks must exchange momenta and results without
+    # rounding them to bfloat16, or they would drift from one process on the same gradients.
+    wait([launch("raw_step.py", str(tmp_path), str(world), mode, "bfloat16", "gram_polar_express")])
+    init, grads = raw_step.make(0)
+    params = [nn.Parameter(p.clone()) for p in init]
+    opt = Muon(raw_step.groups(params), lr=0.05, ns_dtype="bfloat16", weight_decay=0.1, ns_method="gram_polar_express")
+    for step in grads:
+        for p, g in zip(params, step):
+            p.grad = g
+        opt.step()
+    for f in sorted(tmp_path.glob("rank*.pt")):
+        rank = torch.load(f, weights_only=False)
+        for a, b in zip(params, rank["params"]):
+            torch.testing.assert_close(b, a.detach(), rtol=0, atol=1e-6)  # float32 round-off
