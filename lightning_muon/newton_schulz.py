@@ -325,8 +325,8 @@ def orthogonalize(
             Newton–Schulz forms ``"gram_polar_express"`` / ``"gram_quintic"`` (the same polynomial
             iterated on the ``k x k`` Gram matrix, see :data:`GRAM_METHODS`: fewer FLOPs when one
             side is at least about 1.5x the other, measured faster from 3x; a bfloat16 ``dtype``
-            iterates in float16) or
-            ``"svd"`` (exact, via ``torch.linalg.svd``; for research and tests).
+            iterates in float16) or ``"svd"`` (exact, via ``torch.linalg.svd``; for research and
+            tests).
         steps: Newton–Schulz iterations (ignored by ``"svd"``). Past the pinned Polar Express
             schedule, extra steps use the convergent degree-5 Newton–Schulz polynomial.
         dtype: compute dtype. Default: for Newton–Schulz :func:`lightning_muon.resolve_ns_dtype`
@@ -337,8 +337,9 @@ def orthogonalize(
         compile: run the Newton–Schulz kernel through ``torch.compile`` (opt-in: the first call
             per kernel and shape compiles for seconds; about 1.1x faster after that on CPU).
         gram: run ``"polar_express"``/``"quintic"`` as their Gram forms (True) or as standard NS
-            (False). Default: :func:`default_gram` (on CPU in float32/float64 for matrices at least
-            three times as wide as tall, or tall as wide). Ignored by ``"svd"`` and the ``gram_*`` methods.
+            (False). Default: :func:`default_gram` (Gram on CPU in float32/float64 for matrices at
+            least three times as wide as tall, or tall as wide). Ignored by ``"svd"`` and the
+            ``gram_*`` methods.
 
     Returns:
         A new tensor with the shape and dtype of ``G``; ``G`` is never modified. A zero matrix
@@ -385,8 +386,8 @@ def orthogonalize(
         if method in NS_PRESETS and (default_gram(X.device, compute, m, n) if gram is None else gram):
             method = _GRAM_OF[method]
         if method in GRAM_METHODS:
-            gram = _compiled_gram(kernel) if compile else _GRAM_KERNELS[kernel]
-            out = gram(X, preset.coefficients(steps), GRAM_METHODS[method].restart_steps(steps))
+            gram_ns = _compiled_gram(kernel) if compile else _GRAM_KERNELS[kernel]
+            out = gram_ns(X, preset.coefficients(steps), GRAM_METHODS[method].restart_steps(steps))
         else:
             ns = _compiled(kernel) if compile else _KERNELS[kernel]
             out = ns(X, preset.coefficients(steps))
