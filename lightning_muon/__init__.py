@@ -10,7 +10,16 @@ Example:
 
 from .factory import SCHEDULES, configure_muon, lr_lambda
 from .functional import ADJUST_LR, adjusted_lr, apply_muon_update, matrix_shape, matrix_view, muon_direction
-from .newton_schulz import METHODS, NS_PRESETS, NSPreset, ns_flops, orthogonalize, singular_value_band
+from .newton_schulz import (
+    GRAM_METHODS,
+    METHODS,
+    NS_PRESETS,
+    GramVariant,
+    NSPreset,
+    ns_flops,
+    orthogonalize,
+    singular_value_band,
+)
 from .optimizer import Muon, NonFiniteGradientError
 from .per_example import PerExampleNorms, linear_grad_norms, norm_grad_norms, per_example_noise_scale
 from .precision import NS_DTYPES, NSDtypeChoice, describe_device, ns_dtype_choice, resolve_ns_dtype
@@ -47,6 +56,8 @@ __all__ = [
     "ADJUST_LR",
     "DEFAULT_EMBEDDING_NAMES",
     "DEFAULT_HEAD_NAMES",
+    "GRAM_METHODS",
+    "GramVariant",
     "METHODS",
     "NS_PRESETS",
     "SCHEDULES",

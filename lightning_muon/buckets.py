@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .distributed import AUTO, mesh_domain, process_group_of
-from .newton_schulz import ns_flops, orthogonalize
+from .newton_schulz import GRAM_METHODS, ns_flops, orthogonalize
 from .sharded import exchange
 
 __all__ = ["Bucket", "assign_owners", "orthogonalize_buckets"]
@@ -81,8 +81,11 @@ def assign_owners(costs: list[int], world: int) -> list[int]:
 def _comm_dtype(bucket: Bucket, dtype: torch.dtype) -> torch.dtype:
     # Newton–Schulz casts a bf16 (or fp32, fp64) input to bucket.dtype first and returns values
     # representable in it, so sending in that dtype changes no result and halves bf16 traffic.
-    # float16 is normalised before its cast (raw updates can overflow its range): send those as they are.
-    return dtype if bucket.method == "svd" or bucket.dtype == torch.float16 else bucket.dtype
+    # float16 is normalised before its cast (raw updates can overflow its range): send those as they are,
+    # and so for Gram NS, which iterates in float16 when asked for bfloat16.
+    if bucket.method == "svd" or bucket.dtype == torch.float16 or bucket.method in GRAM_METHODS:
+        return dtype
+    return bucket.dtype
 
 
 def _orthogonalize(bucket: Bucket, matrices: list[Tensor]) -> Tensor:

@@ -26,11 +26,14 @@ from .precision import resolve_ns_dtype
 __all__ = [
     "NSPreset",
     "NS_PRESETS",
+    "GramVariant",
+    "GRAM_METHODS",
     "METHODS",
     "orthogonalize",
     "ns_flops",
     "singular_value_band",
     "default_kernel",
+    "default_gram",
 ]
 
 Coefficients = tuple[float, float, float]
@@ -84,7 +87,47 @@ NS_PRESETS: dict[str, NSPreset] = {
     "quintic": NSPreset((_KELLER,), _KELLER, norm_scale=1.0, norm_eps=1e-7, band=(0.45, 1.25)),
     "polar_express": NSPreset(_POLAR_EXPRESS, _NEWTON_SCHULZ_5, norm_scale=1.02, norm_eps=1e-6, band=(0.8, 1.2)),
 }
-METHODS: tuple[str, ...] = (*NS_PRESETS, "svd")
+
+
+@dataclass(frozen=True)
+class GramVariant:
+    """Gram Newton–Schulz with the coefficients of an :data:`NS_PRESETS` entry.
+
+    The iteration runs on the ``k x k`` Gram matrix (``k`` the smaller side) and touches the
+    ``k x n`` matrix only at the start, at each restart and at the end. ``restarts`` are the steps
+    before which ``X`` is rebuilt as ``Q X`` and the Gram matrix recomputed from it; past the last
+    listed restart one follows every ``restart_every`` steps.
+    """
+
+    preset: str
+    restarts: tuple[int, ...]
+    restart_every: int
+
+    def restart_steps(self, steps: int) -> frozenset[int]:
+        """Steps in ``range(1, steps)`` that begin with a restart."""
+        out = {i for i in self.restarts if 0 < i < steps}
+        last = max(self.restarts, default=0)
+        out.update(range(last + self.restart_every, steps, self.restart_every))
+        return frozenset(out)
+
+
+# Why restarts: the Gram matrix R = X X^T holds the squared singular values of X, so a round-off
+# error of size eps * ||X||_F^2 in R can make its smallest eigenvalues slightly negative. A step
+# maps r -> r * p(r)^2 with p(r) = a + b r + c r^2 and b < 0: a negative r is multiplied by about
+# a^2 (66 in Polar Express' first step) and never recovers, whereas standard NS recomputes X X^T
+# from X at every step. A restart rebuilds X = Q X and R = X X^T, resetting that error to the
+# round-off of the current, better-conditioned X. Steps chosen with a scalar model (as Dao-AILab's
+# restart autotuner does): the condition number of Q over singular values in [1e-10, 1] when -4e-4
+# (float16 round-off) is added to R at each (re)start. Polar Express, restarts {2, 5, 8, ...}: 107
+# at 5, 8 and 10 steps (no restart: 1.7e14 at 5 steps; {2} alone: 5e6 at 8). Keller's quintic,
+# {2, 4, 6, ...}: 20 at 5 and 8 steps ({2} alone: 74 at 5, 7e25 at 8). With bfloat16's round-off
+# (-4e-3) no schedule of one or two restarts stays below 1e20, hence float16 for 16-bit Gram NS.
+GRAM_METHODS: dict[str, GramVariant] = {
+    "gram_polar_express": GramVariant("polar_express", restarts=(2,), restart_every=3),
+    "gram_quintic": GramVariant("quintic", restarts=(2,), restart_every=2),
+}
+_GRAM_OF: dict[str, str] = {variant.preset: name for name, variant in GRAM_METHODS.items()}
+METHODS: tuple[str, ...] = (*NS_PRESETS, *GRAM_METHODS, "svd")
 
 
 def singular_value_band(method: str) -> tuple[float, float]:
@@ -97,7 +140,12 @@ def singular_value_band(method: str) -> tuple[float, float]:
     """
     if method == "svd":
         return (1.0, 1.0)
-    return NS_PRESETS[_check_method(method)].band
+    return _preset(_check_method(method)).band
+
+
+def _preset(method: str) -> NSPreset:
+    """The coefficient preset a Newton–Schulz method (standard or Gram) iterates with."""
+    return NS_PRESETS[GRAM_METHODS[method].preset if method in GRAM_METHODS else method]
 
 
 def _check_method(method: str) -> str:
@@ -133,6 +181,52 @@ _KERNELS: dict[str, Callable[[Tensor, list[Coefficients]], Tensor]] = {
 }
 
 
+def _gram_newton_schulz(
+    X: Tensor, coefficients: list[Coefficients], restarts: frozenset[int], mm: Callable, addmm: Callable
+) -> Tensor:
+    """Gram NS on one (k, n) matrix or a (batch, k, n) stack, k <= n (``mm``/``addmm`` match the rank).
+
+    Standard NS has ``X_t = Q_t X_0`` with ``Q_t`` a polynomial in ``R_0 = X_0 X_0^T``; this
+    carries ``Q`` and ``R_t = X_t X_t^T`` (both k x k, commuting, symmetric) instead of ``X``:
+    ``Z = b R + c R^2``, ``Q <- Q (a I + Z)``, ``R <- (a I + Z) R (a I + Z)``.
+    """
+    R = mm(X, X.mT)
+    eye = torch.eye(X.shape[-2], dtype=X.dtype, device=X.device)
+    Q: Tensor | None = None
+    last = len(coefficients) - 1
+    for i, (a, b, c) in enumerate(coefficients):
+        if i in restarts:
+            X = mm(Q, X)
+            R = mm(X, X.mT)
+            Q = None
+        Z = addmm(R, R, R, beta=b, alpha=c)  # b R + c R^2
+        Q = Z + a * eye if Q is None else addmm(Q, Q, Z, beta=a)  # a Q + Q Z
+        if i < last and i + 1 not in restarts:
+            RZ = addmm(R, R, Z, beta=a)  # a R + R Z
+            R = addmm(RZ, Z, RZ, beta=a)  # a RZ + Z RZ = (a I + Z) R (a I + Z)
+            # Exact arithmetic keeps R symmetric, round-off does not; re-symmetrising (O(k^2)) roughly
+            # halves the distance to standard NS (measured: float32 5e-5 vs 1e-4, float16 2.7e-2 vs 3.5e-2).
+            R = 0.5 * (R + R.mT)
+    return mm(Q, X)
+
+
+def _gram_batched(X: Tensor, coefficients: list[Coefficients], restarts: frozenset[int]) -> Tensor:
+    return _gram_newton_schulz(X, coefficients, restarts, torch.bmm, torch.baddbmm)
+
+
+def _gram_looped(X: Tensor, coefficients: list[Coefficients], restarts: frozenset[int]) -> Tensor:
+    out = torch.empty_like(X)
+    for i, x in enumerate(X):
+        out[i] = _gram_newton_schulz(x, coefficients, restarts, torch.mm, torch.addmm)
+    return out
+
+
+_GRAM_KERNELS: dict[str, Callable[[Tensor, list[Coefficients], frozenset[int]], Tensor]] = {
+    "batched": _gram_batched,
+    "looped": _gram_looped,
+}
+
+
 #: On CPU, matrices whose smaller side is at least this are iterated one at a time.
 LOOP_MIN_SIDE = 512
 
@@ -152,6 +246,36 @@ def default_kernel(device: torch.device | str, side: int) -> str:
     return "looped" if torch.device(device).type == "cpu" and side >= LOOP_MIN_SIDE else "batched"
 
 
+#: On CPU in float32/float64, a standard preset runs as its Gram form when max(m, n) >= this * min(m, n).
+GRAM_MIN_ASPECT = 3.0
+
+
+def default_gram(device: torch.device | str, dtype: torch.dtype, m: int, n: int) -> bool:
+    """Whether a standard preset (``"polar_express"``, ``"quintic"``) runs as its Gram form here.
+
+    Yes on CPU in float32 or float64 when one side is at least ``GRAM_MIN_ASPECT`` times the other:
+    there Gram NS computes the same polynomial with fewer FLOPs (Polar Express: 3/4 of them at
+    aspect ratio 3, 2/3 at 4) and ran correspondingly faster, with the same singular values and
+    distance to the SVD polar factor; at aspect ratio 2 (7/8 of the FLOPs) the gain was within the
+    timing noise (``benchmarks/gram_newton_schulz.py``; numbers in ``docs/gram-newton-schulz.md``).
+    Not for square-ish matrices (more FLOPs), not in 16 bits (Gram NS then iterates in float16,
+    not the requested dtype), and not on GPUs (not measured here).
+    Set ``GRAM_MIN_ASPECT = math.inf`` to turn it off.
+
+    Example:
+        >>> default_gram("cpu", torch.float32, 768, 3072), default_gram("cpu", torch.float32, 768, 768)
+        (True, False)
+        >>> default_gram("cpu", torch.bfloat16, 768, 3072), default_gram("cuda", torch.float32, 768, 3072)
+        (False, False)
+    """
+    small, large = min(m, n), max(m, n)
+    return (
+        torch.device(device).type == "cpu"
+        and dtype in (torch.float32, torch.float64)
+        and large >= GRAM_MIN_ASPECT * small
+    )
+
+
 _COMPILED: dict[str, Callable[[Tensor, list[Coefficients]], Tensor]] = {}
 
 
@@ -160,6 +284,14 @@ def _compiled(kernel: str) -> Callable[[Tensor, list[Coefficients]], Tensor]:
     if kernel not in _COMPILED:
         _COMPILED[kernel] = torch.compile(_KERNELS[kernel], dynamic=False)
     return _COMPILED[kernel]
+
+
+def _compiled_gram(kernel: str) -> Callable[[Tensor, list[Coefficients], frozenset[int]], Tensor]:
+    """``torch.compile`` of a Gram Newton–Schulz kernel, built once per kernel."""
+    key = f"gram_{kernel}"
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(_GRAM_KERNELS[kernel], dynamic=False)
+    return _COMPILED[key]
 
 
 def _polar_svd(X: Tensor) -> Tensor:
@@ -178,6 +310,7 @@ def orthogonalize(
     dtype: torch.dtype | None = None,
     kernel: str | None = None,
     compile: bool = False,
+    gram: bool | None = None,
 ) -> Tensor:
     """Approximate polar factor ``U V^T`` of each matrix in ``G`` (shape ``(..., m, n)``).
 
@@ -185,8 +318,12 @@ def orthogonalize(
         G: a matrix or a batch of matrices; conv kernels must be flattened to 2-D by the caller.
         method: ``"polar_express"`` (default; per-step minimax coefficients, singular values of
             the output close to 1), ``"quintic"`` (Keller Jordan's coefficients, as in
-            ``torch.optim.Muon``; output singular values roughly in [0.5, 1.2]) or ``"svd"``
-            (exact, via ``torch.linalg.svd``; for research and tests).
+            ``torch.optim.Muon``; output singular values roughly in [0.5, 1.2]), their Gram
+            Newton–Schulz forms ``"gram_polar_express"`` / ``"gram_quintic"`` (the same polynomial
+            iterated on the ``k x k`` Gram matrix, see :data:`GRAM_METHODS`: fewer FLOPs when one
+            side is at least about 1.5x the other, measured faster from 3x; a bfloat16 ``dtype``
+            iterates in float16) or ``"svd"`` (exact, via ``torch.linalg.svd``; for research and
+            tests).
         steps: Newton–Schulz iterations (ignored by ``"svd"``). Past the pinned Polar Express
             schedule, extra steps use the convergent degree-5 Newton–Schulz polynomial.
         dtype: compute dtype. Default: for Newton–Schulz :func:`lightning_muon.resolve_ns_dtype`
@@ -196,6 +333,10 @@ def orthogonalize(
             compute the same thing. Default: :func:`default_kernel` (by device and size).
         compile: run the Newton–Schulz kernel through ``torch.compile`` (opt-in: the first call
             per kernel and shape compiles for seconds; about 1.1x faster after that on CPU).
+        gram: run ``"polar_express"``/``"quintic"`` as their Gram forms (True) or as standard NS
+            (False). Default: :func:`default_gram` (Gram on CPU in float32/float64 for matrices at
+            least three times as wide as tall, or tall as wide). Ignored by ``"svd"`` and the
+            ``gram_*`` methods.
 
     Returns:
         A new tensor with the shape and dtype of ``G``; ``G`` is never modified. A zero matrix
@@ -210,6 +351,8 @@ def orthogonalize(
         raise ValueError(f"orthogonalize: steps must be an integer >= 1, got {steps!r}")
     if G.is_complex():
         raise ValueError("orthogonalize: complex tensors are not supported")
+    if gram is not None and not isinstance(gram, bool):
+        raise ValueError(f"orthogonalize: gram must be None, True or False, got {gram!r}")
     if G.numel() == 0:
         return torch.zeros_like(G)
     m, n = G.shape[-2:]
@@ -221,8 +364,10 @@ def orthogonalize(
         compute = dtype or (torch.float64 if G.dtype == torch.float64 else torch.float32)
         out = _polar_svd(X.to(compute))
     else:
-        preset = NS_PRESETS[method]
+        preset = _preset(method)
         compute = dtype or resolve_ns_dtype(G.device)
+        if method in GRAM_METHODS and compute == torch.bfloat16:
+            compute = torch.float16  # see GRAM_METHODS: the Gram matrix needs float16's mantissa
         if torch.finfo(compute).max < 0.5 * torch.finfo(X.dtype).max:
             # A narrower range than the input's (fp16): normalise before the cast, or large entries
             # overflow and tiny ones (late-training momentum) underflow.
@@ -235,16 +380,38 @@ def orthogonalize(
             norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=acc)
             X = X / (norm * preset.norm_scale + preset.norm_eps).to(compute)  # out of place
         kernel = kernel or default_kernel(X.device, X.shape[-2])
-        ns = _compiled(kernel) if compile else _KERNELS[kernel]
-        out = ns(X, preset.coefficients(steps))
+        if method in NS_PRESETS and (default_gram(X.device, compute, m, n) if gram is None else gram):
+            method = _GRAM_OF[method]
+        if method in GRAM_METHODS:
+            gram_ns = _compiled_gram(kernel) if compile else _GRAM_KERNELS[kernel]
+            out = gram_ns(X, preset.coefficients(steps), GRAM_METHODS[method].restart_steps(steps))
+        else:
+            ns = _compiled(kernel) if compile else _KERNELS[kernel]
+            out = ns(X, preset.coefficients(steps))
     out = out.reshape(*batch_shape, *out.shape[-2:])
     if transpose:
         out = out.mT
     return out.to(G.dtype).contiguous()
 
 
-def ns_flops(m: int, n: int, steps: int) -> int:
-    """Floating-point operations of ``steps`` Newton–Schulz iterations on one m x n matrix."""
+def ns_flops(m: int, n: int, steps: int, method: str | None = None) -> int:
+    """Floating-point operations of ``steps`` Newton–Schulz iterations on one m x n matrix.
+
+    ``method`` matters only for the Gram methods (:data:`GRAM_METHODS`), which trade the per-step
+    ``k x n`` products for ``k x k`` ones plus a few ``k x n`` products at the start, restarts and end.
+
+    Example:
+        >>> ns_flops(768, 3072, 5) / ns_flops(768, 3072, 5, "gram_polar_express")
+        1.5
+    """
     m, n = min(m, n), max(m, n)
+    if method in GRAM_METHODS:
+        restarts = GRAM_METHODS[method].restart_steps(steps)
+        total = 2 * m * m * n * (2 + 2 * len(restarts))  # R = X X^T and Q X at the start, each restart, the end
+        for i in range(steps):
+            total += 2 * m**3  # Z = b R + c R^2
+            total += 0 if i == 0 or i in restarts else 2 * m**3  # Q <- a Q + Q Z
+            total += 4 * m**3 if i < steps - 1 and i + 1 not in restarts else 0  # R Z, Z (R Z)
+        return total
     per_step = 2 * m * m * n + 2 * m * m * m + 2 * m * m * n  # X X^T, A A, B X
     return steps * per_step

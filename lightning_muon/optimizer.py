@@ -115,7 +115,11 @@ class Muon(torch.optim.Optimizer):
         momentum: Muon momentum ``beta`` in [0, 1).
         nesterov: use the Nesterov form ``lerp(g, buf, beta)``.
         weight_decay: decoupled weight decay (also AdamW's when ``adamw_weight_decay`` is None).
-        ns_method: ``"polar_express"``, ``"quintic"`` or ``"svd"``.
+        ns_method: ``"polar_express"``, ``"quintic"``, their Gram Newton–Schulz forms
+            ``"gram_polar_express"``, ``"gram_quintic"`` (fewer FLOPs on rectangular matrices, see
+            :data:`lightning_muon.GRAM_METHODS`), or ``"svd"``. On CPU in float32/float64 the first
+            two already run as their Gram forms on matrices at least 3x as wide as tall or tall as
+            wide (:func:`lightning_muon.newton_schulz.default_gram`).
         ns_steps: Newton–Schulz iterations.
         ns_dtype: compute dtype of Newton–Schulz: ``"auto"`` (default: bfloat16 where the device
             computes it natively, float16 on pre-Ampere CUDA, else float32; resolved once per device,

@@ -42,7 +42,7 @@ def groups(params):
     ]
 
 
-def worker(rank: int, world: int, mode: str, ns_dtype: str, out: str) -> None:
+def worker(rank: int, world: int, mode: str, ns_dtype: str, out: str, ns_method: str = "polar_express") -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -65,7 +65,7 @@ def worker(rank: int, world: int, mode: str, ns_dtype: str, out: str) -> None:
         grads = [[distribute_tensor(g, mesh, [Shard(0)], src_data_rank=None) for g in step] for step in grads]
     else:
         params = [torch.nn.Parameter(p.clone()) for p in init]
-    opt = Muon(groups(params), lr=0.05, ns_dtype=ns_dtype, weight_decay=0.1)
+    opt = Muon(groups(params), lr=0.05, ns_dtype=ns_dtype, weight_decay=0.1, ns_method=ns_method)
     comms = []
     for step in grads:
         for p, g in zip(params, step):
@@ -98,4 +98,5 @@ def worker(rank: int, world: int, mode: str, ns_dtype: str, out: str) -> None:
 
 if __name__ == "__main__":
     out, world, mode, ns_dtype = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    mp.spawn(worker, args=(world, mode, ns_dtype, out), nprocs=world)
+    ns_method = sys.argv[5] if len(sys.argv) > 5 else "polar_express"
+    mp.spawn(worker, args=(world, mode, ns_dtype, out, ns_method), nprocs=world)
