@@ -73,7 +73,7 @@ def train_gpt(
     seed: int = 0,
     **model_kwargs: Any,
 ) -> GPTRun:
-    """One training run of ``examples.gpt.LitGPT`` on the embedded KJV corpus (``model_kwargs``: more LitGPT arguments)."""
+    """One training run of ``examples.gpt.LitGPT`` on the embedded KJV corpus; ``model_kwargs`` go to LitGPT."""
     L.seed_everything(seed, verbose=False)
     key = (block_size, batch_size)
     if key not in _DATA:

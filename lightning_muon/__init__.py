@@ -9,7 +9,9 @@ Example:
 """
 
 from .factory import SCHEDULES, configure_muon, lr_lambda
+from .low_precision import MOMENTUM_DTYPES, stochastic_round
 from .newton_schulz import METHODS, NS_PRESETS, NSPreset, ns_flops, orthogonalize, singular_value_band
+from .normuon import VARIANTS, normuon_normalize
 from .optimizer import ADJUST_LR, Muon, NonFiniteGradientError, adjusted_lr
 from .per_example import PerExampleNorms, linear_grad_norms, norm_grad_norms, per_example_noise_scale
 from .precision import NS_DTYPES, NSDtypeChoice, describe_device, ns_dtype_choice, resolve_ns_dtype
@@ -47,6 +49,7 @@ __all__ = [
     "DEFAULT_EMBEDDING_NAMES",
     "DEFAULT_HEAD_NAMES",
     "METHODS",
+    "MOMENTUM_DTYPES",
     "NS_PRESETS",
     "SCHEDULES",
     "adjusted_lr",
@@ -62,6 +65,7 @@ __all__ = [
     "muon_param_groups",
     "noise_scale",
     "norm_grad_norms",
+    "normuon_normalize",
     "NoiseScale",
     "NS_DTYPES",
     "ns_dtype_choice",
@@ -84,7 +88,9 @@ __all__ = [
     "singular_values",
     "spectral_entropy",
     "stable_rank",
+    "stochastic_round",
     "top_frames",
     "top_singular_value",
+    "VARIANTS",
     "why_not_muon",
 ]

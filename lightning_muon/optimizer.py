@@ -123,6 +123,8 @@ class Muon(torch.optim.Optimizer):
     Muon groups: ``buf <- momentum * buf + (1 - momentum) * g``; ``u = lerp(g, buf, momentum)``
     with Nesterov, else ``buf``; ``W <- (1 - lr * weight_decay) W - lr * scale(m, n) * O(u)``
     where ``O`` is :func:`lightning_muon.orthogonalize` and ``scale`` the ``adjust_lr`` rule.
+    With ``variant="normuon"``, ``O`` is first normalised per row by NorMuon's second moment
+    (:func:`lightning_muon.normuon_normalize`, rescaled to ``O``'s Frobenius norm).
     Weights with more than 2 dims are flattened to ``(shape[0], rest)``. Same-shape updates are
     orthogonalised together in one batched call.
 
