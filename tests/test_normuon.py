@@ -228,3 +228,12 @@ def test_lightning_checkpoint_resume_equals_an_uninterrupted_run(tmp_path):
     assert state["momentum_buffer"].dtype == torch.bfloat16 and int(state["step"]) == 12
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+def test_example_gpt_takes_variant_and_momentum_dtype_from_its_hyperparameters():
+    from examples.gpt import LitGPT
+
+    model = LitGPT(vocab_size=16, block_size=8, n_layer=1, n_embd=16, variant="normuon", momentum_dtype="bfloat16")
+    opt = model.configure_optimizers()
+    muon = [g for g in opt.param_groups if g["use_muon"]]
+    assert muon and all((g["variant"], g["momentum_dtype"]) == ("normuon", "bfloat16") for g in muon)
