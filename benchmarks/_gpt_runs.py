@@ -8,6 +8,7 @@ from __future__ import annotations
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import lightning as L
 import torch
@@ -70,8 +71,9 @@ def train_gpt(
     accelerator: str = "auto",
     precision: str = "32-true",
     seed: int = 0,
+    **model_kwargs: Any,
 ) -> GPTRun:
-    """One training run of ``examples.gpt.LitGPT`` on the embedded KJV corpus."""
+    """One training run of ``examples.gpt.LitGPT`` on the embedded KJV corpus; ``model_kwargs`` go to LitGPT."""
     L.seed_everything(seed, verbose=False)
     key = (block_size, batch_size)
     if key not in _DATA:
@@ -86,6 +88,7 @@ def train_gpt(
         optimizer=optimizer,
         lr=lr,
         adamw_lr=adamw_lr,
+        **model_kwargs,
     )
     timer, curve = _StepTimer(), _ValCurve()
     with tempfile.TemporaryDirectory() as tmp:

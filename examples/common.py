@@ -28,9 +28,12 @@ def configure_example_optimizer(
     warmup_steps: int = 0,
     schedule: str = "constant",
     max_steps: int | None = None,
+    variant: str = "muon",
+    momentum_dtype: str | None = None,
 ) -> dict[str, Any] | torch.optim.Optimizer:
     """Muon (hidden matrices at ``lr``, the rest AdamW at ``adamw_lr``) or AdamW everywhere at
-    ``adamw_lr``, under the same warmup and schedule, so a comparison changes one thing."""
+    ``adamw_lr``, under the same warmup and schedule, so a comparison changes one thing.
+    ``variant`` (``"normuon"``) and ``momentum_dtype`` (``"bfloat16"``) go to Muon."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if optimizer == "muon":
@@ -46,6 +49,8 @@ def configure_example_optimizer(
             warmup_steps=warmup_steps,
             schedule=schedule,
             max_steps=max_steps,
+            variant=variant,
+            momentum_dtype=momentum_dtype,
         )
     groups = muon_param_groups(module)  # same decay / no-decay split as the Muon run
     for group in groups:

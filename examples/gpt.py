@@ -273,6 +273,8 @@ class LitGPT(L.LightningModule):
         ns_method: str = "polar_express",
         warmup_steps: int = 0,
         schedule: str = "constant",
+        variant: str = "muon",
+        momentum_dtype: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()

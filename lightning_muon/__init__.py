@@ -10,6 +10,7 @@ Example:
 
 from .factory import SCHEDULES, configure_muon, lr_lambda
 from .functional import ADJUST_LR, adjusted_lr, apply_muon_update, matrix_shape, matrix_view, muon_direction
+from .low_precision import MOMENTUM_DTYPES, stochastic_round
 from .newton_schulz import (
     GRAM_METHODS,
     METHODS,
@@ -20,6 +21,7 @@ from .newton_schulz import (
     orthogonalize,
     singular_value_band,
 )
+from .normuon import VARIANTS, normuon_normalize
 from .optimizer import Muon, NonFiniteGradientError
 from .per_example import PerExampleNorms, linear_grad_norms, norm_grad_norms, per_example_noise_scale
 from .precision import NS_DTYPES, NSDtypeChoice, describe_device, ns_dtype_choice, resolve_ns_dtype
@@ -59,6 +61,7 @@ __all__ = [
     "GRAM_METHODS",
     "GramVariant",
     "METHODS",
+    "MOMENTUM_DTYPES",
     "NS_PRESETS",
     "SCHEDULES",
     "adjusted_lr",
@@ -78,6 +81,7 @@ __all__ = [
     "muon_param_groups",
     "noise_scale",
     "norm_grad_norms",
+    "normuon_normalize",
     "NoiseScale",
     "NS_DTYPES",
     "ns_dtype_choice",
@@ -100,7 +104,9 @@ __all__ = [
     "singular_values",
     "spectral_entropy",
     "stable_rank",
+    "stochastic_round",
     "top_frames",
     "top_singular_value",
+    "VARIANTS",
     "why_not_muon",
 ]

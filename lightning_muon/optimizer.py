@@ -41,17 +41,35 @@ from .distributed import (
     process_group_of,
 )
 from .functional import ADJUST_LR, apply_muon_update, matrix_shape, muon_direction
+from .low_precision import check_momentum_dtype, rounding_key, stochastic_round
 from .newton_schulz import METHODS
+from .normuon import NORMUON_BETA2, NORMUON_EPS, VARIANTS, neuron_scale
 from .precision import NS_DTYPES, agree_ns_dtype, resolve_ns_dtype
 from .routing import groups_from_routes, route_named_parameters, why_not_muon
-from .sharded import check_dtensor_param
+from .sharded import check_dtensor_param, global_index, sum_rows_over_mesh
 
 __all__ = ["Muon", "NonFiniteGradientError"]
 
 _NONFINITE = ("raise", "skip")
 #: Settings of a Muon group (also their keys in ``Muon.defaults``).
-_MUON_KEYS = ("lr", "momentum", "nesterov", "weight_decay", "ns_method", "ns_steps", "ns_dtype", "adjust_lr")
-_MUON_ONLY = ("momentum", "nesterov", "ns_method", "ns_steps", "ns_dtype", "adjust_lr")
+_MUON_KEYS = (
+    "lr",
+    "momentum",
+    "nesterov",
+    "weight_decay",
+    "ns_method",
+    "ns_steps",
+    "ns_dtype",
+    "adjust_lr",
+    "variant",
+    "normuon_beta2",
+    "normuon_eps",
+    "momentum_dtype",
+)
+_MUON_ONLY = tuple(k for k in _MUON_KEYS if k not in ("lr", "weight_decay"))
+#: Seed of the stochastic rounding of low-precision momentum (the bits are a hash of it, the
+#: parameter's position in the optimizer, its rounding step and each element's global index).
+_ROUNDING_SEED = 0x5EED
 #: Settings of an AdamW group -> their keys in ``Muon.defaults`` (the constructor's argument names).
 _ADAMW_KEYS = {
     "lr": "adamw_lr",
@@ -92,6 +110,8 @@ class Muon(torch.optim.Optimizer):
     :func:`~lightning_muon.apply_muon_update`), which this class calls per group. Weights with more
     than 2 dims are flattened to ``(shape[0], rest)`` (:func:`~lightning_muon.matrix_view`).
     Same-shape updates are orthogonalised together in one batched call.
+    With ``variant="normuon"``, ``O`` is first normalised per row by NorMuon's second moment
+    (:func:`lightning_muon.normuon_normalize`, rescaled to ``O``'s Frobenius norm).
 
     Distributed (see :mod:`lightning_muon.buckets`): under DDP (``torch.distributed``
     initialised with world size > 1) each matrix is orthogonalised on one owner rank and shared
@@ -126,6 +146,17 @@ class Muon(torch.optim.Optimizer):
             the same on every rank, see :mod:`lightning_muon.precision` and :meth:`resolved_ns_dtype`),
             or ``"bfloat16"``, ``"float16"``, ``"float32"``, ``"float64"``.
         adjust_lr: ``"original"``, ``"match_rms_adamw"`` or ``"spectral"``.
+        variant: ``"muon"`` (default) or ``"normuon"``: NorMuon (arXiv 2510.05491) divides each
+            row (output neuron) of the orthogonalised update by the root of an EMA of its mean
+            square, then restores the update's Frobenius norm, so ``lr`` and ``adjust_lr`` keep
+            their meaning (see :mod:`lightning_muon.normuon`). Extra state: one float32 per row
+            (``neuron_second_moment``, kept whole on every rank, also under FSDP2).
+        normuon_beta2, normuon_eps: NorMuon's EMA factor (0.95) and the ``eps`` added to the root (1e-8).
+        momentum_dtype: dtype of the Muon momentum buffers: None (default) the parameter's,
+            ``"float32"``, or ``"bfloat16"`` (half of float32's state), which is updated in float32
+            and stored by stochastic rounding so that small changes are not lost (see
+            :mod:`lightning_muon.low_precision`); a ``torch.dtype`` is accepted. AdamW groups keep
+            their moments in the parameters' dtype (this setting does not apply to them).
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: the AdamW groups' settings.
         nonfinite: what a NaN/Inf gradient does: ``"raise"`` a :class:`NonFiniteGradientError`
             naming the parameters (default) or ``"skip"`` the whole step with a warning. Either
@@ -156,6 +187,10 @@ class Muon(torch.optim.Optimizer):
         ns_steps: int = 5,
         ns_dtype: str = "auto",
         adjust_lr: str = "match_rms_adamw",
+        variant: str = "muon",
+        normuon_beta2: float = NORMUON_BETA2,
+        normuon_eps: float = NORMUON_EPS,
+        momentum_dtype: str | torch.dtype | None = None,
         adamw_lr: float | None = None,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-8,
@@ -185,6 +220,10 @@ class Muon(torch.optim.Optimizer):
             ns_steps=ns_steps,
             ns_dtype=ns_dtype,
             adjust_lr=adjust_lr,
+            variant=variant,
+            normuon_beta2=normuon_beta2,
+            normuon_eps=normuon_eps,
+            momentum_dtype=momentum_dtype,
         )
         adamw_defaults = dict(
             lr=lr if adamw_lr is None else adamw_lr,
@@ -194,6 +233,7 @@ class Muon(torch.optim.Optimizer):
             foreach=foreach,
         )
         _validate_muon(muon_defaults, "Muon")
+        muon_defaults["momentum_dtype"] = check_momentum_dtype(momentum_dtype, "Muon")
         _validate_adamw(adamw_defaults, "Muon", names=_ADAMW_KEYS)
         # Both families, so add_param_group can fill any new group: Muon settings under their own
         # names, AdamW settings under the constructor's names (adamw_lr, ...; foreach as is).
@@ -287,6 +327,8 @@ class Muon(torch.optim.Optimizer):
             used.add(part["name"])
             where = f"Muon param group {start + i} ({part['name']!r})"
             (_validate_muon if part["use_muon"] else _validate_adamw)(part, where)
+            if part["use_muon"]:
+                part["momentum_dtype"] = check_momentum_dtype(part["momentum_dtype"], where)
             if part["use_muon"] and self.process_group is None and any(is_dtensor(p) for p in ts):
                 raise ValueError(
                     f"{where}: process_group=None (this process alone) but its parameters are "
@@ -427,14 +469,27 @@ class Muon(torch.optim.Optimizer):
             names = own.get("param_names") or [None] * len(own["params"])
             for key, p, name in zip(saved["params"], own["params"], names):
                 for field, value in state_dict["state"].get(key, {}).items():
-                    if field != "step" and isinstance(value, Tensor) and value.shape != p.shape:
+                    want = _state_shape(field, p)
+                    if field != "step" and isinstance(value, Tensor) and value.shape != want:
                         label = name or f"#{key}"
                         raise ValueError(
                             f"Muon.load_state_dict: state {field!r} of parameter {label} has shape "
-                            f"{tuple(value.shape)} but the parameter has {tuple(p.shape)}: the model "
+                            f"{tuple(value.shape)} but the parameter needs {tuple(want)}: the model "
                             "changed since the checkpoint was saved"
                         )
         super().load_state_dict(state_dict)
+        # torch casts floating state to the parameter's dtype: Muon's state keeps its own dtypes
+        for saved, own in zip(groups, self.param_groups):
+            if not own["use_muon"]:
+                continue
+            for key, p in zip(saved["params"], own["params"]):
+                state, loaded = self.state.get(p, {}), state_dict["state"].get(key, {})
+                for field, dtype in (
+                    ("momentum_buffer", _momentum_dtype(own, p)),
+                    ("neuron_second_moment", _wide(p.dtype)),
+                ):
+                    if field in state and field in loaded:
+                        state[field] = loaded[field].to(device=state[field].device, dtype=dtype)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -533,12 +588,13 @@ class Muon(torch.optim.Optimizer):
             if not live:
                 continue
             for p in live:
-                if "momentum_buffer" not in self.state[p]:
-                    self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            # Local tensors throughout: under FSDP2 the state stays a sharded DTensor.
-            bufs = [local(self.state[p]["momentum_buffer"]) for p in live]
-            grads = [local_grad(p).to(b.dtype) for p, b in zip(live, bufs)]
-            directions = muon_direction(grads, bufs, group["momentum"], group["nesterov"])
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    dtype = _momentum_dtype(group, p)
+                    state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                if group["variant"] == "normuon" and "neuron_second_moment" not in state:
+                    state["neuron_second_moment"] = torch.zeros(_rows(p), dtype=_wide(p.dtype), device=p.device)
+            directions = self._momentum(group, live)
             ns = (group["ns_method"], group["ns_steps"], group["ns_dtype"])
             for p, direction in zip(live, directions):
                 mesh = p.device_mesh if is_dtensor(p) else None
@@ -562,8 +618,16 @@ class Muon(torch.optim.Optimizer):
             for (p, _, g), o in zip(items, ortho):
                 done[g][0].append(p)
                 done[g][1].append(o)
+        normuon = [
+            (p, o, groups[g]) for g, ps in done.items() if groups[g]["variant"] == "normuon" for p, o in zip(*ps)
+        ]
+        factors = self._normuon_factors(normuon)
         for g, (params, updates) in done.items():
             group = groups[g]
+            if group["variant"] == "normuon":  # each local element scaled by its row's factor
+                updates = [
+                    (o.reshape(local(p).shape).to(factors[p].dtype) * factors[p]) for p, o in zip(params, updates)
+                ]
             apply_muon_update(
                 [local(p) for p in params],
                 updates,
@@ -572,6 +636,83 @@ class Muon(torch.optim.Optimizer):
                 adjust_lr=group["adjust_lr"],
                 shapes=[p.shape for p in params],
             )
+
+    def _momentum(self, group: dict, live: list[Tensor]) -> list[Tensor]:
+        """Update the momentum buffers of ``live`` and return the directions to orthogonalise.
+
+        ``buf <- lerp(buf, g, 1 - beta)``; direction ``lerp(g, buf, beta)`` with Nesterov, else
+        ``buf``. Local tensors throughout (under FSDP2 the state stays a sharded DTensor). A
+        bfloat16 buffer under ``momentum_dtype="bfloat16"`` is updated in float32 and stored by
+        stochastic rounding, its bits keyed by the parameter's position, its ``step`` and each
+        element's global index (the same on every rank and world size).
+        """
+        bufs = [local(self.state[p]["momentum_buffer"]) for p in live]
+        rounded = group["momentum_dtype"] == "bfloat16"
+        work = [b.float() if rounded else b for b in bufs]
+        grads = [local_grad(p).to(b.dtype) for p, b in zip(live, work)]
+        updates = muon_direction(grads, work, group["momentum"], group["nesterov"])
+        if rounded:
+            position = {p: i for i, p in enumerate(q for g in self.param_groups for q in g["params"])}
+            for p, buf, value in zip(live, bufs, work):
+                state = self.state[p]
+                step = state.setdefault("step", torch.zeros((), dtype=torch.int64))
+                key = rounding_key(_ROUNDING_SEED, position[p], int(step))
+                buf.copy_(stochastic_round(value, global_index(p), key))
+                step += 1
+        return updates
+
+    def _normuon_factors(self, done: list[tuple[Tensor, Tensor, dict]]) -> dict[Tensor, Tensor]:
+        """NorMuon's per-element factor (row factor broadcast to this rank's piece) of each param.
+
+        Rows' sums of squares of plain (DDP) updates are computed here (every rank holds the whole
+        matrix); those of DTensor pieces are summed over the mesh with one ``all_reduce`` per
+        process group (:func:`lightning_muon.sharded.sum_rows_over_mesh`), so every rank updates
+        the same whole ``neuron_second_moment`` and scales its own piece exactly as one process
+        scales the whole matrix.
+        """
+        sums: dict[Tensor, Tensor] = {}
+        sharded = [(p, o, _columns(p)) for p, o, _ in done if is_dtensor(p)]
+        for p, o, _ in done:
+            if not is_dtensor(p):
+                sums[p] = o.reshape(*_rows(p), -1).to(_wide(o.dtype)).square().sum(-1)
+        if sharded:
+            sums.update(zip([p for p, _, _ in sharded], sum_rows_over_mesh(sharded)))
+        factors: dict[Tensor, Tensor] = {}
+        for p, _, group in done:
+            cols = _columns(p)
+            v = self.state[p]["neuron_second_moment"]
+            row = neuron_scale(sums[p].view(v.shape), cols, v, group["normuon_beta2"], group["normuon_eps"])
+            if is_dtensor(p):  # this rank's elements, each with its row's factor
+                factors[p] = row.reshape(-1)[global_index(p) // cols]
+            else:
+                factors[p] = row.reshape(*row.shape, *([1] * (p.ndim - row.ndim)))
+        return factors
+
+
+def _momentum_dtype(group: dict, p: Tensor) -> torch.dtype:
+    """The dtype of ``p``'s momentum buffer in Muon ``group``: ``momentum_dtype``, or ``p``'s own."""
+    name = group.get("momentum_dtype")
+    return p.dtype if name is None else getattr(torch, name)
+
+
+def _rows(p: Tensor) -> tuple[int, ...]:
+    """Shape of NorMuon's per-row state of ``p``: the rows of its (global) :func:`matrix_shape`."""
+    return tuple(matrix_shape(p.shape)[:-1]) if p.ndim >= 2 else ()
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """float32, or the parameter's dtype when wider (float64): NorMuon's statistics never in half precision."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _columns(p: Tensor) -> int:
+    """Columns of ``p``'s (global) :func:`matrix_shape`, from its shape alone (no DTensor op)."""
+    return matrix_shape(p.shape)[-1]
+
+
+def _state_shape(field: str, p: Tensor) -> torch.Size:
+    """The shape a Muon/AdamW state tensor ``field`` of parameter ``p`` has."""
+    return torch.Size(_rows(p)) if field == "neuron_second_moment" else p.shape
 
 
 def _compute_dtype(method: str, dtype: torch.dtype) -> torch.dtype:
@@ -721,10 +862,18 @@ def _validate_muon(group: dict, where: str) -> None:
         ("ns_dtype", f"one of {NS_DTYPES}", group["ns_dtype"] in NS_DTYPES),
         ("adjust_lr", f"one of {tuple(ADJUST_LR)}", group["adjust_lr"] in ADJUST_LR),
         ("nesterov", "a bool", isinstance(group["nesterov"], bool)),
+        ("variant", f"one of {VARIANTS}", group["variant"] in VARIANTS),
+        ("normuon_beta2", "in [0, 1)", _number(group["normuon_beta2"]) and 0 <= group["normuon_beta2"] < 1),
+        (
+            "normuon_eps",
+            "a finite number > 0 (a zero row would divide 0 by 0)",
+            _number(group["normuon_eps"]) and group["normuon_eps"] > 0,
+        ),
     )
     for key, expected, ok in checks:
         if not ok:
             raise ValueError(f"{where}: {key} must be {expected}, got {group[key]!r}")
+    check_momentum_dtype(group["momentum_dtype"], where)
 
 
 def _validate_adamw(group: dict, where: str, names: dict[str, str] | None = None) -> None:

@@ -31,9 +31,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .distributed import is_dtensor, mesh_domain
+from .distributed import MeshDomain, is_dtensor, mesh_domain
 
-__all__ = ["check_dtensor_param", "check_placements", "chunk_indices", "exchange", "shard_rows"]
+__all__ = [
+    "check_dtensor_param",
+    "check_placements",
+    "chunk_indices",
+    "exchange",
+    "global_index",
+    "shard_rows",
+    "sum_rows_over_mesh",
+]
 
 
 def _kind(placement: Any) -> str:
@@ -184,4 +192,60 @@ def exchange(
     for s, part in enumerate(recv_back.split(back_in)):
         for j, i in enumerate(by_owner[s]):
             out[i] = part.view(len(by_owner[s]), sizes[me])[j].to(like.dtype)
+    return out
+
+
+def _sends(domain: MeshDomain, placements: Sequence[Any], g: int) -> bool:
+    """Whether group rank ``g`` holds the copy of its piece that counts (one per piece, as in :func:`exchange`)."""
+    replicated = [d for d, p in enumerate(placements) if _kind(p) == "replicate"]
+    return domain.primary[g] and all(domain.coordinates[g][d] == 0 for d in replicated)
+
+
+def global_index(t: Tensor) -> Tensor:
+    """Row-major index in the whole tensor of each element of this rank's piece (int64, local shape).
+
+    For a plain tensor ``arange(numel)``; for a DTensor the Cartesian product of its
+    :func:`chunk_indices`, so the same element has the same index on every rank and world size.
+
+    Example:
+        >>> global_index(torch.zeros(2, 3))
+        tensor([[0, 1, 2],
+                [3, 4, 5]])
+    """
+    if not is_dtensor(t):
+        return torch.arange(t.numel(), device=t.device).view(t.shape)
+    mesh = t.device_mesh
+    index = chunk_indices(t.shape, mesh.shape, mesh.get_coordinate(), t.placements)
+    strides = [math.prod(t.shape[d + 1 :]) for d in range(t.ndim)]
+    flat = torch.zeros((), dtype=torch.int64)
+    for d, (i, stride) in enumerate(zip(index, strides)):
+        flat = flat + (i * stride).view([-1 if k == d else 1 for k in range(t.ndim)])
+    return flat.expand(tuple(len(i) for i in index)).to(t.to_local().device)
+
+
+def sum_rows_over_mesh(pieces: list[tuple[Tensor, Tensor, int]]) -> list[Tensor]:
+    """Rows' sums of squares of whole matrices whose pieces are spread over DTensor meshes.
+
+    ``pieces``: (DTensor parameter ``p``, this rank's piece of a tensor of ``p``'s shape, e.g. its
+    orthogonalised update, ``columns`` of ``p``'s matrix view). The view's rows are row-major
+    runs of ``columns`` elements (element ``k`` of the whole tensor lies in row ``k // columns``).
+    Each rank adds its elements' squares into their rows (a replicated copy adds nothing), then
+    one ``all_reduce`` per process group sums them: every rank gets every row's total (float32
+    or wider, ``numel // columns`` of them).
+    """
+    out: list[Tensor] = []
+    by_group: dict[Any, list[int]] = {}
+    for k, (p, piece, cols) in enumerate(pieces):
+        domain = mesh_domain(p.device_mesh)
+        wide = torch.promote_types(piece.dtype, torch.float32)
+        total = torch.zeros(p.numel() // cols, dtype=wide, device=piece.device)
+        if _sends(domain, p.placements, domain.group.rank()) and piece.numel():
+            total.index_add_(0, (global_index(p) // cols).reshape(-1), piece.reshape(-1).to(wide).square())
+        out.append(total)
+        by_group.setdefault(domain.group, []).append(k)
+    for group, ks in by_group.items():
+        flat = torch.cat([out[k] for k in ks])
+        dist.all_reduce(flat, group=group)
+        for k, part in zip(ks, flat.split([out[k].numel() for k in ks])):
+            out[k] = part
     return out

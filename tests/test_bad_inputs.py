@@ -262,3 +262,27 @@ def test_callbacks_with_a_logger_that_is_not_tensorboard(tmp_path):  # row 28
     assert sorted(steps("stable_rank/mean")) == [0, 2]  # scalars reach any logger
     entropy = steps("spectral_entropy/mean")
     assert sorted(entropy) == [0, 2] and all(0 < v <= 1 for v in entropy.values())
+
+
+# rows 68-71: NorMuon and low-precision momentum settings, at construction and in added groups
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"variant": "adamuon"}, r"variant must be one of \('muon', 'normuon'\)"),
+        ({"normuon_beta2": 1.0}, r"normuon_beta2 must be in \[0, 1\)"),
+        ({"normuon_eps": 0.0}, "normuon_eps must be a finite number > 0"),
+        ({"normuon_eps": float("nan")}, "normuon_eps must be a finite number > 0"),
+        ({"momentum_dtype": torch.float16}, "momentum_dtype must be None, 'float32' or 'bfloat16'.*float16's range"),
+    ],
+)
+def test_invalid_normuon_and_momentum_dtype_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Muon(muon_param_groups(Net()), **kwargs)
+    model = Net()
+    opt = _trained(model)
+    snap = _snapshot(model, opt)
+    extra = nn.Linear(8, 8)
+    with pytest.raises(ValueError, match=match):
+        opt.add_param_group({"params": [extra.weight], "use_muon": True, **kwargs})
+    assert len(opt.param_groups) == 3
+    _unchanged(model, opt, snap)

@@ -1,5 +1,6 @@
 """Gram Newton–Schulz against the exact SVD polar factor and against standard NS with the same coefficients."""
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -273,7 +274,18 @@ def test_benchmark_script_prints_a_table(capsys):
 def test_distributed_steps_with_gram_in_16_bit_match_one_process(tmp_path, mode, world):
     # bfloat16 asked for, float16 computed: the ranks must exchange momenta and results without
     # rounding them to bfloat16, or they would drift from one process on the same gradients.
-    wait([launch("raw_step.py", str(tmp_path), str(world), mode, "bfloat16", "gram_polar_express")])
+    wait(
+        [
+            launch(
+                "raw_step.py",
+                str(tmp_path),
+                str(world),
+                mode,
+                "bfloat16",
+                json.dumps({"ns_method": "gram_polar_express"}),
+            )
+        ]
+    )
     init, grads = raw_step.make(0)
     params = [nn.Parameter(p.clone()) for p in init]
     opt = Muon(raw_step.groups(params), lr=0.05, ns_dtype="bfloat16", weight_decay=0.1, ns_method="gram_polar_express")

@@ -105,6 +105,10 @@ def test_defaults_hold_both_families():
         ns_steps=4,
         ns_dtype="float32",
         adjust_lr="spectral",
+        variant="normuon",
+        normuon_beta2=0.9,
+        normuon_eps=1e-7,
+        momentum_dtype=torch.bfloat16,
         adamw_lr=1e-3,
         adamw_betas=(0.8, 0.9),
         adamw_eps=1e-7,
@@ -119,6 +123,10 @@ def test_defaults_hold_both_families():
         "ns_steps": 4,
         "ns_dtype": "float32",
         "adjust_lr": "spectral",
+        "variant": "normuon",
+        "normuon_beta2": 0.9,
+        "normuon_eps": 1e-7,
+        "momentum_dtype": "bfloat16",
         "adamw_lr": 1e-3,
         "adamw_betas": (0.8, 0.9),
         "adamw_eps": 1e-7,
@@ -224,6 +232,10 @@ def test_add_param_group_dicts_are_filled_from_their_family():
         "ns_steps",
         "ns_dtype",
         "adjust_lr",
+        "variant",
+        "normuon_beta2",
+        "normuon_eps",
+        "momentum_dtype",
     }
     assert (g_w2["lr"], g_w2["momentum"], g_w3["use_muon"], g_w3["lr"]) == (0.5, 0.9, True, 0.02)
     assert [g["name"] for g in opt.param_groups] == ["muon", "adamw", "muon_1", "muon_2"]

@@ -8,6 +8,7 @@ resuming from ``--resume``, and writes to OUT_DIR:
   rank{r}.json    matrices this rank orthogonalised, and collectives per optimizer step
 
 Usage: python lightning_gpt.py OUT_DIR {single,ddp,fsdp,tp} EPOCHS [--resume CKPT] [--dp N --tp M] [--hidden H]
+       [--muon JSON]   (more configure_muon settings, e.g. '{"variant": "normuon"}')
 ("tp": ModelParallelStrategy(N, M), tensor parallel blocks as in examples/gpt.py, then FSDP2;
 "hsdp": 4 processes, fully_shard over a (replicate 2, shard 2) mesh built in configure_model.)
 """
@@ -96,7 +97,13 @@ class TinyGPT(L.LightningModule):
 
     def configure_optimizers(self):
         return configure_muon(
-            self, lr=0.02, adjust_lr="original", adamw_lr=3e-3, weight_decay=0.01, ns_dtype=ARGS.ns_dtype
+            self,
+            lr=0.02,
+            adjust_lr="original",
+            adamw_lr=3e-3,
+            weight_decay=0.01,
+            ns_dtype=ARGS.ns_dtype,
+            **json.loads(ARGS.muon),
         )
 
     def train_dataloader(self):
@@ -180,6 +187,7 @@ if __name__ == "__main__":
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--ns-dtype", default="float32", help="float32: parity is not blurred by bf16")
     parser.add_argument("--hidden", type=int, default=HIDDEN)
+    parser.add_argument("--muon", default="{}", help="JSON dict of more configure_muon settings")
     ARGS = parser.parse_args()
     HIDDEN = ARGS.hidden
     main()

@@ -5,10 +5,13 @@ layout) or with DTensors Shard(0) (FSDP2 layout), and writes its final parameter
 per-step collective counts, the matrices it orthogonalised, and whether a step with a NaN
 in one rank's gradient shard was skipped on every rank, to OUT/rank{r}.pt.
 
-Usage: PORT=29500 python raw_step.py OUT_DIR WORLD_SIZE {ddp,fsdp} NS_DTYPE
-(The one-process reference runs inside the test, from make() and groups().)
+Usage: PORT=29500 python raw_step.py OUT_DIR WORLD_SIZE {ddp,fsdp} NS_DTYPE [MUON_KWARGS_JSON]
+(The one-process reference runs inside the test, from make() and groups(); MUON_KWARGS_JSON adds
+Muon settings, e.g. '{"variant": "normuon", "momentum_dtype": "bfloat16"}', and the NorMuon state
+is saved too.)
 """
 
+import json
 import os
 import sys
 import warnings
@@ -42,7 +45,7 @@ def groups(params):
     ]
 
 
-def worker(rank: int, world: int, mode: str, ns_dtype: str, out: str, ns_method: str = "polar_express") -> None:
+def worker(rank: int, world: int, mode: str, ns_dtype: str, out: str, extra: dict) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -65,7 +68,7 @@ def worker(rank: int, world: int, mode: str, ns_dtype: str, out: str, ns_method:
         grads = [[distribute_tensor(g, mesh, [Shard(0)], src_data_rank=None) for g in step] for step in grads]
     else:
         params = [torch.nn.Parameter(p.clone()) for p in init]
-    opt = Muon(groups(params), lr=0.05, ns_dtype=ns_dtype, weight_decay=0.1, ns_method=ns_method)
+    opt = Muon(groups(params), lr=0.05, ns_dtype=ns_dtype, weight_decay=0.1, **extra)
     comms = []
     for step in grads:
         for p, g in zip(params, step):
@@ -77,6 +80,9 @@ def worker(rank: int, world: int, mode: str, ns_dtype: str, out: str, ns_method:
     result = {
         "params": [full(p.detach()).clone() for p in params],
         "momentum": [full(opt.state[p]["momentum_buffer"]).clone() for p in params if p.ndim >= 2],
+        "second_moment": [opt.state[p]["neuron_second_moment"].clone() for p in params if p.ndim >= 2]
+        if extra.get("variant") == "normuon"
+        else [],
         "momentum_is_local_shard": all(type(opt.state[p]["momentum_buffer"]) is type(p) for p in params if p.ndim >= 2),
         "comms": comms,
         "orthogonalized": counted,
@@ -98,5 +104,5 @@ def worker(rank: int, world: int, mode: str, ns_dtype: str, out: str, ns_method:
 
 if __name__ == "__main__":
     out, world, mode, ns_dtype = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    ns_method = sys.argv[5] if len(sys.argv) > 5 else "polar_express"
-    mp.spawn(worker, args=(world, mode, ns_dtype, out, ns_method), nprocs=world)
+    extra = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}
+    mp.spawn(worker, args=(world, mode, ns_dtype, out, extra), nprocs=world)
