@@ -447,3 +447,34 @@ def test_ddp_and_fsdp2_clip_like_one_process(tmp_path) -> None:
             assert metrics.keys() == r[m]["logged"][step].keys()
             for k, v in metrics.items():
                 assert r[m]["logged"][step][k] == pytest.approx(v, rel=1e-4, abs=1e-6), (m, step, k)
+
+
+@pytest.fixture
+def single_rank_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_tensor_parallel_attention_is_refused_before_any_change(single_rank_group) -> None:
+    """c_attn split column-wise (Megatron TP, as examples/gpt.py's tensor_parallelize does): each rank
+    would see only its heads, so the observer refuses at the first watched forward."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    from lightning_muon import QKObserver
+
+    attn = gpt_attention()
+    parallelize_module(attn, init_device_mesh("cpu", (1,)), {"c_attn": ColwiseParallel()})
+    obs = QKObserver(find_qk_attention(nn.ModuleDict({"attn": attn})))
+    obs.enabled = True
+    state = {
+        k: v.full_tensor().clone() if hasattr(v, "full_tensor") else v.clone() for k, v in attn.state_dict().items()
+    }
+    with pytest.raises(RuntimeError, match="tensor-parallel heads; not supported"):
+        attn(torch.randn(2, 5, 32))
+    for k, v in attn.state_dict().items():
+        assert torch.equal(v.full_tensor() if hasattr(v, "full_tensor") else v, state[k])
+    assert not obs.maxima
