@@ -478,3 +478,74 @@ def test_tensor_parallel_attention_is_refused_before_any_change(single_rank_grou
     for k, v in attn.state_dict().items():
         assert torch.equal(v.full_tensor() if hasattr(v, "full_tensor") else v, state[k])
     assert not obs.maxima
+
+
+class StoredMaxAttention(nn.Module):
+    """A user's attention implementing the protocol the cheap way: its forward materialises the
+    logits and keeps their per-head max; separate q/k/v projections with biases."""
+
+    def __init__(self, d: int = 16, n_head: int = 4, poison_head: int | None = None) -> None:
+        super().__init__()
+        self.n_head, self.poison_head = n_head, poison_head
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.last_max = torch.zeros(n_head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        split = lambda t: t.unflatten(-1, (self.n_head, -1)).transpose(1, 2)  # (B, H, T, hd)
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        self.last_max = logits.detach().transpose(0, 1).flatten(1).amax(1)
+        if self.poison_head is not None:  # an overflowed head, as a reported value
+            self.last_max[self.poison_head] = math.nan
+        return (logits.softmax(-1) @ v).transpose(1, 2).flatten(2)
+
+    def qk_logit_max(self, args, kwargs):
+        return self.last_max
+
+    def qk_clip_rows(self):
+        owner = torch.arange(self.n_head).repeat_interleave(self.q.out_features // self.n_head)
+        return [QKScaling(p, owner) for p in (self.q.weight, self.q.bias, self.k.weight, self.k.bias)]
+
+
+class StoredMaxModel(L.LightningModule):
+    def __init__(self, poison_head: int | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = StoredMaxAttention(poison_head=poison_head)
+        with torch.no_grad():
+            self.attn.q.weight.mul_(torch.linspace(1, 8, 16)[:, None])  # heads of different sizes
+        self.x = torch.randn(8, 6, 16)
+
+    def training_step(self, batch, batch_idx):
+        return self.attn(batch[0]).square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.x), batch_size=8)
+
+
+def test_any_module_implementing_the_protocol_is_clipped(tmp_path) -> None:
+    model = StoredMaxModel()
+    model.attn(model.x)
+    s = model.attn.last_max.clone()  # S_h on the one batch
+    tau = float(s.median())
+    _trainer(tmp_path, [QKClip(tau=tau)], max_steps=2).fit(model)
+    model.attn(model.x)
+    after = model.attn.last_max
+    hit = s > tau
+    assert 0 < hit.sum() < 4
+    torch.testing.assert_close(after[hit], torch.full_like(after[hit], tau), rtol=1e-5, atol=0)
+    assert torch.equal(after[~hit], s[~hit])
+
+
+def test_clip_skips_and_warns_on_a_non_finite_max_logit(tmp_path) -> None:
+    model = StoredMaxModel(poison_head=3)  # head 3 has the largest logits, reported as NaN
+    rows = [r.param.detach().clone() for r in model.attn.qk_clip_rows()]
+    with pytest.warns(UserWarning, match=r"non-finite max logit in attn heads \[3\]"):
+        _trainer(tmp_path, [QKClip(tau=1e-6)], max_steps=1).fit(model)
+    for r, old in zip(model.attn.qk_clip_rows(), rows):
+        heads = r.heads
+        assert torch.equal(r.param[heads == 3], old[heads == 3])  # the NaN head: untouched
+        assert not torch.equal(r.param[heads == 0], old[heads == 0])  # the others: clipped
