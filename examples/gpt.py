@@ -34,6 +34,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from examples.common import configure_from_hparams, fully_shard_blocks
+from lightning_muon.qk_clip import QKScaling, attention_logit_max, fused_qkv_project, fused_qkv_rows
 
 # ----------------------------------------------------------------------------- the model
 
@@ -69,6 +70,14 @@ class CausalSelfAttention(nn.Module):
         q, k, v = qkv.view(B, T, -1, 3, self.head_dim).permute(3, 0, 2, 1, 4)  # each (B, heads, T, hd)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    # QK-clip protocol (lightning_muon.qk_clip): per-head max logits of a forward call, and the q/k rows
+    def qk_logit_max(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        q, k = fused_qkv_project(args[0], self.c_attn.weight, self.c_attn.bias, self.n_head, order="head_qkv")
+        return attention_logit_max(q, k, is_causal=True)
+
+    def qk_clip_rows(self) -> list[QKScaling]:
+        return fused_qkv_rows(self.c_attn.weight, self.c_attn.bias, self.n_head, order="head_qkv")
 
 
 class MLP(nn.Module):

@@ -12,16 +12,20 @@ Example:
     ['SpectralEntropyMonitor', 'StableRankMonitor']
 """
 
+from .attention_logit import AttentionLogitMonitor
 from .batch_size_warmup import BatchSizeWarmup
 from .critical_batch_size import CriticalBatchSizeMonitor
 from .polar_misalignment import PolarMisalignmentMonitor
+from .qk_clip import QKClip
 from .spectral_entropy import SpectralEntropyMonitor
 from .stable_rank import StableRankMonitor
 
 __all__ = [
+    "AttentionLogitMonitor",
     "BatchSizeWarmup",
     "CriticalBatchSizeMonitor",
     "PolarMisalignmentMonitor",
+    "QKClip",
     "SpectralEntropyMonitor",
     "StableRankMonitor",
 ]
