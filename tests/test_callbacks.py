@@ -31,7 +31,7 @@ from lightning_muon.callbacks import (
     StableRankMonitor,
 )
 from lightning_muon.callbacks.polar_misalignment import muon_update
-from lightning_muon.spectral import _delta_p
+from lightning_muon.spectral import delta_p
 
 MICRO = 16  # micro-batch size: 2 micro-batches (32 examples) give full-rank 16 x 16 gradients
 HIDDEN = ("net.0.weight", "net.2.weight")
@@ -131,7 +131,7 @@ def test_all_monitors_log_correct_values_to_tensorboard(tmp_path):
         )
         U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
         assert scalars[f"polar_misalignment/grad_delta_p/{name}"][0] == pytest.approx(
-            _delta_p(W.double(), U @ Vh).item(), rel=1e-4
+            delta_p(W.double(), U @ Vh).item(), rel=1e-4
         )
         # Step 0: the momentum buffer is empty, so Muon's update is a multiple of G.
         assert scalars[f"polar_misalignment/update_delta_p/{name}"][0] == pytest.approx(
