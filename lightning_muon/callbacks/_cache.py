@@ -42,7 +42,15 @@ def is_sharded(tensors: Iterable[Tensor]) -> bool:
 class CacheRequest:
     """What one monitor asks of the shared cache: the ``product`` of the ``kind`` matrices of
     ``names`` (``kind``: ``"weight"``, ``"grad"``, ``"update"``, ...), at every step that is a
-    multiple of ``every_n_steps``."""
+    multiple of ``every_n_steps``. Monitors build it with ``MonitorCallback.request``.
+
+    Raises:
+        ValueError: ``product`` not one of ``PRODUCTS``, or ``every_n_steps < 1``.
+
+    Example:
+        >>> CacheRequest("weight", "spectrum", ("net.0.weight",), every_n_steps=100).product
+        'spectrum'
+    """
 
     kind: str
     product: str
