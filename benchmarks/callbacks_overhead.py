@@ -85,11 +85,12 @@ def run(args, with_callbacks: bool) -> tuple[float, float]:
     timer = StepTimer(1, 1 + args.steps, clock)
     callbacks = [timer]
     if with_callbacks:
+        every = args.every_n_steps
         monitors = [
-            SpectralEntropyMonitor(),
-            StableRankMonitor(),
-            PolarMisalignmentMonitor(),
-            CriticalBatchSizeMonitor(),
+            SpectralEntropyMonitor(every),
+            StableRankMonitor(every),
+            PolarMisalignmentMonitor(every),
+            CriticalBatchSizeMonitor(every),
         ]
         callbacks += [timer.wrap(m) for m in monitors]
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,7 +113,8 @@ def run(args, with_callbacks: bool) -> tuple[float, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=200, help="timed optimizer steps (logging every 100)")
+    p.add_argument("--steps", type=int, default=200, help="timed optimizer steps")
+    p.add_argument("--every-n-steps", type=int, default=100, help="the monitors' every_n_steps (their default: 100)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16, help="micro-batch size (sequences)")
     p.add_argument("--block-size", type=int, default=256)

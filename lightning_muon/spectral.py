@@ -32,9 +32,12 @@ __all__ = [
     "top_frames",
     "stable_rank",
     "spectral_entropy",
+    "spectrum_entropy",
     "effective_rank",
     "sin_theta",
+    "frames_sin_theta",
     "polar_misalignment",
+    "delta_p",
     "NoiseScale",
     "noise_scale",
     "polar_sensitivity",
@@ -136,8 +139,29 @@ def stable_rank(W: Tensor, num_iters: int = 30) -> Tensor:
     return X.square().sum((-2, -1)) / sigma.square()
 
 
-def _entropy(s: Tensor, normalized: bool) -> Tensor:
-    """Entropy of ``p_i = s_i / sum s`` over ``s_i > 1e-12`` (divided by ``ln k`` if normalised)."""
+def spectrum_entropy(s: Tensor, normalized: bool = True) -> Tensor:
+    """Entropy of singular values ``s`` (shape ``(..., k)``) as a distribution ``p_i = s_i / sum_j s_j``.
+
+    For a spectrum already computed (e.g. by :func:`singular_values`, batched over leading dims):
+    :func:`spectral_entropy` is this applied to ``singular_values(W)``. Values at or below ``1e-12``
+    count as zeros; ``normalized=True`` divides by ``ln k`` (1: flat, 0: one non-zero value).
+
+    Args:
+        s: non-negative singular values, ``(..., k)`` with ``k >= 1``.
+        normalized: divide by ``ln k`` (a single value gives 1).
+
+    Raises:
+        ValueError: ``s`` is a 0-d or complex tensor.
+
+    Example:
+        >>> spectrum_entropy(torch.tensor([[2.0, 2.0, 2.0, 2.0], [1.0, 0.0, 0.0, 0.0]]))
+        tensor([1., 0.])
+    """
+    if s.ndim < 1 or s.shape[-1] < 1 or s.is_complex():
+        raise ValueError(
+            f"spectrum_entropy: expected real singular values of shape (..., k), got {s.dtype} {tuple(s.shape)}"
+        )
+    s = s if s.dtype == torch.float64 else s.float()
     s = torch.where(s > _ENTROPY_FLOOR, s, torch.zeros_like(s))
     p = s / s.sum(-1, keepdim=True)
     H = -torch.special.xlogy(p, p).sum(-1)
@@ -159,7 +183,7 @@ def spectral_entropy(W: Tensor, normalized: bool = True) -> Tensor:
         >>> spectral_entropy(torch.outer(torch.ones(4), torch.ones(6)))  # rank one
         tensor(0.)
     """
-    return _entropy(singular_values(W), normalized)
+    return spectrum_entropy(singular_values(W), normalized)
 
 
 def effective_rank(W: Tensor) -> Tensor:
@@ -167,8 +191,30 @@ def effective_rank(W: Tensor) -> Tensor:
     return spectral_entropy(W, normalized=False).exp()
 
 
-def _frame_sin(Ua: Tensor, Ub: Tensor) -> Tensor:
-    """``||sin Theta||_F = sqrt(k - ||Ua^T Ub||_F^2)`` for orthonormal ``(..., d, k)`` frames."""
+def frames_sin_theta(Ua: Tensor, Ub: Tensor) -> Tensor:
+    """``||sin Theta||_F = sqrt(k - ||Ua^T Ub||_F^2)`` between orthonormal frames ``(..., d, k)``.
+
+    For frames already computed (e.g. by :func:`top_frames`, batched over leading dims):
+    :func:`sin_theta` is this applied to the top-``k`` frames of two matrices. 0 means the same
+    subspace, ``sqrt(k)`` orthogonal ones.
+
+    Args:
+        Ua: orthonormal columns, ``(..., d, k)``.
+        Ub: orthonormal columns of the same shape.
+
+    Raises:
+        ValueError: the shapes differ or are not ``(..., d, k)``.
+
+    Example:
+        >>> e = torch.eye(4)
+        >>> frames_sin_theta(e[:, :2], e[:, :2]), frames_sin_theta(e[:, :2], e[:, 2:])
+        (tensor(0.), tensor(1.4142))
+    """
+    if Ua.ndim < 2 or Ua.shape != Ub.shape:
+        raise ValueError(
+            f"frames_sin_theta: expected two frames of the same shape (..., d, k), "
+            f"got {tuple(Ua.shape)} and {tuple(Ub.shape)}"
+        )
     k = Ua.shape[-1]
     return (k - (Ua.mT @ Ub).square().sum((-2, -1))).clamp_min(0).sqrt()
 
@@ -196,11 +242,33 @@ def sin_theta(A: Tensor, B: Tensor, k: int, side: str = "max") -> Tensor:
         )
     Ua, Va = top_frames(A, k)
     Ub, Vb = top_frames(B, k)
-    left, right = _frame_sin(Ua, Ub), _frame_sin(Va, Vb)
+    left, right = frames_sin_theta(Ua, Ub), frames_sin_theta(Va, Vb)
     return {"left": left, "right": right, "max": torch.maximum(left, right)}[side]
 
 
-def _delta_p(W: Tensor, P: Tensor) -> Tensor:
+def delta_p(W: Tensor, P: Tensor) -> Tensor:
+    """The basis-free misalignment ``delta_P`` of ``W`` with a given orthogonal factor ``P``, in ``[0, 1]``.
+
+    ``delta_P = (||W^T P - P^T W||_F + ||W P^T - P W^T||_F) / (2 ||W||_F ||P||_F)``, batched over
+    leading dims. :func:`polar_misalignment` computes ``P = polar(G)`` first; call this one when
+    ``P`` is already at hand (e.g. the Newton–Schulz factor Muon applies).
+
+    Args:
+        W: the matrix, ``(..., m, n)``.
+        P: the orthogonal factor, same shape as ``W``.
+
+    Raises:
+        ValueError: the shapes differ or are not ``(..., m, n)``.
+
+    Example:
+        >>> W = torch.diag(torch.tensor([3.0, 1.0]))
+        >>> delta_p(W, torch.eye(2)), delta_p(W, torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+        (tensor(0.), tensor(0.6325))
+    """
+    if W.ndim < 2 or W.shape != P.shape:
+        raise ValueError(
+            f"delta_p: W and P must have the same shape (..., m, n), got {tuple(W.shape)} and {tuple(P.shape)}"
+        )
     num = (W.mT @ P - P.mT @ W).norm(dim=(-2, -1)) + (W @ P.mT - P @ W.mT).norm(dim=(-2, -1))
     return num / (2 * W.norm(dim=(-2, -1)) * P.norm(dim=(-2, -1)))
 
@@ -222,7 +290,7 @@ def polar_misalignment(W: Tensor, G: Tensor, method: str = "svd") -> Tensor:
         raise ValueError(
             f"polar_misalignment: W and G must have the same matrix shape, got {tuple(X.shape)} and {tuple(Y.shape)}"
         )
-    return _delta_p(X, orthogonalize(Y, method, dtype=X.dtype))
+    return delta_p(X, orthogonalize(Y, method, dtype=X.dtype))
 
 
 class NoiseScale(NamedTuple):

@@ -25,12 +25,17 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_muon import adjusted_lr, configure_muon, noise_scale, orthogonalize, sin_theta
 from lightning_muon.callbacks import (
+    BatchSizeWarmup,
+    CacheRequest,
     CriticalBatchSizeMonitor,
+    MonitorCallback,
     PolarMisalignmentMonitor,
     SpectralEntropyMonitor,
+    SpectralMonitor,
     StableRankMonitor,
 )
-from lightning_muon.spectral import _delta_p
+from lightning_muon.callbacks._cache import declare, step_cache
+from lightning_muon.spectral import delta_p
 
 MICRO = 16  # micro-batch size: 2 micro-batches (32 examples) give full-rank 16 x 16 gradients
 HIDDEN = ("net.0.weight", "net.2.weight")
@@ -130,7 +135,7 @@ def test_all_monitors_log_correct_values_to_tensorboard(tmp_path):
         )
         U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
         assert scalars[f"polar_misalignment/grad_delta_p/{name}"][0] == pytest.approx(
-            _delta_p(W.double(), U @ Vh).item(), rel=1e-4
+            delta_p(W.double(), U @ Vh).item(), rel=1e-4
         )
         # Step 0: the momentum buffer is empty, so Muon's update is a multiple of G.
         assert scalars[f"polar_misalignment/update_delta_p/{name}"][0] == pytest.approx(
@@ -189,7 +194,7 @@ def test_misalignment_monitor_predicts_the_update_muon_applies(tmp_path):
             applied = (W - W_next) / adjusted_lr(model.lr, W.shape, "match_rms_adamw")
             torch.testing.assert_close(applied, orthogonalize(applied, "svd"), atol=1e-4, rtol=0)  # fp32 weights
             logged = scalars[f"polar_misalignment/update_delta_p/{name}"][step]
-            assert logged == pytest.approx(_delta_p(W.double(), applied.double()).item(), rel=1e-4)
+            assert logged == pytest.approx(delta_p(W.double(), applied.double()).item(), rel=1e-4)
             # with momentum the update is not the gradient's direction: the comparison can fail
             assert logged != pytest.approx(scalars[f"polar_misalignment/grad_delta_p/{name}"][step], rel=1e-3)
 
@@ -210,6 +215,126 @@ def test_stable_rank_power_iteration_alone(tmp_path):
         # Cold start, 80 power steps on 16-wide Gaussian-init matrices: sigma_1 to 1e-3.
         assert logged == pytest.approx(float((s**2).sum() / s[0] ** 2), rel=2e-3)
         assert monitor.vectors[name].shape == (W0[name].shape[1],)  # kept for the warm start
+
+
+class FrobeniusNormMonitor(SpectralMonitor):
+    """A monitor written against the base as a user would: ``||W||_F`` per layer."""
+
+    prefix = "frobenius/"
+
+    def __init__(self, every_n_steps):
+        super().__init__(every_n_steps)
+        self.calls = []
+
+    def compute(self, trainer, optimizer, params, cache):
+        self.calls.append((trainer.global_step, type(optimizer).__name__, list(params)))
+        return {f"{self.prefix}{n}": float(cache.matrix("weight", n, p).norm()) for n, p in params.items()}
+
+
+def test_a_new_spectral_monitor_gets_compute_at_its_logging_steps(tmp_path):
+    model = TinyMLP()
+    W0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    monitor = FrobeniusNormMonitor(every_n_steps=2)
+    logger = CSVLogger(tmp_path)
+    trainer = _trainer(tmp_path, [monitor], logger=logger, max_steps=3)
+    trainer.fit(model)
+    assert monitor.calls == [(0, "Muon", list(HIDDEN)), (2, "Muon", list(HIDDEN))]  # unwrapped optimizer
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get(f"frobenius/{HIDDEN[0]}")]
+    assert [int(r["step"]) for r in rows] == [0, 2]
+    for name in HIDDEN:
+        expect = torch.linalg.matrix_norm(W0[name].double()).item()
+        assert float(rows[0][f"frobenius/{name}"]) == pytest.approx(expect, rel=1e-6)
+        assert f"frobenius/{name}" in trainer.callback_metrics  # published for EarlyStopping / ModelCheckpoint
+
+
+def test_only_spectral_monitors_follow_the_compute_template():
+    with pytest.raises(TypeError, match="compute"):  # abstract: caught at construction, not at step 0
+        type("NoCompute", (SpectralMonitor,), {"prefix": "x/"})()
+    for monitor in (SpectralEntropyMonitor(), StableRankMonitor(), PolarMisalignmentMonitor()):
+        assert isinstance(monitor, SpectralMonitor)
+    cbs = CriticalBatchSizeMonitor()
+    assert isinstance(cbs, MonitorCallback) and not isinstance(cbs, SpectralMonitor)
+    assert not hasattr(cbs, "compute")
+
+
+def test_sigma_max_comes_from_a_spectrum_another_monitor_declared():
+    class Owner:  # any two objects: the cache keys by trainer and by declaring monitor
+        pass
+
+    trainer, entropy_like = Owner(), Owner()
+    declare(trainer, entropy_like, [CacheRequest("weight", "spectrum", ("a",), every_n_steps=2)])
+    W = _with_gap(12, 9)
+    exact = torch.linalg.matrix_norm(W.double(), ord=2).item()
+    vectors = {}
+    cache = step_cache(trainer, 0)  # step 0: the spectrum is declared, no power iteration
+    cache.matrix("weight", "a", W)
+    assert cache.sigma_max("weight", ["a"], vectors, num_iters=1)["a"].item() == pytest.approx(exact, rel=1e-5)
+    assert vectors == {}
+    cache = step_cache(trainer, 1)  # step 1: not declared, power iteration (4 cold steps: a lower bound)
+    cache.matrix("weight", "a", W)
+    assert cache.sigma_max("weight", ["a"], vectors, num_iters=1)["a"].item() <= exact * (1 + 1e-6)
+    assert vectors["a"].shape == (9,)
+    with pytest.raises(ValueError, match="product"):  # bad-inputs row 52
+        CacheRequest("weight", "eigenvalues", ("a",), 1)
+
+
+def _with_gap(m, n):
+    gen = torch.Generator().manual_seed(1)
+    U = torch.linalg.qr(torch.randn(m, n, generator=gen)).Q
+    V = torch.linalg.qr(torch.randn(n, n, generator=gen)).Q
+    return U @ torch.diag(torch.linspace(3.0, 0.1, n)) @ V.T
+
+
+@pytest.mark.parametrize("entropy_first", [False, True])
+def test_stable_rank_shares_the_spectrum_whatever_the_callback_order(tmp_path, entropy_first):
+    model = TinyMLP()
+    W0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stable, entropy = StableRankMonitor(every_n_steps=1), SpectralEntropyMonitor(every_n_steps=1, log_spectra=False)
+    callbacks = [entropy, stable] if entropy_first else [stable, entropy]
+    trainer = _trainer(tmp_path, callbacks, logger=CSVLogger(tmp_path), max_steps=1)
+    trainer.fit(model)
+    assert stable.vectors == {}  # sigma_1 read off the declared spectrum: no power iteration ran
+    for name in HIDDEN:
+        s = torch.linalg.svdvals(W0[name].double())
+        logged = trainer.callback_metrics[f"stable_rank/{name}"].item()
+        assert logged == pytest.approx(float((s**2).sum() / s[0] ** 2), rel=1e-4)  # exact spectrum, fp32
+
+
+def test_checkpoint_state_loads_leniently_with_a_warning():  # bad-inputs row 53
+    stable = StableRankMonitor()
+    stable.vectors = {"w": torch.ones(3)}
+    state = stable.state_dict()
+    assert set(state) == {"vectors"}
+    state["vectors"]["w"].add_(1)  # a copy: the monitor keeps its own
+    assert stable.vectors["w"].tolist() == [1.0, 1.0, 1.0]
+    with pytest.warns(UserWarning, match=r"ignoring unknown checkpoint state \['bogus'\]"):
+        stable.load_state_dict({**state, "bogus": 1})
+    assert stable.vectors["w"].tolist() == [2.0, 2.0, 2.0]
+    with pytest.warns(UserWarning, match=r"lacks \['vectors'\]; they keep their current values"):
+        stable.load_state_dict({})
+    assert stable.vectors["w"].tolist() == [2.0, 2.0, 2.0]
+
+    cbs = CriticalBatchSizeMonitor(ema=0.5)
+    state = cbs.state_dict()
+    assert list(state) == ["ema_small", "ema_big", "ema_steps", "b_small", "b_big", "ema_counts"]
+    legacy = {"ema_small": torch.tensor([1.5]), "ema_big": torch.tensor([0.75]), "ema_steps": 2}
+    legacy.update(b_small=1.0, b_big=4.0)  # a checkpoint from before per-slot counts: no warning
+    cbs.load_state_dict(legacy)
+    assert cbs.ema_counts.tolist() == [2.0]
+    # bias-corrected EMAs 2 and 1 with b = 1, B = 4: |G|^2 = (4 - 2) / 3, tr Sigma = 1 / 0.75
+    assert cbs.last["b_simple"] == pytest.approx((1 / 0.75) / (2 / 3), rel=1e-6)
+    with pytest.warns(UserWarning, match=r"lacks \['ema_small', 'ema_big'\]"):
+        CriticalBatchSizeMonitor().load_state_dict({"ema_steps": 0, "b_small": 1.0, "b_big": 2.0})
+
+    warmup = BatchSizeWarmup(max_batch_size=64)
+    warmup.accumulate, warmup.history = 2, [(0, 1), (10, 2)]
+    state = warmup.state_dict()
+    restored = BatchSizeWarmup(max_batch_size=64)
+    restored.load_state_dict({**state, "history": [list(h) for h in state["history"]]})  # as a JSON round trip
+    assert restored.state_dict() == state
+    with pytest.warns(UserWarning, match=r"lacks \['micro_batch'\]"):
+        restored.load_state_dict({k: v for k, v in state.items() if k != "micro_batch"})
 
 
 class LinearRegression(pl.LightningModule):
@@ -254,6 +379,8 @@ def test_misconfiguration_is_reported(tmp_path):
         StableRankMonitor(include="net.*")
     with pytest.raises(ValueError, match="ema"):
         CriticalBatchSizeMonitor(ema=1.0)
+    with pytest.raises(ValueError, match="log_spectra must be True or False"):  # bad-inputs row 52
+        SpectralEntropyMonitor(log_spectra="yes")
     with pytest.raises(MisconfigurationException, match="no logger"):
         _trainer(tmp_path, [StableRankMonitor()], logger=False).fit(TinyMLP())
     with pytest.raises(MisconfigurationException, match="no layer selected"):

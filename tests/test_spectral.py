@@ -7,7 +7,9 @@ import torch
 
 from lightning_muon.functional import matrix_view
 from lightning_muon.spectral import (
+    delta_p,
     effective_rank,
+    frames_sin_theta,
     muon_critical_batch_size,
     noise_scale,
     polar_misalignment,
@@ -15,6 +17,7 @@ from lightning_muon.spectral import (
     sin_theta,
     singular_values,
     spectral_entropy,
+    spectrum_entropy,
     stable_rank,
     top_frames,
     top_singular_value,
@@ -134,6 +137,50 @@ def test_polar_misalignment():
     ref = ((Wd.T @ P - P.T @ Wd).norm() + (Wd @ P.T - P @ Wd.T).norm()) / (2 * Wd.norm() * P.norm())
     assert polar_misalignment(W, G).item() == pytest.approx(ref.item(), rel=1e-4)
     assert 0.1 < ref.item() <= 1.0
+
+
+def test_spectrum_entropy_batched_matches_the_formula_row_by_row():
+    # Rows: random, with exact zeros, flat, one non-zero value; reference in Python floats.
+    s = torch.tensor([[3.0, 2.0, 0.5, 0.1], [4.0, 1.0, 0.0, 0.0], [2.0, 2.0, 2.0, 2.0], [7.0, 0.0, 0.0, 0.0]])
+    for normalized in (True, False):
+        got = spectrum_entropy(s, normalized)
+        assert got.shape == (4,)
+        for row, value in zip(s.tolist(), got.tolist()):
+            p = [x / sum(row) for x in row if x > 0]
+            H = -sum(q * math.log(q) for q in p)
+            assert value == pytest.approx(H / math.log(len(row)) if normalized else H, abs=1e-6)
+    W = torch.randn(3, 6, 9, dtype=torch.float64)  # the spectrum of a matrix: spectral_entropy's
+    torch.testing.assert_close(spectrum_entropy(torch.linalg.svdvals(W)), spectral_entropy(W), atol=1e-6, rtol=0)
+
+
+def test_frames_sin_theta_batched_matches_principal_angles():
+    # ||sin Theta||_F^2 = sum_i sin^2(theta_i), cos(theta_i) the singular values of Ua^T Ub.
+    Ua = torch.linalg.qr(torch.randn(5, 12, 3, dtype=torch.float64)).Q
+    Ub = torch.linalg.qr(torch.randn(5, 12, 3, dtype=torch.float64)).Q
+    cos = torch.linalg.svdvals(Ua.mT @ Ub).clamp(max=1)
+    torch.testing.assert_close(frames_sin_theta(Ua, Ub), (1 - cos**2).sum(-1).sqrt(), atol=1e-10, rtol=0)
+    R = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64)).Q  # another basis of the same subspace
+    torch.testing.assert_close(frames_sin_theta(Ua, Ua @ R), torch.zeros(5, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_delta_p_batched_is_zero_on_shared_vectors_and_rotation_invariant():
+    W = torch.stack([_with_spectrum([4.0, 3.0, 2.0, 1.0], 8, 6) for _ in range(3)])
+    U, _, Vh = torch.linalg.svd(W, full_matrices=False)
+    torch.testing.assert_close(delta_p(W, U @ Vh), torch.zeros(3, dtype=torch.float64), atol=1e-12, rtol=0)
+    P = torch.linalg.svd(torch.randn(3, 8, 6, dtype=torch.float64), full_matrices=False)
+    P = P.U @ P.Vh
+    Q, R = _orth(8, 8), _orth(6, 6)  # delta_P depends on W and P only through their relative position
+    torch.testing.assert_close(delta_p(Q @ W @ R, Q @ P @ R), delta_p(W, P), atol=1e-12, rtol=0)
+    torch.testing.assert_close(delta_p(W, P)[1], polar_misalignment(W[1], P[1], method="svd"), atol=1e-12, rtol=0)
+
+
+def test_spectrum_functions_reject_bad_shapes():  # bad-inputs row 51
+    with pytest.raises(ValueError, match="spectrum_entropy"):
+        spectrum_entropy(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="frames_sin_theta"):
+        frames_sin_theta(torch.eye(4)[:, :2], torch.eye(4)[:, :3])
+    with pytest.raises(ValueError, match="delta_p"):
+        delta_p(torch.eye(3), torch.eye(4))
 
 
 def test_noise_scale_exact_expectations():

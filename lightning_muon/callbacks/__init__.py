@@ -1,6 +1,8 @@
 """Lightning callbacks that log Muon's spectral diagnostics (thin adapters over ``lightning_muon.spectral``).
 
 Each works alone or with the others; together they share one decomposition per matrix per step.
+New monitors subclass :class:`MonitorCallback` (layer selection, logging, checkpoint state) or
+:class:`SpectralMonitor` (that plus a ``compute`` at each logging step); see ``docs/custom-monitors.md``.
 
 Example:
     >>> import lightning as L
@@ -12,6 +14,8 @@ Example:
     ['SpectralEntropyMonitor', 'StableRankMonitor']
 """
 
+from ._base import MonitorCallback, SpectralMonitor
+from ._cache import CacheRequest, SpectralCache
 from .attention_logit import AttentionLogitMonitor
 from .batch_size_warmup import BatchSizeWarmup
 from .critical_batch_size import CriticalBatchSizeMonitor
@@ -23,9 +27,13 @@ from .stable_rank import StableRankMonitor
 __all__ = [
     "AttentionLogitMonitor",
     "BatchSizeWarmup",
+    "CacheRequest",
     "CriticalBatchSizeMonitor",
+    "MonitorCallback",
     "PolarMisalignmentMonitor",
     "QKClip",
+    "SpectralCache",
     "SpectralEntropyMonitor",
+    "SpectralMonitor",
     "StableRankMonitor",
 ]

@@ -1,10 +1,35 @@
-"""What the four monitors share: layer selection, the logging interval, logging, TensorBoard layout."""
+"""The two base classes of the monitors: what every monitor shares, and the spectral template.
+
+:class:`MonitorCallback` is what every monitor shares and nothing more: the constructor arguments
+``every_n_steps`` / ``include`` / ``exclude`` and the layer selection they drive, logging to
+every logger from rank 0 and into ``trainer.callback_metrics`` on every rank, the TensorBoard
+custom-scalars layout, the checkpoint policy, and the declaration of what the monitor asks of the
+shared spectral cache (:mod:`._cache`). A monitor with its own per-step logic (e.g.
+:class:`CriticalBatchSizeMonitor`, which measures inside backward) subclasses it directly.
+
+:class:`SpectralMonitor` adds the template the matrix monitors share: at every ``every_n_steps``
+optimizer step, in ``on_before_optimizer_step`` (gradients final: accumulated, unscaled,
+all-reduced, not yet clipped), it calls :meth:`SpectralMonitor.compute` and logs what it returns.
+
+A new monitor:
+
+* sets ``prefix`` (tags start with it, e.g. ``"my_metric/"``) and optionally ``charts``
+  (custom-scalars chart title -> tag regex);
+* validates its own arguments in ``__init__`` (``ValueError`` at construction) and calls
+  ``super().__init__(every_n_steps, include, exclude)``;
+* overrides :meth:`MonitorCallback.cache_requests` to declare what it will ask of the cache
+  (built with :meth:`MonitorCallback.request`), if it uses the cache;
+* lists checkpointed attributes in ``state_attributes`` (see :meth:`MonitorCallback.load_state_dict`);
+* implements ``compute(trainer, optimizer, params, cache) -> {tag: value}`` (a
+  :class:`SpectralMonitor`), or its own hooks, logging with :meth:`MonitorCallback.log_metrics`.
+"""
 
 from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,11 +37,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
 from ..distributed import is_dtensor
 from ..routing import matching_pattern, route_parameters, why_not_muon
-from ._cache import SpectralCache, drop_cache, step_cache
+from ._cache import CacheRequest, SpectralCache, declare, drop_cache, step_cache, withdraw
 
 # Custom-scalars categories per TensorBoard writer, merged so that monitors can be combined.
 _LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -53,6 +80,13 @@ def _check_patterns(value: Sequence[str] | None, arg: str, where: str) -> tuple[
     return tuple(value)
 
 
+def check_positive_int(value: Any, arg: str, where: str) -> int:
+    """``value`` if it is an integer >= 1 (not a bool), else a ``ValueError`` naming ``arg``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where}: {arg} must be an integer >= 1, got {value!r}")
+    return value
+
+
 def aggregates(prefix: str, values: dict[str, float]) -> dict[str, float]:
     """``prefix/mean``, ``prefix/min`` and ``prefix/max`` over the finite per-layer values."""
     finite = [v for v in values.values() if math.isfinite(v)]
@@ -62,15 +96,87 @@ def aggregates(prefix: str, values: dict[str, float]) -> dict[str, float]:
 
 
 def tensorboard(trainer: pl.Trainer) -> TensorBoardLogger | None:
+    """The Trainer's first TensorBoardLogger, if any (histograms, figures and the layout need one)."""
     return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
 
 
-class SpectralMonitor(Callback):
-    """Base class: subclasses set ``prefix`` and implement :meth:`compute` (rank 0 only)."""
+def _copy(value: Any, cpu: bool) -> Any:
+    """A copy of checkpoint state that shares no storage with the live value (tensors to CPU if ``cpu``)."""
+    if isinstance(value, Tensor):
+        value = value.detach()
+        return (value.cpu() if cpu else value).clone()
+    if isinstance(value, dict):
+        return {k: _copy(v, cpu) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copy(v, cpu) for v in value)
+    return value
 
+
+def save_attributes(source: object, keys: Iterable[str]) -> dict[str, Any]:
+    """``{key: copy of source.key}`` for a callback's ``state_dict`` (tensors copied to CPU)."""
+    return {k: _copy(getattr(source, k), cpu=True) for k in keys}
+
+
+def restore_attributes(
+    target: object, state_dict: dict[str, Any], keys: Iterable[str], optional: Iterable[str] = ()
+) -> None:
+    """The checkpoint policy of every callback in this package: lenient, with a warning.
+
+    Each of ``keys`` present in ``state_dict`` is set on ``target`` (a copy). Unknown keys are
+    ignored and missing ones keep the attribute's current value, each with a ``rank_zero_warn``
+    naming them (a checkpoint of another version still loads; nothing fails mid-resume). Keys in
+    ``optional`` may be missing silently (added in a later version; the caller derives them).
+    """
+    keys, where = tuple(keys), type(target).__name__
+    unknown = sorted(set(state_dict) - set(keys))
+    missing = [k for k in keys if k not in state_dict and k not in set(optional)]
+    if unknown:
+        rank_zero_warn(f"{where}: ignoring unknown checkpoint state {unknown}")
+    if missing:
+        rank_zero_warn(f"{where}: the checkpoint state lacks {missing}; they keep their current values")
+    for k in keys:
+        if k in state_dict:
+            setattr(target, k, _copy(state_dict[k], cpu=False))
+
+
+class MonitorCallback(Callback):
+    """What every monitor shares: layer selection, logging cadence, logging, layout, state.
+
+    Subclasses set ``prefix``, ``charts`` and ``state_attributes``, may override
+    :meth:`cache_requests`, and log with :meth:`log_metrics` from their own hooks (or subclass
+    :class:`SpectralMonitor`, which calls ``compute`` at each logging step).
+
+    Args:
+        every_n_steps: log at optimizer steps ``0, every_n_steps, 2 * every_n_steps, ...``.
+        include: fnmatch patterns on parameter names (or one of their dotted components) of the
+            matrices to monitor; ``None``: the matrices :func:`lightning_muon.route_parameters`
+            sends to Muon.
+        exclude: patterns removed from that selection.
+
+    Raises:
+        ValueError: at construction, ``every_n_steps < 1`` or patterns that are not a list of strings.
+        MisconfigurationException: at setup, a Trainer without a logger, or no layer selected.
+
+    Example:
+        >>> from lightning_muon.callbacks import MonitorCallback
+        >>> class GradNormMonitor(MonitorCallback):  # own hook, no spectral template
+        ...     prefix = "grad_norm/"
+        ...     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        ...         if self.is_logging_step(trainer.global_step):
+        ...             norms = {f"{self.prefix}{n}": float(p.grad.norm()) for n, p in self.params(pl_module).items()}
+        ...             self.log_metrics(trainer, norms)
+        >>> GradNormMonitor(every_n_steps=10).state_key
+        "GradNormMonitor{'every_n_steps': 10, 'include': None, 'exclude': ()}"
+    """
+
+    #: tags start with this (e.g. ``"stable_rank/"``); its stem names the custom-scalars category
     prefix: str = ""
     #: chart title -> tag regex, for the custom-scalars layout (one category per monitor)
     charts: dict[str, str] = {}
+    #: attributes saved in checkpoints (see :meth:`load_state_dict`)
+    state_attributes: tuple[str, ...] = ()
+    #: of those, the ones an older checkpoint may lack (no warning; the subclass derives them)
+    optional_state: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -79,9 +185,7 @@ class SpectralMonitor(Callback):
         exclude: Sequence[str] = (),
     ) -> None:
         where = type(self).__name__
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"{where}: every_n_steps must be an integer >= 1, got {every_n_steps!r}")
-        self.every_n_steps = every_n_steps
+        self.every_n_steps = check_positive_int(every_n_steps, "every_n_steps", where)
         self.include = _check_patterns(include, "include", where)
         self.exclude = _check_patterns(exclude, "exclude", where) or ()
         self.layers: list[str] = []
@@ -89,10 +193,28 @@ class SpectralMonitor(Callback):
         self._published_until = 0  # global_step at the previous batch end
 
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(every_n_steps=self.every_n_steps, include=self.include, exclude=self.exclude)
 
+    # -------------------------------------------------------------- what a subclass provides
+    def cache_requests(self) -> list[CacheRequest]:
+        """What this monitor will ask of the shared spectral cache (default: nothing).
+
+        Declared at setup, once :attr:`layers` is known; the cache serves each request the
+        cheapest way given every monitor's requests (e.g. sigma_1 from a spectrum that another
+        monitor asked for at this step). Build entries with :meth:`request`.
+        """
+        return []
+
+    def request(self, kind: str, product: str) -> CacheRequest:
+        """A request for ``product`` (``"spectrum"``, ``"sigma_max"`` or ``"frames"``) of the
+        ``kind`` matrices (``"weight"``, ``"grad"``, ``"update"``) of :attr:`layers`, at this
+        monitor's logging steps."""
+        return CacheRequest(kind, product, tuple(self.layers), self.every_n_steps)
+
     # -------------------------------------------------------------- setup
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -103,16 +225,24 @@ class SpectralMonitor(Callback):
             )
         if any(True for _ in pl_module.parameters()):  # else: layers made in configure_model
             self.layers = select_layers(pl_module, self.include, self.exclude, where)
+            declare(trainer, self, self.cache_requests())
         tb = tensorboard(trainer)
         if tb is not None and trainer.is_global_zero:
             self._write_layout(tb)
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.layers:
             self.layers = select_layers(pl_module, self.include, self.exclude, type(self).__name__)
+            declare(trainer, self, self.cache_requests())
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._unpublished, self._published_until = {}, trainer.global_step
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        withdraw(trainer, self)
 
     def _write_layout(self, tb: TensorBoardLogger) -> None:
         writer = tb.experiment
@@ -122,24 +252,20 @@ class SpectralMonitor(Callback):
         writer.add_custom_scalars(dict(layout))
 
     # -------------------------------------------------------------- per step
+    def is_logging_step(self, step: int) -> bool:
+        """Whether optimizer step ``step`` is one this monitor logs at."""
+        return step % self.every_n_steps == 0
+
     def params(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        """The monitored parameters, by name, in :attr:`layers` order."""
         named = dict(pl_module.named_parameters())
         return {n: named[n] for n in self.layers}
 
-    @torch.no_grad()
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        step = trainer.global_step
-        if step % self.every_n_steps:
-            return
-        params = self.params(pl_module)
-        sharded = any(is_dtensor(p) for p in params.values())
-        if not (trainer.is_global_zero or sharded):
-            return  # DDP: rank 0 holds the same all-reduced tensors and does the work
-        cache = step_cache(trainer, step)
-        optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps it
-        self.log_metrics(trainer, self.compute(trainer, pl_module, optimizer, params, cache))
+    @staticmethod
+    def takes_part(trainer: pl.Trainer, params: dict[str, Tensor]) -> bool:
+        """Whether this rank computes: rank 0 (DDP ranks hold the same all-reduced tensors), or
+        every rank when the weights are sharded (gathering them is a collective)."""
+        return trainer.is_global_zero or any(is_dtensor(p) for p in params.values())
 
     def log_metrics(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
         """Send ``metrics`` to every logger at ``trainer.global_step``, from rank 0 only, and keep
@@ -149,6 +275,7 @@ class SpectralMonitor(Callback):
                 logger.log_metrics(metrics, step=trainer.global_step)
             self._unpublished.update(metrics)
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -175,14 +302,75 @@ class SpectralMonitor(Callback):
         for tag, value in metrics.items():
             pl_module.log(tag, float(value), on_step=True, on_epoch=False, logger=False, sync_dist=False, batch_size=1)
 
+    # -------------------------------------------------------------- checkpoints
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """A copy of the ``state_attributes`` (tensors on CPU)."""
+        return save_attributes(self, self.state_attributes)
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the ``state_attributes``, leniently: unknown keys are ignored and missing ones
+        keep their current value, each with a warning (see :func:`restore_attributes`)."""
+        restore_attributes(self, state_dict, self.state_attributes, self.optional_state)
+
+
+class SpectralMonitor(MonitorCallback, ABC):
+    """The template of the matrix monitors: :meth:`compute` at each logging step, its metrics logged.
+
+    At optimizer step ``s`` with ``s % every_n_steps == 0``, in ``on_before_optimizer_step``,
+    :meth:`compute` gets the optimizer (unwrapped from Lightning's ``LightningOptimizer``), the
+    monitored parameters and the step's shared :class:`~lightning_muon.callbacks._cache.SpectralCache`;
+    what it returns goes to :meth:`log_metrics`. It runs on rank 0, and on every rank when the
+    weights are sharded. Arguments and errors: :class:`MonitorCallback`.
+
+    Example:
+        >>> from lightning_muon.callbacks import SpectralMonitor
+        >>> class TopSingularValueMonitor(SpectralMonitor):
+        ...     prefix = "sigma_max/"
+        ...     def cache_requests(self):
+        ...         return [self.request("weight", "sigma_max")]
+        ...     def compute(self, trainer, optimizer, params, cache):
+        ...         for name, p in params.items():
+        ...             cache.matrix("weight", name, p)  # gathers a sharded weight: every rank
+        ...         if not trainer.is_global_zero:
+        ...             return {}
+        ...         sigma = cache.sigma_max("weight", params, vectors={}, num_iters=30)
+        ...         return {f"{self.prefix}{n}": float(s) for n, s in sigma.items()}
+        >>> TopSingularValueMonitor(every_n_steps=50).every_n_steps
+        50
+    """
+
+    @override
+    @torch.no_grad()
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        step = trainer.global_step
+        if not self.is_logging_step(step):
+            return
+        params = self.params(pl_module)
+        if not self.takes_part(trainer, params):
+            return  # DDP: rank 0 holds the same all-reduced tensors and does the work
+        cache = step_cache(trainer, step)
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps it
+        self.log_metrics(trainer, self.compute(trainer, optimizer, params, cache))
+
+    @abstractmethod
     def compute(
         self,
         trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
         optimizer: torch.optim.Optimizer,
         params: dict[str, Tensor],
         cache: SpectralCache,
     ) -> dict[str, float]:
-        """Metrics ``{tag: value}`` for this step. Runs on rank 0, and on every rank when weights
-        are sharded (gather with ``cache.matrix`` on every rank; return ``{}`` off rank 0)."""
-        raise NotImplementedError
+        """Metrics ``{tag: value}`` for this step.
+
+        Args:
+            trainer: the Trainer (``global_step``, ``is_global_zero``, loggers).
+            optimizer: the optimizer about to step (``param_groups``, ``state``).
+            params: the monitored parameters by name; gradients are final.
+            cache: this step's shared cache: store a matrix with ``cache.matrix(kind, name,
+                tensor)`` on every rank that takes part (a gather when sharded), then read
+                ``spectra`` / ``sigma_max`` / ``frames`` on rank 0 and return ``{}`` elsewhere.
+        """

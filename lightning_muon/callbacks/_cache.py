@@ -1,7 +1,12 @@
 """One decomposition per matrix per logging step, shared by every monitor on the same Trainer.
 
-The monitors ask :func:`step_cache` for the trainer's cache; it is emptied when the global step
-changes. Same-shape matrices are decomposed together in one batched call.
+Each monitor declares at setup what it will ask of the cache (:class:`CacheRequest`: which
+product of which matrices, at which steps) with :func:`declare`; the cache uses the declarations
+of all monitors to pick the cheapest way to serve each request (sigma_1 is read off a spectrum
+that another monitor asked for at this step, else power iteration), so no monitor needs to know
+another. The monitors ask :func:`step_cache` for the trainer's cache at a logging step; it is
+emptied when the global step changes (and dropped after the optimizer step). Same-shape matrices
+are decomposed together in one batched call.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -18,6 +24,57 @@ from ..functional import matrix_view
 from ..spectral import singular_values, top_frames, top_singular_value
 
 _CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_REQUESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # trainer -> {id(owner): requests}
+
+#: what a monitor can ask of the cache per matrix: the whole spectrum, sigma_1 alone, top-k frames
+PRODUCTS = ("spectrum", "sigma_max", "frames")
+
+
+@dataclass(frozen=True)
+class CacheRequest:
+    """What one monitor asks of the shared cache: the ``product`` of the ``kind`` matrices of
+    ``names`` (``kind``: ``"weight"``, ``"grad"``, ``"update"``, ...), at every step that is a
+    multiple of ``every_n_steps``. Monitors build it with ``MonitorCallback.request``.
+
+    Raises:
+        ValueError: ``product`` not one of ``PRODUCTS``, or ``every_n_steps < 1``.
+
+    Example:
+        >>> CacheRequest("weight", "spectrum", ("net.0.weight",), every_n_steps=100).product
+        'spectrum'
+    """
+
+    kind: str
+    product: str
+    names: tuple[str, ...]
+    every_n_steps: int
+
+    def __post_init__(self) -> None:
+        if self.product not in PRODUCTS:
+            raise ValueError(f"CacheRequest: product must be one of {PRODUCTS}, got {self.product!r}")
+        if isinstance(self.every_n_steps, bool) or not isinstance(self.every_n_steps, int) or self.every_n_steps < 1:
+            raise ValueError(f"CacheRequest: every_n_steps must be an integer >= 1, got {self.every_n_steps!r}")
+
+
+def declare(trainer: object, owner: object, requests: Iterable[CacheRequest]) -> None:
+    """Record (replacing earlier ones) what ``owner`` will ask of ``trainer``'s cache."""
+    _REQUESTS.setdefault(trainer, {})[id(owner)] = tuple(requests)
+
+
+def withdraw(trainer: object, owner: object) -> None:
+    """Forget what ``owner`` declared (at teardown)."""
+    _REQUESTS.get(trainer, {}).pop(id(owner), None)
+
+
+def _planned(trainer: object, step: int, product: str) -> frozenset[tuple[str, str]]:
+    """``(kind, name)`` of the matrices whose ``product`` some monitor declared for ``step``."""
+    return frozenset(
+        (r.kind, n)
+        for requests in _REQUESTS.get(trainer, {}).values()
+        for r in requests
+        if r.product == product and step % r.every_n_steps == 0
+        for n in r.names
+    )
 
 
 class SpectralCache:
@@ -26,8 +83,9 @@ class SpectralCache:
     ``kind`` names what the matrix is (``"weight"``, ``"grad"``, ``"update"``); ``name`` the layer.
     """
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, planned_spectra: Iterable[tuple[str, str]] = ()) -> None:
         self.step = step
+        self.planned_spectra = frozenset(planned_spectra)  # (kind, name): a monitor asks for the spectrum this step
         self._matrices: dict[tuple[str, str], Tensor] = {}
         self._spectra: dict[tuple[str, str], Tensor] = {}
         self._frames: dict[tuple[str, str, int], tuple[Tensor, Tensor]] = {}
@@ -58,15 +116,14 @@ class SpectralCache:
                 self._spectra[(kind, n)] = row
         return {n: self._spectra[(kind, n)] for n in names}
 
-    def has_spectrum(self, kind: str, name: str) -> bool:
-        return (kind, name) in self._spectra
-
     def sigma_max(
         self, kind: str, names: Iterable[str], vectors: dict[str, Tensor], num_iters: int
     ) -> dict[str, Tensor]:
-        """sigma_1 per matrix: from the spectrum when one is cached, else warm-started power
-        iteration (``vectors`` holds and receives the start vectors)."""
+        """sigma_1 per matrix: from the spectrum when one is cached or declared for this step
+        (computed now, batched, and kept for the monitor that declared it), else warm-started
+        power iteration (``vectors`` holds and receives the start vectors)."""
         names = list(names)
+        self.spectra(kind, [n for n in names if (kind, n) in self.planned_spectra])
         out = {n: self._spectra[(kind, n)][0] for n in names if (kind, n) in self._spectra}
         for bucket in self._missing_by_shape(kind, names, out.__contains__).values():
             X = torch.stack([self._matrices[(kind, n)] for n in bucket])
@@ -99,6 +156,6 @@ def step_cache(trainer: object, step: int) -> SpectralCache:
     """The cache of ``trainer`` for ``step`` (a fresh one when the step has moved on)."""
     cache = _CACHES.get(trainer)
     if cache is None or cache.step != step:
-        cache = SpectralCache(step)
+        cache = SpectralCache(step, _planned(trainer, step, "spectrum"))
         _CACHES[trainer] = cache
     return cache

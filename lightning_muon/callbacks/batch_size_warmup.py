@@ -9,11 +9,14 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from typing_extensions import override
 
+from ._base import restore_attributes, save_attributes
 from .critical_batch_size import CriticalBatchSizeMonitor
 
 LR_RULES = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
 SOURCES = ("b_simple", "b_crit")
+_STATE = ("accumulate", "pending", "last_change", "lr_factor", "history", "micro_batch")
 
 
 class BatchSizeWarmup(Callback):
@@ -46,12 +49,29 @@ class BatchSizeWarmup(Callback):
     ``max_steps`` counts optimizer steps, which the growth makes larger: for a fixed data budget set
     it in batches (``max_epochs`` / ``limit_train_batches``). State (current and pending
     accumulation, last change, LR factor) is saved in checkpoints and restored on resume;
-    optimizer and scheduler state carry the scaled learning rates. Needs automatic optimization.
+    optimizer and scheduler state carry the scaled learning rates (checkpoint policy: that of the
+    monitors, :meth:`MonitorCallback.load_state_dict`). Needs automatic optimization.
+
+    Args:
+        max_batch_size: the largest global batch (examples) it grows to.
+        safety: the target global batch is ``safety * estimate``.
+        min_interval: optimizer steps between two changes, at least.
+        lr_rule: ``"none"``, ``"sqrt"`` or ``"linear"`` learning-rate scaling with the batch.
+        source: the estimate followed: ``"b_simple"`` or ``"b_crit"``.
+        min_measurements: the monitor's measurements before the first change.
+
+    Raises:
+        ValueError: at construction, an argument out of range or not one of its choices.
+        MisconfigurationException: at setup, no :class:`CriticalBatchSizeMonitor` on the Trainer,
+            manual optimization, a strategy that handles accumulation itself, or
+            ``source="b_crit"`` with the ``"layernorm"`` estimator.
 
     Example:
         >>> import lightning as L
         >>> trainer = L.Trainer(callbacks=[CriticalBatchSizeMonitor(sample_every_n_steps=10),
         ...                                BatchSizeWarmup(max_batch_size=512)], logger=False)
+        >>> trainer.callbacks[1].state_dict()["accumulate"] is None  # set from the Trainer at train start
+        True
     """
 
     def __init__(
@@ -91,10 +111,12 @@ class BatchSizeWarmup(Callback):
         self._monitor: CriticalBatchSizeMonitor | None = None
 
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(max_batch_size=self.max_batch_size, source=self.source)
 
     # -------------------------------------------------------------- setup
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -118,6 +140,7 @@ class BatchSizeWarmup(Callback):
                 "BatchSizeWarmup(source='b_crit'): the 'layernorm' estimator gives no b_crit."
             )
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.accumulate is None:  # a fresh run: start from the Trainer's value
             self.accumulate = trainer.accumulate_grad_batches
@@ -126,15 +149,18 @@ class BatchSizeWarmup(Callback):
         self._seen = self._monitor.ema_steps
 
     # -------------------------------------------------------------- per batch
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._maybe_apply(trainer, ready=0)
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self.micro_batch is None:
             self.micro_batch = extract_batch_size(batch)
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -195,20 +221,12 @@ class BatchSizeWarmup(Callback):
         trainer.accumulate_grad_batches = new
 
     # -------------------------------------------------------------- checkpoints
+    @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "accumulate": self.accumulate,
-            "pending": self.pending,
-            "last_change": self.last_change,
-            "lr_factor": self.lr_factor,
-            "history": list(self.history),
-            "micro_batch": self.micro_batch,
-        }
+        return save_attributes(self, _STATE)
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.accumulate = state_dict["accumulate"]
-        self.pending = state_dict["pending"]
-        self.last_change = state_dict["last_change"]
-        self.lr_factor = state_dict["lr_factor"]
-        self.history = [tuple(h) for h in state_dict["history"]]
-        self.micro_batch = state_dict["micro_batch"]
+        """Lenient, with a warning for unknown or missing keys (as the monitors)."""
+        restore_attributes(self, state_dict, _STATE)
+        self.history = [tuple(h) for h in self.history]

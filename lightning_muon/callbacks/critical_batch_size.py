@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,20 +11,20 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
+from typing_extensions import override
 
-from ..distributed import is_dtensor
 from ..per_example import LINEAR_METHODS, linear_grad_norms, norm_grad_norms
 from ..spectral import NoiseScale, muon_critical_batch_size, noise_scale
-from ._base import SpectralMonitor, aggregates
-from ._cache import SpectralCache, step_cache
+from ._base import MonitorCallback, aggregates
+from ._cache import CacheRequest, SpectralCache, step_cache
 
-_STATE = ("ema_small", "ema_big", "ema_steps", "b_small", "b_big")
 ESTIMATORS = ("auto", "per_example", "layernorm", "two_batch")
 _NORMS = (nn.LayerNorm, nn.RMSNorm)
 
 
-class CriticalBatchSizeMonitor(SpectralMonitor):
+class CriticalBatchSizeMonitor(MonitorCallback):
     """Estimate the critical batch size during training, from one batch or from two batch sizes.
 
     ``estimator`` chooses how the gradient noise is measured:
@@ -75,11 +74,34 @@ class CriticalBatchSizeMonitor(SpectralMonitor):
     B_simple does not depend on how the loss is scaled; ``grad_sq``, ``trace_sigma`` and ``b_crit``
     assume the backpropagated loss is the batch mean (divide it by n to accumulate n batches by
     hand and they come out n^2 too small). Not with activation checkpointing (a layer run twice in
-    one forward gets no estimate). EMA state is saved in checkpoints.
+    one forward gets no estimate). EMA state is saved in checkpoints (``state_attributes``).
+
+    It shares with the spectral monitors only :class:`MonitorCallback` (layer selection, logging,
+    state); its steps are its own: hooks on measured steps, EMAs every measurement, metrics at
+    logging steps (from the shared cache: the gradients' spectra).
+
+    Args:
+        every_n_steps: log at every ``every_n_steps``-th optimizer step (from step 0).
+        include: fnmatch patterns of the matrices to monitor (default: the Muon-routed ones).
+        exclude: patterns removed from that selection.
+        ema: decay of the EMAs of the squared norms, per measurement, in ``[0, 1)``.
+        batch_size: micro-batch size for ``"two_batch"`` (default: read from the batch).
+        estimator: ``"auto"``, ``"per_example"``, ``"layernorm"`` or ``"two_batch"`` (above).
+        sample_every_n_steps: measure at every ``sample_every_n_steps``-th step (default:
+            ``every_n_steps``).
+        method: per-example norm method of :func:`lightning_muon.linear_grad_norms`.
+
+    Raises:
+        ValueError: at construction, an argument out of range or not one of its choices.
+        MisconfigurationException: at setup, a Trainer without a logger, no layer selected, or
+            ``"two_batch"`` on a Trainer it cannot run on; at fit start, ``"layernorm"`` without
+            affine norms, ``"per_example"`` without ``nn.Linear`` weights.
 
     Example:
         >>> import lightning as L
         >>> trainer = L.Trainer(callbacks=[CriticalBatchSizeMonitor()], logger=False)  # any Trainer (+ a logger)
+        >>> trainer.callbacks[0].estimator, trainer.callbacks[0].sample_every_n_steps
+        ('auto', 100)
     """
 
     prefix = "critical_batch_size/"
@@ -94,6 +116,8 @@ class CriticalBatchSizeMonitor(SpectralMonitor):
         "inputs: sigma^2": r"^critical_batch_size/sigma2/",
         "inputs: S(mu)": r"^critical_batch_size/sensitivity/",
     }
+    state_attributes = ("ema_small", "ema_big", "ema_steps", "b_small", "b_big", "ema_counts")
+    optional_state = ("ema_counts",)  # checkpoints from before per-slot counts: derived from ema_steps
 
     def __init__(
         self,
@@ -145,6 +169,7 @@ class CriticalBatchSizeMonitor(SpectralMonitor):
         self.ema_counts: Tensor | None = None  # per slot, measurements that gave a finite value
 
     @property
+    @override
     def state_key(self) -> str:  # two monitors with different estimators can share a Trainer
         return self._generate_state_key(
             every_n_steps=self.every_n_steps, include=self.include, exclude=self.exclude, estimator=self.estimator
@@ -161,6 +186,11 @@ class CriticalBatchSizeMonitor(SpectralMonitor):
             return "it needs two batch sizes: Trainer(accumulate_grad_batches >= 2) or >= 2 DDP processes"
         return None
 
+    @override
+    def cache_requests(self) -> list[CacheRequest]:
+        return [self.request("grad", "spectrum")] if self.estimator != "layernorm" else []
+
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and self.estimator == "two_batch":
@@ -171,6 +201,7 @@ class CriticalBatchSizeMonitor(SpectralMonitor):
                     "Use estimator='per_example' (works on any Trainer)."
                 )
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         named = dict(pl_module.named_modules())
@@ -205,9 +236,8 @@ class CriticalBatchSizeMonitor(SpectralMonitor):
                     f"layers {self.slots} is one; use estimator='two_batch' (with accumulation or DDP)."
                 )
             if missing:
-                warnings.warn(
-                    f"CriticalBatchSizeMonitor: no per-example estimate for {missing} (not nn.Linear weights)",
-                    stacklevel=2,
+                rank_zero_warn(
+                    f"CriticalBatchSizeMonitor: no per-example estimate for {missing} (not nn.Linear weights)"
                 )
         self.mode = mode
         self._modules = linear
@@ -216,6 +246,7 @@ class CriticalBatchSizeMonitor(SpectralMonitor):
     def _measured(self, step: int) -> bool:
         return step % self.sample_every_n_steps == 0
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -282,9 +313,12 @@ class CriticalBatchSizeMonitor(SpectralMonitor):
             h.remove()
         self._handles = []
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
+        super().teardown(trainer, pl_module, stage)
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -292,6 +326,7 @@ class CriticalBatchSizeMonitor(SpectralMonitor):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     # -------------------------------------------------------------- per step
+    @override
     @torch.no_grad()
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -300,11 +335,10 @@ class CriticalBatchSizeMonitor(SpectralMonitor):
         if self._window == step and self._small is not None:
             self._measure(trainer, pl_module)
             self._window = -1
-        if step % self.every_n_steps or self.ema_steps == 0:
+        if not self.is_logging_step(step) or self.ema_steps == 0:
             return
         params = self.params(pl_module)
-        sharded = any(is_dtensor(p) for p in params.values())
-        if trainer.is_global_zero or sharded:  # FSDP2: every rank takes part in the gradient gathers
+        if self.takes_part(trainer, params):  # FSDP2: every rank takes part in the gradient gathers
             optimizer = getattr(optimizer, "optimizer", optimizer)
             metrics = self._metrics(trainer, params, optimizer, step_cache(trainer, step))
             self.last["b_crit"] = metrics.get(f"{self.prefix}b_crit/mean", float("nan"))
@@ -421,19 +455,13 @@ class CriticalBatchSizeMonitor(SpectralMonitor):
         metrics.update(aggregates(f"{p}b_crit", b_crit))
         return metrics
 
-    def state_dict(self) -> dict[str, Any]:
-        values = ((k, getattr(self, k)) for k in _STATE)
-        state = {k: (v.detach().cpu().clone() if isinstance(v, Tensor) else v) for k, v in values}
-        state["ema_counts"] = None if self.ema_counts is None else self.ema_counts.detach().cpu().clone()
-        return state
-
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for k in _STATE:
-            setattr(self, k, state_dict[k])
-        counts = state_dict.get("ema_counts")
-        if counts is None and self.ema_small is not None:  # a checkpoint from before per-slot counts
-            counts = torch.full_like(self.ema_small, float(self.ema_steps))
-        self.ema_counts = counts
+        """Restore the EMAs (policy: :meth:`MonitorCallback.load_state_dict`); a checkpoint from
+        before per-slot counts gets ``ema_counts`` from ``ema_steps``."""
+        super().load_state_dict(state_dict)
+        if state_dict.get("ema_counts") is None:
+            self.ema_counts = None if self.ema_small is None else torch.full_like(self.ema_small, float(self.ema_steps))
         self.last["b_simple"] = self.b_simple()
 
 

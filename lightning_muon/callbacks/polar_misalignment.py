@@ -8,13 +8,14 @@ from collections.abc import Sequence
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from ..distributed import full
 from ..functional import muon_direction
 from ..newton_schulz import orthogonalize
-from ..spectral import _delta_p, _frame_sin
-from ._base import SpectralMonitor, aggregates
-from ._cache import SpectralCache
+from ..spectral import delta_p, frames_sin_theta
+from ._base import SpectralMonitor, aggregates, check_positive_int
+from ._cache import CacheRequest, SpectralCache
 
 METRICS = ("grad_sin_theta", "update_sin_theta", "grad_delta_p", "update_delta_p")
 
@@ -48,9 +49,22 @@ class PolarMisalignmentMonitor(SpectralMonitor):
     optimizer is :class:`lightning_muon.Muon`, else the gradient. Cost per logging step: top-k
     frames by ``svd_lowrank`` of W, G and the update, and two Newton–Schulz polar factors (fp32).
 
+    Args:
+        every_n_steps: log at every ``every_n_steps``-th optimizer step (from step 0).
+        include: fnmatch patterns of the matrices to monitor (default: the Muon-routed ones).
+        exclude: patterns removed from that selection.
+        k: number of top singular directions compared by ``sin_theta`` (clipped to ``min(m, n)``).
+
+    Raises:
+        ValueError: at construction, ``every_n_steps < 1`` or ``k < 1``, or patterns not a list of
+            strings.
+        MisconfigurationException: at setup, a Trainer without a logger, or no layer selected.
+
     Example:
         >>> import lightning as L
-        >>> trainer = L.Trainer(callbacks=[PolarMisalignmentMonitor(k=8, every_n_steps=100)])
+        >>> trainer = L.Trainer(callbacks=[PolarMisalignmentMonitor(k=8, every_n_steps=100)], logger=False)
+        >>> trainer.callbacks[0].k
+        8
     """
 
     prefix = "polar_misalignment/"
@@ -64,14 +78,16 @@ class PolarMisalignmentMonitor(SpectralMonitor):
         k: int = 8,
     ) -> None:
         super().__init__(every_n_steps, include, exclude)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"PolarMisalignmentMonitor: k must be an integer >= 1, got {k!r}")
-        self.k = k
+        self.k = check_positive_int(k, "k", "PolarMisalignmentMonitor")
 
+    @override
+    def cache_requests(self) -> list[CacheRequest]:
+        return [self.request(kind, "frames") for kind in ("weight", "grad", "update")]
+
+    @override
     def compute(
         self,
         trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
         optimizer: torch.optim.Optimizer,
         params: dict[str, Tensor],
         cache: SpectralCache,
@@ -93,7 +109,7 @@ class PolarMisalignmentMonitor(SpectralMonitor):
             for n in names:
                 (Uw, Vw), (Ux, Vx) = weight_frames[n], frames[n]
                 metrics[f"{self.prefix}{kind}_sin_theta/{n}"] = float(
-                    torch.maximum(_frame_sin(Uw, Ux), _frame_sin(Vw, Vx))
+                    torch.maximum(frames_sin_theta(Uw, Ux), frames_sin_theta(Vw, Vx))
                 )
         for n in names:
             W, group = cache.matrix("weight", n), groups.get(id(params[n]), {})
@@ -102,7 +118,7 @@ class PolarMisalignmentMonitor(SpectralMonitor):
             ns = {"method": group["ns_method"], "steps": group["ns_steps"]} if muon else {}
             for kind in ("grad", "update"):
                 P = orthogonalize(cache.matrix(kind, n), **ns, dtype=torch.float32)
-                metrics[f"{self.prefix}{kind}_delta_p/{n}"] = float(_delta_p(W, P))
+                metrics[f"{self.prefix}{kind}_delta_p/{n}"] = float(delta_p(W, P))
         for m in METRICS:
             metrics.update(
                 aggregates(

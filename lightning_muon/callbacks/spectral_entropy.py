@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import warnings
+import importlib.util
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
-from ..spectral import _entropy
+from ..spectral import spectrum_entropy
 from ._base import SpectralMonitor, aggregates, tensorboard
-from ._cache import SpectralCache
+from ._cache import CacheRequest, SpectralCache
 
 
 class SpectralEntropyMonitor(SpectralMonitor):
@@ -26,9 +28,22 @@ class SpectralEntropyMonitor(SpectralMonitor):
     Cost per logging step: one Gram eigendecomposition per matrix (batched by shape), shared with
     the other monitors.
 
+    Args:
+        every_n_steps: log at every ``every_n_steps``-th optimizer step (from step 0).
+        include: fnmatch patterns of the matrices to monitor (default: the Muon-routed ones).
+        exclude: patterns removed from that selection.
+        log_spectra: also log the histograms and the spectra figure (TensorBoard only).
+
+    Raises:
+        ValueError: at construction, ``every_n_steps < 1``, patterns not a list of strings, or
+            ``log_spectra`` not a bool.
+        MisconfigurationException: at setup, a Trainer without a logger, or no layer selected.
+
     Example:
         >>> import lightning as L
-        >>> trainer = L.Trainer(callbacks=[SpectralEntropyMonitor(every_n_steps=100)])
+        >>> trainer = L.Trainer(callbacks=[SpectralEntropyMonitor(every_n_steps=100)], logger=False)
+        >>> trainer.callbacks[0].every_n_steps
+        100
     """
 
     prefix = "spectral_entropy/"
@@ -45,12 +60,21 @@ class SpectralEntropyMonitor(SpectralMonitor):
         log_spectra: bool = True,
     ) -> None:
         super().__init__(every_n_steps, include, exclude)
+        if not isinstance(log_spectra, bool):
+            raise ValueError(f"SpectralEntropyMonitor: log_spectra must be True or False, got {log_spectra!r}")
         self.log_spectra = log_spectra
+        self._figure = log_spectra and importlib.util.find_spec("matplotlib") is not None
+        if log_spectra and not self._figure:
+            rank_zero_warn("SpectralEntropyMonitor: matplotlib is not installed; no spectra figure")
 
+    @override
+    def cache_requests(self) -> list[CacheRequest]:
+        return [self.request("weight", "spectrum")]
+
+    @override
     def compute(
         self,
         trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
         optimizer: torch.optim.Optimizer,
         params: dict[str, Tensor],
         cache: SpectralCache,
@@ -60,7 +84,7 @@ class SpectralEntropyMonitor(SpectralMonitor):
         if not trainer.is_global_zero:
             return {}
         spectra = cache.spectra("weight", params)
-        values = {f"{self.prefix}{n}": float(_entropy(s, normalized=True)) for n, s in spectra.items()}
+        values = {f"{self.prefix}{n}": float(spectrum_entropy(s)) for n, s in spectra.items()}
         tb = tensorboard(trainer)
         if tb is not None and self.log_spectra:
             self._tensorboard_extras(tb.experiment, spectra, trainer.global_step)
@@ -69,12 +93,10 @@ class SpectralEntropyMonitor(SpectralMonitor):
     def _tensorboard_extras(self, writer, spectra: dict[str, Tensor], step: int) -> None:
         for name, s in spectra.items():
             writer.add_histogram(f"singular_values/{name}", s.detach().cpu(), step)
-        try:
-            from matplotlib.figure import Figure
-        except ImportError:  # pragma: no cover - matplotlib is optional
-            warnings.warn("SpectralEntropyMonitor: matplotlib is not installed; no spectra figure", stacklevel=2)
-            self.log_spectra = False
+        if not self._figure:  # pragma: no cover - matplotlib is optional
             return
+        from matplotlib.figure import Figure
+
         fig = Figure(figsize=(6, 4), dpi=100)  # no pyplot: no GUI backend is touched
         ax = fig.add_subplot()
         for name, s in spectra.items():

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
+from typing_extensions import override
 
-from ._base import SpectralMonitor, aggregates
-from ._cache import SpectralCache
-from .spectral_entropy import SpectralEntropyMonitor
+from ._base import SpectralMonitor, aggregates, check_positive_int
+from ._cache import CacheRequest, SpectralCache
 
 
 class StableRankMonitor(SpectralMonitor):
@@ -19,17 +18,32 @@ class StableRankMonitor(SpectralMonitor):
 
     How many directions carry the weight's energy; Muon keeps it higher than AdamW. Tags:
     ``stable_rank/<param name>`` and ``stable_rank/{mean,min,max}``. sigma_1 comes from the
-    spectrum when another monitor computed it this step, else from power iteration warm-started
-    from the previous logging step's vector (``num_iters`` steps; 4x that on a cold start). The
-    vectors are saved in checkpoints.
+    spectrum when another monitor (e.g. :class:`SpectralEntropyMonitor`) asks the shared cache for
+    it at this step, else from power iteration warm-started from the previous logging step's
+    vector (``num_iters`` steps; 4x that on a cold start). The vectors are saved in checkpoints
+    (state key ``vectors``).
+
+    Args:
+        every_n_steps: log at every ``every_n_steps``-th optimizer step (from step 0).
+        include: fnmatch patterns of the matrices to monitor (default: the Muon-routed ones).
+        exclude: patterns removed from that selection.
+        num_iters: warm-started power-iteration steps per logging step.
+
+    Raises:
+        ValueError: at construction, ``every_n_steps < 1`` or ``num_iters < 1``, or patterns not a
+            list of strings.
+        MisconfigurationException: at setup, a Trainer without a logger, or no layer selected.
 
     Example:
         >>> import lightning as L
-        >>> trainer = L.Trainer(callbacks=[StableRankMonitor(every_n_steps=100)])
+        >>> trainer = L.Trainer(callbacks=[StableRankMonitor(every_n_steps=100)], logger=False)
+        >>> trainer.callbacks[0].num_iters
+        10
     """
 
     prefix = "stable_rank/"
     charts = {"per layer": r"^stable_rank/(?!mean$|min$|max$)", "mean, min, max": r"^stable_rank/(mean|min|max)$"}
+    state_attributes = ("vectors",)
 
     def __init__(
         self,
@@ -39,15 +53,17 @@ class StableRankMonitor(SpectralMonitor):
         num_iters: int = 10,
     ) -> None:
         super().__init__(every_n_steps, include, exclude)
-        if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
-            raise ValueError(f"StableRankMonitor: num_iters must be an integer >= 1, got {num_iters!r}")
-        self.num_iters = num_iters
+        self.num_iters = check_positive_int(num_iters, "num_iters", "StableRankMonitor")
         self.vectors: dict[str, Tensor] = {}
 
+    @override
+    def cache_requests(self) -> list[CacheRequest]:
+        return [self.request("weight", "sigma_max")]
+
+    @override
     def compute(
         self,
         trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
         optimizer: torch.optim.Optimizer,
         params: dict[str, Tensor],
         cache: SpectralCache,
@@ -55,20 +71,6 @@ class StableRankMonitor(SpectralMonitor):
         mats = {n: cache.matrix("weight", n, p) for n, p in params.items()}
         if not trainer.is_global_zero:
             return {}
-        # Spectra a SpectralEntropyMonitor computes this step anyway: take sigma_1 from them.
-        shared = {
-            n
-            for c in trainer.callbacks
-            if isinstance(c, SpectralEntropyMonitor) and trainer.global_step % c.every_n_steps == 0
-            for n in c.layers
-        }
-        cache.spectra("weight", [n for n in mats if n in shared])
         sigma = cache.sigma_max("weight", mats, self.vectors, self.num_iters)
         values = {f"{self.prefix}{n}": float(M.square().sum() / sigma[n].square()) for n, M in mats.items()}
         return {**values, **aggregates(self.prefix.rstrip("/"), values)}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"vectors": {n: v.clone() for n, v in self.vectors.items()}}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.vectors = {n: v.clone() for n, v in state_dict.get("vectors", {}).items()}
