@@ -45,6 +45,7 @@ from .newton_schulz import METHODS
 from .precision import NS_DTYPES, agree_ns_dtype, resolve_ns_dtype
 from .routing import groups_from_routes, route_named_parameters, why_not_muon
 from .sharded import mesh_domain
+from .structure import MatrixView, matrix_view_for
 
 __all__ = ["Muon", "ADJUST_LR", "adjusted_lr", "NonFiniteGradientError"]
 
@@ -248,6 +249,11 @@ class Muon(torch.optim.Optimizer):
             if named and "param_names" not in part:
                 part["param_names"] = [f"<{part['name']} #{i}>" for i in range(len(part["params"]))]
             elif not named:
+                if part.get("matrix_views"):
+                    raise ValueError(
+                        f"Muon: group {part['name']!r} sets matrix_views, but this optimizer's groups carry no "
+                        "parameter names to key them by; build it from named params (muon_param_groups)"
+                    )
                 part.pop("param_names", None)
         self.param_groups.extend(parts)
 
@@ -288,6 +294,8 @@ class Muon(torch.optim.Optimizer):
         for i, (settings, ts, ns, kind) in enumerate(parts):
             part = self._fill(settings)
             part["params"] = list(ts)
+            if not part["use_muon"]:
+                part.pop("matrix_views", None)
             if ns is not None:
                 part["param_names"] = list(ns)
             base = group.get("name")
@@ -349,6 +357,8 @@ class Muon(torch.optim.Optimizer):
             items = by_kind[kind]
             ts = [t for _, t in items]
             ns = [n for n, _ in items] if names is not None else None
+            if settings.get("matrix_views") and kind == "muon":  # the views of this part's tensors
+                settings["matrix_views"] = {n: v for n, v in settings["matrix_views"].items() if n in (ns or ())}
             parts.append((settings, ts, ns, kind))
         return parts
 
@@ -358,6 +368,8 @@ class Muon(torch.optim.Optimizer):
         if part["use_muon"]:
             for key in _MUON_KEYS:
                 part.setdefault(key, self.defaults[key])
+            if part.get("matrix_views") is None:  # every param with its default view
+                part["matrix_views"] = {}
         else:
             for key, default in _ADAMW_KEYS.items():
                 part.setdefault(key, self.defaults[default])
@@ -379,6 +391,8 @@ class Muon(torch.optim.Optimizer):
             if "use_muon" in group:
                 for key, value in self._fill(group).items():
                     group.setdefault(key, value)
+                if group["use_muon"] and group.get("matrix_views") is None:
+                    group["matrix_views"] = {}
         for param_state in self.state.values():  # an AdamW step saved as a number
             if "step" in param_state and not isinstance(param_state["step"], Tensor):
                 param_state["step"] = torch.tensor(float(param_state["step"]), dtype=torch.float32)
@@ -436,6 +450,9 @@ class Muon(torch.optim.Optimizer):
                     f"use_muon={own['use_muon']} with {len(own['params'])}"
                 )
             names = own.get("param_names") or [None] * len(own["params"])
+            if own["use_muon"]:
+                views = saved.get("matrix_views") or own.get("matrix_views")
+                _check_views({**own, "matrix_views": views}, f"Muon.load_state_dict: param group {i}")
             for key, p, name in zip(saved["params"], own["params"], names):
                 for field, value in state_dict["state"].get(key, {}).items():
                     if field != "step" and isinstance(value, Tensor) and value.shape != p.shape:
@@ -445,6 +462,15 @@ class Muon(torch.optim.Optimizer):
                             f"{tuple(value.shape)} but the parameter has {tuple(p.shape)}: the model "
                             "changed since the checkpoint was saved"
                         )
+        if any(own["use_muon"] and "matrix_views" not in saved for saved, own in zip(groups, self.param_groups)):
+            # saved before matrix views existed: keep this optimizer's views
+            state_dict = dict(state_dict)
+            state_dict["param_groups"] = [
+                {**saved, "matrix_views": own["matrix_views"]}
+                if own["use_muon"] and "matrix_views" not in saved
+                else saved
+                for saved, own in zip(groups, self.param_groups)
+            ]
         super().load_state_dict(state_dict)
 
     # ------------------------------------------------------------------ step
@@ -474,6 +500,9 @@ class Muon(torch.optim.Optimizer):
             if group["use_muon"] and any(p.ndim < 2 for p in group["params"]):
                 what = f"Muon group {group['name']!r} holds a 1-D tensor at step time"
                 raise ValueError(UNSUPPORTED_STRATEGY.format(what=what))
+        for group in self.param_groups:  # e.g. matrix_views edited after construction
+            if group["use_muon"]:
+                _check_views(group, f"Muon param group {group['name']!r}", strict=False)
         for group in self.param_groups:  # e.g. a Tensor lr assigned after construction
             if isinstance(group["lr"], Tensor):
                 raise ValueError(f"Muon param group {group['name']!r}: lr as a Tensor is not supported; use a float")
@@ -537,45 +566,70 @@ class Muon(torch.optim.Optimizer):
         )
 
     def _muon_groups(self, groups: list[dict]) -> None:
-        """Momentum for every Muon param (foreach), then one orthogonalisation per shape bucket."""
-        buckets: dict[tuple, list[tuple[Tensor, Tensor, dict]]] = defaultdict(list)
+        """Momentum for every Muon param (foreach), then one orthogonalisation per bucket.
+
+        Each update is seen through its group's matrix view (:mod:`lightning_muon.structure`). A
+        plain tensor's matrices join the bucket of their ``(m, n)`` shape; a DTensor's bucket is
+        keyed by its global shape, placements and view (its owner assembles the whole tensor).
+        """
+        buckets: dict[tuple, list[tuple[int, int]]] = defaultdict(list)  # key -> (entry, slot)
+        entries: list[tuple[Tensor, dict, MatrixView, Tensor | None]] = []  # (param, group, view, update)
         for group in groups:
-            live = [p for p in group["params"] if p.grad is not None]
+            views = group.get("matrix_views") or {}
+            names = group.get("param_names") or [None] * len(group["params"])
+            live = [(p, views.get(n)) for p, n in zip(group["params"], names) if p.grad is not None]
             if not live:
                 continue
-            for p in live:
+            for p, _ in live:
                 if "momentum_buffer" not in self.state[p]:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             # Local tensors throughout: under FSDP2 the state stays a sharded DTensor.
-            bufs = [local_tensor(self.state[p]["momentum_buffer"]) for p in live]
-            grads = [local_grad(p).to(b.dtype) for p, b in zip(live, bufs)]
+            bufs = [local_tensor(self.state[p]["momentum_buffer"]) for p, _ in live]
+            grads = [local_grad(p).to(b.dtype) for (p, _), b in zip(live, bufs)]
             beta = group["momentum"]
             torch._foreach_lerp_(bufs, grads, 1 - beta)
             updates = torch._foreach_lerp(grads, bufs, beta) if group["nesterov"] else bufs
-            for p, update in zip(live, updates):
+            ns = (group["ns_method"], group["ns_steps"], group["ns_dtype"])
+            for (p, spec), update in zip(live, updates):
+                view = matrix_view_for(tuple(p.shape), spec)
                 mesh = getattr(p, "device_mesh", None)  # a DTensor's mesh; None for a plain tensor
-                layout = (tuple(p.shape), tuple(p.placements)) if mesh is not None else None
-                ns = (group["ns_method"], group["ns_steps"], group["ns_dtype"])
-                key = (_flat_matrix(p).shape, p.device, p.dtype, mesh, layout, *ns)
-                buckets[key].append((p, update, group))
+                entry = len(entries)
+                if mesh is None:  # its matrices join the bucket of their shape
+                    matrices = view.to_matrices(update.unsqueeze(0))
+                    entries.append((p, group, view, matrices))
+                    key = (tuple(matrices.shape[1:]), p.device, p.dtype, None, None, None, *ns)
+                    buckets[key].extend((entry, j) for j in range(matrices.shape[0]))
+                else:
+                    entries.append((p, group, view, update))
+                    layout = (tuple(p.shape), tuple(p.placements))
+                    key = (view.matrices(tuple(p.shape))[1:], p.device, p.dtype, mesh, layout, view, *ns)
+                    buckets[key].append((entry, 0))
         plan = [
             Bucket(
-                [u for _, u, _ in items],
+                [entries[e][3][j] if mesh is None else entries[e][3] for e, j in items],
                 tuple(shape),
                 method,
                 steps,
                 _compute_dtype(method, self._ns_dtype(ns_dtype, method, device, mesh)),
                 mesh,
                 layout,
+                view,
             )
-            for (shape, device, _, mesh, layout, method, steps, ns_dtype), items in buckets.items()
+            for (shape, device, _, mesh, layout, view, method, steps, ns_dtype), items in buckets.items()
+        ]
+        results: list[list[Any]] = [
+            [None] * (len(u) if getattr(p, "device_mesh", None) is None else 1) for p, _, _, u in entries
         ]
         for items, ortho in zip(buckets.values(), orthogonalize_buckets(plan, self.process_group)):
-            for (p, _, group), o in zip(items, ortho):
-                lr = group["lr"]
-                w = local_tensor(p)
-                w.mul_(1 - lr * group["weight_decay"])
-                w.add_(o.view_as(w).to(w.dtype), alpha=-adjusted_lr(lr, p.shape, group["adjust_lr"]))
+            for (e, j), o in zip(items, ortho):
+                results[e][j] = o
+        for (p, group, view, _), out in zip(entries, results):
+            plain = getattr(p, "device_mesh", None) is None
+            o = view.from_matrices(torch.stack(out), tuple(p.shape))[0] if plain else out[0]
+            lr = group["lr"]
+            w = local_tensor(p)
+            w.mul_(1 - lr * group["weight_decay"])
+            w.add_(o.view_as(w).to(w.dtype), alpha=-adjusted_lr(lr, view.scale_shape(p.shape), group["adjust_lr"]))
 
 
 def _dp_group(process_group: Any) -> Any:
@@ -652,6 +706,27 @@ def _fusable(p: Tensor) -> bool:
     )
 
 
+def _check_views(group: dict, where: str, strict: bool = True) -> None:
+    """Raise ValueError unless ``group["matrix_views"]`` maps parameter names of the group to views
+    that fit their shapes (``strict=False``: names no longer in the group are ignored)."""
+    views = group.get("matrix_views")
+    if not views:
+        return
+    if not isinstance(views, dict):
+        raise ValueError(f"{where}: matrix_views must be a dict {{parameter name: view}}, got {type(views).__name__}")
+    names = group.get("param_names")
+    if names is None:
+        raise ValueError(f"{where}: matrix_views name parameters, so the group needs named params (name, tensor)")
+    by_name = dict(zip(names, group["params"]))
+    unknown = [n for n in views if n not in by_name]
+    if strict and unknown:
+        raise ValueError(f"{where}: matrix_views names {unknown[:3]} that are not parameters of this group")
+    for name, spec in views.items():
+        if name in by_name:
+            shape = tuple(by_name[name].shape)
+            matrix_view_for(shape, spec).check(shape, f"{where}: parameter {name!r}")
+
+
 def _check_group_params(group: dict) -> None:
     """Tensors a group cannot train: non-matrices in Muon groups, fp16 with a too-small AdamW eps."""
     names = group.get("param_names") or [None] * len(group["params"])
@@ -664,6 +739,7 @@ def _check_group_params(group: dict) -> None:
                     f"Muon: parameter {label} in Muon group {group['name']!r} cannot be "
                     f"orthogonalised: {reason}. Put it in a group with use_muon=False."
                 )
+        _check_views(group, f"Muon param group {group['name']!r}")
         return
     tiny = torch.finfo(torch.float16).tiny
     half = [label for label, p in zip(labels, group["params"]) if p.dtype == torch.float16]

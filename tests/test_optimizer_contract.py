@@ -224,8 +224,10 @@ def test_add_param_group_dicts_are_filled_from_their_family():
         "ns_steps",
         "ns_dtype",
         "adjust_lr",
+        "matrix_views",  # {name: view} where not the default ("matrix" for 2-D, "flatten" above)
     }
     assert (g_w2["lr"], g_w2["momentum"], g_w3["use_muon"], g_w3["lr"]) == (0.5, 0.9, True, 0.02)
+    assert g_w2["matrix_views"] == {}
     assert [g["name"] for g in opt.param_groups] == ["muon", "adamw", "muon_1", "muon_2"]
 
 
