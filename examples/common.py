@@ -27,9 +27,12 @@ def configure_example_optimizer(
     warmup_steps: int = 0,
     schedule: str = "constant",
     max_steps: int | None = None,
+    split_qkv: bool | str = False,
 ) -> dict[str, Any] | torch.optim.Optimizer:
     """Muon (hidden matrices at ``lr``, the rest AdamW at ``adamw_lr``) or AdamW everywhere at
-    ``adamw_lr``, under the same warmup and schedule, so a comparison changes one thing."""
+    ``adamw_lr``, under the same warmup and schedule, so a comparison changes one thing.
+    ``split_qkv`` (Muon only): orthogonalise fused q, k, v projections as blocks (True) or per head
+    (``"per_head"``), see ``lightning_muon.route_parameters``."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if optimizer == "muon":
@@ -45,6 +48,7 @@ def configure_example_optimizer(
             warmup_steps=warmup_steps,
             schedule=schedule,
             max_steps=max_steps,
+            split_qkv=split_qkv,
         )
     groups = muon_param_groups(module)  # same decay / no-decay split as the Muon run
     for group in groups:

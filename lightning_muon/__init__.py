@@ -16,6 +16,8 @@ from .precision import NS_DTYPES, NSDtypeChoice, describe_device, ns_dtype_choic
 from .routing import (
     DEFAULT_EMBEDDING_NAMES,
     DEFAULT_HEAD_NAMES,
+    DEFAULT_QKV_NAMES,
+    SPLIT_QKV,
     Route,
     muon_param_groups,
     route_named_parameters,
@@ -39,6 +41,7 @@ from .spectral import (
     top_frames,
     top_singular_value,
 )
+from .structure import MATRIX_RULES, MatrixView, matrix_view_for
 
 __version__ = "0.1.0"
 
@@ -46,6 +49,11 @@ __all__ = [
     "ADJUST_LR",
     "DEFAULT_EMBEDDING_NAMES",
     "DEFAULT_HEAD_NAMES",
+    "MATRIX_RULES",
+    "MatrixView",
+    "matrix_view_for",
+    "DEFAULT_QKV_NAMES",
+    "SPLIT_QKV",
     "METHODS",
     "NS_PRESETS",
     "SCHEDULES",
