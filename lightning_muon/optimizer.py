@@ -28,32 +28,26 @@ import torch
 from torch import Tensor
 from torch.optim.adamw import adamw as _adamw_functional
 
+from .buckets import Bucket, orthogonalize_buckets
 from .distributed import (
     AUTO,
     UNSUPPORTED_STRATEGY,
-    Bucket,
-    _is_dtensor,
     all_finite,
-    check_dtensor_param,
     check_not_flat_shard,
-    data_parallel_group,
+    is_dtensor,
+    local,
     local_grad,
-    local_tensor,
-    orthogonalize_buckets,
+    mesh_domain,
+    process_group_of,
 )
+from .functional import ADJUST_LR, apply_muon_update, matrix_shape, muon_direction
 from .newton_schulz import METHODS
 from .precision import NS_DTYPES, agree_ns_dtype, resolve_ns_dtype
 from .routing import groups_from_routes, route_named_parameters, why_not_muon
-from .sharded import mesh_domain
+from .sharded import check_dtensor_param
 
-__all__ = ["Muon", "ADJUST_LR", "adjusted_lr", "NonFiniteGradientError"]
+__all__ = ["Muon", "NonFiniteGradientError"]
 
-#: Update-scale rules; m = fan_out (rows), n = fan_in (columns of the flattened weight).
-ADJUST_LR: dict[str, Callable[[int, int], float]] = {
-    "original": lambda m, n: math.sqrt(max(1.0, m / n)),  # Keller Jordan
-    "match_rms_adamw": lambda m, n: 0.2 * math.sqrt(max(m, n)),  # Moonlight: update RMS 0.2
-    "spectral": lambda m, n: math.sqrt(m / n),  # Bernstein: spectral-norm condition
-}
 _NONFINITE = ("raise", "skip")
 #: Settings of a Muon group (also their keys in ``Muon.defaults``).
 _MUON_KEYS = ("lr", "momentum", "nesterov", "weight_decay", "ns_method", "ns_steps", "ns_dtype", "adjust_lr")
@@ -79,17 +73,6 @@ class NonFiniteGradientError(FloatingPointError):
     """A gradient contained NaN or Inf; no parameter or optimizer state was changed."""
 
 
-def adjusted_lr(lr: float, shape: torch.Size | tuple[int, ...], rule: str) -> float:
-    """The learning rate Muon applies to a weight of ``shape`` (flattened to (shape[0], rest))."""
-    m = shape[0]
-    n = math.prod(shape[1:])
-    return lr * ADJUST_LR[rule](m, n)
-
-
-def _flat_matrix(t: Tensor) -> Tensor:
-    return t.reshape(t.shape[0], -1)
-
-
 class Muon(torch.optim.Optimizer):
     """Muon for hidden matrices and AdamW for the rest, in one optimizer.
 
@@ -104,11 +87,13 @@ class Muon(torch.optim.Optimizer):
 
     Muon groups: ``buf <- momentum * buf + (1 - momentum) * g``; ``u = lerp(g, buf, momentum)``
     with Nesterov, else ``buf``; ``W <- (1 - lr * weight_decay) W - lr * scale(m, n) * O(u)``
-    where ``O`` is :func:`lightning_muon.orthogonalize` and ``scale`` the ``adjust_lr`` rule.
-    Weights with more than 2 dims are flattened to ``(shape[0], rest)``. Same-shape updates are
-    orthogonalised together in one batched call.
+    where ``O`` is :func:`lightning_muon.orthogonalize` and ``scale`` the ``adjust_lr`` rule: the
+    functions of :mod:`lightning_muon.functional` (:func:`~lightning_muon.muon_direction`,
+    :func:`~lightning_muon.apply_muon_update`), which this class calls per group. Weights with more
+    than 2 dims are flattened to ``(shape[0], rest)`` (:func:`~lightning_muon.matrix_view`).
+    Same-shape updates are orthogonalised together in one batched call.
 
-    Distributed (see :mod:`lightning_muon.distributed`): under DDP (``torch.distributed``
+    Distributed (see :mod:`lightning_muon.buckets`): under DDP (``torch.distributed``
     initialised with world size > 1) each matrix is orthogonalised on one owner rank and shared
     with one collective per shape bucket; under FSDP2, tensor parallelism, FSDP2 x TP and HSDP
     (DTensor params) momentum stays sharded and each matrix is assembled once, on its owner. FSDP1
@@ -204,8 +189,8 @@ class Muon(torch.optim.Optimizer):
             weight_decay=weight_decay if adamw_weight_decay is None else adamw_weight_decay,
             foreach=foreach,
         )
-        _validate(muon_defaults, "Muon")
-        _validate(adamw_defaults, "Muon (AdamW settings)", adamw=True)
+        _validate_muon(muon_defaults, "Muon")
+        _validate_adamw(adamw_defaults, "Muon", names=_ADAMW_KEYS)
         # Both families, so add_param_group can fill any new group: Muon settings under their own
         # names, AdamW settings under the constructor's names (adamw_lr, ...; foreach as is).
         defaults = dict(muon_defaults)
@@ -297,8 +282,8 @@ class Muon(torch.optim.Optimizer):
                 part["name"] = _unique(part["name"], used)
             used.add(part["name"])
             where = f"Muon param group {start + i} ({part['name']!r})"
-            _validate(part, where, adamw=not part["use_muon"])
-            if part["use_muon"] and self.process_group is None and any(_is_dtensor(p) for p in ts):
+            (_validate_muon if part["use_muon"] else _validate_adamw)(part, where)
+            if part["use_muon"] and self.process_group is None and any(is_dtensor(p) for p in ts):
                 raise ValueError(
                     f"{where}: process_group=None (this process alone) but its parameters are "
                     "DTensors sharded over a mesh; leave process_group at its default or pass the mesh"
@@ -407,7 +392,7 @@ class Muon(torch.optim.Optimizer):
             return torch.float32
         cache = self.__dict__.setdefault("_auto_ns_dtypes", {})
         if device not in cache:  # first step: every rank reaches this with the same buckets
-            group = mesh_domain(mesh).group if mesh is not None else _dp_group(self.process_group)
+            group = mesh_domain(mesh).group if mesh is not None else process_group_of(self.process_group)
             cache[device] = agree_ns_dtype(resolve_ns_dtype(device), device, group)
         return cache[device]
 
@@ -483,16 +468,16 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             names = group.get("param_names") or [None] * len(group["params"])
             for name, p in zip(names, group["params"]):
-                if p.grad is not None and not bool(local_tensor(p.grad).isfinite().all()):
+                if p.grad is not None and not bool(local(p.grad).isfinite().all()):
                     bad.append(name or f"<{group['name']} param of shape {tuple(p.shape)}>")
-        message = (
-            f"Muon: non-finite gradient (NaN or Inf) in {', '.join(bad)}; no parameter or state "
-            "was changed. Lower the learning rate, check the loss for overflow (try "
-            "precision='bf16-mixed' or gradient clipping), or pass nonfinite='skip' to skip such steps."
+        where = f"Muon: non-finite gradient (NaN or Inf) in {', '.join(bad)}"
+        advice = (
+            "Lower the learning rate, check the loss for overflow (try precision='bf16-mixed' or "
+            "gradient clipping), or pass nonfinite='skip' to skip such steps."
         )
         if self.nonfinite == "raise":
-            raise NonFiniteGradientError(message)
-        warnings.warn(message.replace("; no parameter", "; step skipped, no parameter"), stacklevel=3)
+            raise NonFiniteGradientError(f"{where}; no parameter or state was changed. {advice}")
+        warnings.warn(f"{where}; step skipped, no parameter or state was changed. {advice}", stacklevel=3)
         return False
 
     def _adamw_group(self, group: dict) -> None:
@@ -537,9 +522,9 @@ class Muon(torch.optim.Optimizer):
         )
 
     def _muon_groups(self, groups: list[dict]) -> None:
-        """Momentum for every Muon param (foreach), then one orthogonalisation per shape bucket."""
-        buckets: dict[tuple, list[tuple[Tensor, Tensor, dict]]] = defaultdict(list)
-        for group in groups:
+        """Momentum for every Muon param (foreach), one orthogonalisation per shape bucket, then the update."""
+        buckets: dict[tuple, list[tuple[Tensor, Tensor, int]]] = defaultdict(list)
+        for g, group in enumerate(groups):
             live = [p for p in group["params"] if p.grad is not None]
             if not live:
                 continue
@@ -547,21 +532,19 @@ class Muon(torch.optim.Optimizer):
                 if "momentum_buffer" not in self.state[p]:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             # Local tensors throughout: under FSDP2 the state stays a sharded DTensor.
-            bufs = [local_tensor(self.state[p]["momentum_buffer"]) for p in live]
+            bufs = [local(self.state[p]["momentum_buffer"]) for p in live]
             grads = [local_grad(p).to(b.dtype) for p, b in zip(live, bufs)]
-            beta = group["momentum"]
-            torch._foreach_lerp_(bufs, grads, 1 - beta)
-            updates = torch._foreach_lerp(grads, bufs, beta) if group["nesterov"] else bufs
-            for p, update in zip(live, updates):
-                mesh = getattr(p, "device_mesh", None)  # a DTensor's mesh; None for a plain tensor
+            directions = muon_direction(grads, bufs, group["momentum"], group["nesterov"])
+            ns = (group["ns_method"], group["ns_steps"], group["ns_dtype"])
+            for p, direction in zip(live, directions):
+                mesh = p.device_mesh if is_dtensor(p) else None
                 layout = (tuple(p.shape), tuple(p.placements)) if mesh is not None else None
-                ns = (group["ns_method"], group["ns_steps"], group["ns_dtype"])
-                key = (_flat_matrix(p).shape, p.device, p.dtype, mesh, layout, *ns)
-                buckets[key].append((p, update, group))
+                key = (matrix_shape(p.shape), p.device, p.dtype, mesh, layout, *ns)
+                buckets[key].append((p, direction, g))
         plan = [
             Bucket(
-                [u for _, u, _ in items],
-                tuple(shape),
+                [d for _, d, _ in items],
+                shape,
                 method,
                 steps,
                 _compute_dtype(method, self._ns_dtype(ns_dtype, method, device, mesh)),
@@ -570,17 +553,21 @@ class Muon(torch.optim.Optimizer):
             )
             for (shape, device, _, mesh, layout, method, steps, ns_dtype), items in buckets.items()
         ]
+        done: dict[int, tuple[list[Tensor], list[Tensor]]] = defaultdict(lambda: ([], []))
         for items, ortho in zip(buckets.values(), orthogonalize_buckets(plan, self.process_group)):
-            for (p, _, group), o in zip(items, ortho):
-                lr = group["lr"]
-                w = local_tensor(p)
-                w.mul_(1 - lr * group["weight_decay"])
-                w.add_(o.view_as(w).to(w.dtype), alpha=-adjusted_lr(lr, p.shape, group["adjust_lr"]))
-
-
-def _dp_group(process_group: Any) -> Any:
-    """The process group that shares plain (DDP) matrices: ``"auto"`` detects it, None is this process alone."""
-    return data_parallel_group() if isinstance(process_group, str) else process_group
+            for (p, _, g), o in zip(items, ortho):
+                done[g][0].append(p)
+                done[g][1].append(o)
+        for g, (params, updates) in done.items():
+            group = groups[g]
+            apply_muon_update(
+                [local(p) for p in params],
+                updates,
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                adjust_lr=group["adjust_lr"],
+                shapes=[p.shape for p in params],
+            )
 
 
 def _compute_dtype(method: str, dtype: torch.dtype) -> torch.dtype:
@@ -646,7 +633,7 @@ def _defaults_from_groups(groups: list[dict]) -> dict:
 def _fusable(p: Tensor) -> bool:
     """Whether torch's fused AdamW kernel takes ``p``: a plain (not DTensor) float CPU/CUDA tensor."""
     return (
-        type(p.data) is Tensor
+        not is_dtensor(p)
         and p.device.type in ("cpu", "cuda")
         and p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     )
@@ -710,37 +697,42 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _validate(group: dict, where: str, adamw: bool = False) -> None:
-    """Raise ValueError naming the offending argument; nothing is constructed on failure."""
-
-    def fail(key: str, expected: str) -> None:
-        raise ValueError(
-            f"{where}: {'adamw_' if adamw and key != 'lr' else ''}{key} must be {expected}, got {group[key]!r}"
-        )
-
+def _check_lr_and_decay(group: dict, where: str, names: dict[str, str]) -> None:
+    """The settings both families have: ``lr`` and ``weight_decay``, reported under ``names``."""
     if isinstance(group["lr"], Tensor):
-        raise ValueError(f"{where}: lr as a Tensor is not supported; pass a Python float (float(lr))")
-    if not _number(group["lr"]) or group["lr"] < 0:
-        fail("lr", "a finite number >= 0")
-    if not _number(group["weight_decay"]) or group["weight_decay"] < 0:
-        fail("weight_decay", "a finite number >= 0")
-    if adamw:
-        betas = group["betas"]
-        if len(betas) != 2 or not all(_number(b) and 0 <= b < 1 for b in betas):
-            fail("betas", "two numbers in [0, 1)")
-        if not _number(group["eps"]) or group["eps"] < 0:
-            fail("eps", "a finite number >= 0")
-        return
-    if not _number(group["momentum"]) or not 0 <= group["momentum"] < 1:
-        fail("momentum", "in [0, 1)")
-    if group["ns_method"] not in METHODS:
-        fail("ns_method", f"one of {METHODS}")
+        raise ValueError(f"{where}: {names['lr']} as a Tensor is not supported; pass a Python float (float(lr))")
+    for key in ("lr", "weight_decay"):
+        if not _number(group[key]) or group[key] < 0:
+            raise ValueError(f"{where}: {names[key]} must be a finite number >= 0, got {group[key]!r}")
+
+
+def _validate_muon(group: dict, where: str) -> None:
+    """Raise ValueError naming the Muon setting that is out of range; nothing is constructed on failure."""
+    _check_lr_and_decay(group, where, {"lr": "lr", "weight_decay": "weight_decay"})
     steps = group["ns_steps"]
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        fail("ns_steps", "an integer >= 1")
-    if group["ns_dtype"] not in NS_DTYPES:
-        fail("ns_dtype", f"one of {NS_DTYPES}")
-    if group["adjust_lr"] not in ADJUST_LR:
-        fail("adjust_lr", f"one of {tuple(ADJUST_LR)}")
-    if not isinstance(group["nesterov"], bool):
-        fail("nesterov", "a bool")
+    checks = (
+        ("momentum", "in [0, 1)", _number(group["momentum"]) and 0 <= group["momentum"] < 1),
+        ("ns_method", f"one of {METHODS}", group["ns_method"] in METHODS),
+        ("ns_steps", "an integer >= 1", isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1),
+        ("ns_dtype", f"one of {NS_DTYPES}", group["ns_dtype"] in NS_DTYPES),
+        ("adjust_lr", f"one of {tuple(ADJUST_LR)}", group["adjust_lr"] in ADJUST_LR),
+        ("nesterov", "a bool", isinstance(group["nesterov"], bool)),
+    )
+    for key, expected, ok in checks:
+        if not ok:
+            raise ValueError(f"{where}: {key} must be {expected}, got {group[key]!r}")
+
+
+def _validate_adamw(group: dict, where: str, names: dict[str, str] | None = None) -> None:
+    """Raise ValueError naming the AdamW setting that is out of range.
+
+    ``names`` maps a group key to the name the user gave it (the constructor's ``adamw_lr``, ...);
+    by default the group's own keys.
+    """
+    names = {key: (names or {}).get(key, key) for key in _ADAMW_KEYS}
+    _check_lr_and_decay(group, where, names)
+    betas = group["betas"]
+    if len(betas) != 2 or not all(_number(b) and 0 <= b < 1 for b in betas):
+        raise ValueError(f"{where}: {names['betas']} must be two numbers in [0, 1), got {betas!r}")
+    if not _number(group["eps"]) or group["eps"] < 0:
+        raise ValueError(f"{where}: {names['eps']} must be a finite number >= 0, got {group['eps']!r}")

@@ -38,11 +38,14 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
+from .functional import matrix_shape
+
 __all__ = [
     "Route",
     "DEFAULT_EMBEDDING_NAMES",
     "DEFAULT_HEAD_NAMES",
     "why_not_muon",
+    "matching_pattern",
     "route_parameters",
     "route_named_parameters",
     "muon_param_groups",
@@ -101,16 +104,25 @@ def why_not_muon(param: Tensor) -> str | None:
         return "scalar" if param.ndim == 0 else "1-D (gain or bias)"
     if param.numel() == 0:
         return f"empty tensor of shape {tuple(param.shape)}"
-    rows = param.shape[0]
-    cols = param.numel() // rows
+    rows, cols = matrix_shape(param.shape)
     if rows == 1 or cols == 1:
         return f"vector-like: flattens to {rows} x {cols} (e.g. a positional embedding or class token)"
     return None
 
 
-def _matches(name: str, patterns: Sequence[str]) -> str | None:
-    """First pattern matching the full dotted name, one of its components, or a module prefix
-    (``"decoder.proj"`` matches ``decoder.proj.weight``)."""
+def matching_pattern(name: str, patterns: Sequence[str]) -> str | None:
+    """The first fnmatch pattern matching the dotted parameter ``name``, one of its components, or a
+    module prefix (``"decoder.proj"`` matches ``decoder.proj.weight``); None if none does.
+
+    This is how ``adamw_names``, ``muon_names``, ``embedding_names``, ``head_names`` and the
+    monitors' ``include``/``exclude`` read their patterns.
+
+    Example:
+        >>> matching_pattern("decoder.proj.weight", ["*embed*", "decoder.proj"])
+        'decoder.proj'
+        >>> matching_pattern("blocks.0.attn.weight", ["head"]) is None
+        True
+    """
     parts = name.split(".")
     prefixes = [".".join(parts[:i]) for i in range(2, len(parts))]
     for pattern in patterns:
@@ -155,7 +167,7 @@ def _analyse(module: nn.Module) -> _Structure:
     for name, mod in modules.items():
         mats = [p for p in mod.parameters(recurse=False) if p.requires_grad and why_not_muon(p) is None]
         if mats:
-            layers.append((name, mod, int(mats[0].shape[0])))
+            layers.append((name, mod, matrix_shape(mats[0].shape)[0]))
             for p in mats:
                 owner_layer.setdefault(id(p), name)
     # Matrix layers below each module (a "block" holds at least two).
@@ -250,7 +262,7 @@ def _head_by_name(
 ) -> tuple[str, str] | None:
     """``(kind, pattern)`` if a head pattern matches ``name``: kind "head", or "hidden" for an earlier layer of a
     head ``nn.Sequential`` (VGG's ``classifier.0``: only the container's last layer is the output)."""
-    if pattern := _matches(name, head_names):
+    if pattern := matching_pattern(name, head_names):
         parts = name.split(".")
         if (
             layer is None
@@ -291,11 +303,11 @@ def _route_one(
     aliases = f" (tied: {', '.join(names[1:])})" if len(names) > 1 else ""
     not_matrix = why_not_muon(param)
     for n in names:
-        if pattern := _matches(n, adamw_names):
+        if pattern := matching_pattern(n, adamw_names):
             group = ADAMW_NO_DECAY if param.ndim < 2 else ADAMW
             return Route(name, param, group, f"adamw_names pattern {pattern!r}{aliases}")
     for n in names:
-        if pattern := _matches(n, muon_names):
+        if pattern := matching_pattern(n, muon_names):
             if not_matrix:
                 raise ValueError(
                     f"lightning_muon routing: parameter {n!r} of shape {tuple(param.shape)} matched "
@@ -308,10 +320,10 @@ def _route_one(
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
         return Route(name, param, ADAMW, f"embedding ({type(module).__name__}){aliases}")
     for n in names:
-        if pattern := _matches(n, embedding_names):
+        if pattern := matching_pattern(n, embedding_names):
             return Route(name, param, ADAMW, f"embedding (name matches {pattern!r}){aliases}")
     if head_verdict is None:
-        head_verdict = next((("head", p) for n in names if (p := _matches(n, head_names))), None)
+        head_verdict = next((("head", p) for n in names if (p := matching_pattern(n, head_names))), None)
     if head_verdict is not None:
         kind, pattern = head_verdict
         if kind == "head":
@@ -325,8 +337,8 @@ def _route_one(
     if role is not None:
         return Route(name, param, ADAMW, role + aliases)
     if param.ndim > 2:
-        rest = param.numel() // param.shape[0]
-        return Route(name, param, MUON, f"hidden {param.ndim}-D kernel, flattened to {param.shape[0]} x {rest}")
+        rows, cols = matrix_shape(param.shape)
+        return Route(name, param, MUON, f"hidden {param.ndim}-D kernel, flattened to {rows} x {cols}")
     return Route(name, param, MUON, "hidden matrix")
 
 
@@ -428,7 +440,7 @@ def route_parameters(
             if tree is not None:
                 verdict = _head_by_name(n, layer, tree, head_names)
             else:
-                verdict = ("head", pat) if (pat := _matches(n, head_names)) else None
+                verdict = ("head", pat) if (pat := matching_pattern(n, head_names)) else None
             if verdict:
                 verdicts[key] = verdict
                 if verdict[0] == "head" and named_head_layer is None and layer is not None:
@@ -463,7 +475,7 @@ def route_parameters(
                 role=roles.get(layer) if layer is not None else None,
             )
         )
-    head_found = head_found or any(_matches(n, adamw_names) for key in aliases for n in aliases[key])
+    head_found = head_found or any(matching_pattern(n, adamw_names) for key in aliases for n in aliases[key])
     if warn:
         _warn_suspicious(routes, head_found, has_modules=True)
     return routes
