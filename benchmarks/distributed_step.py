@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import lightning_muon.distributed as lmd
+import lightning_muon.buckets as lmb
 from benchmarks._timing import run_header
 from lightning_muon import Muon
 
@@ -71,7 +71,7 @@ def worker(rank: int, world: int, mode: str, args: argparse.Namespace, port: str
 
     ns_time = [0.0, 0.0]  # wall, CPU time of this process (robust to other load on the machine)
     ns_count = [0]
-    original = lmd.orthogonalize
+    original = lmb.orthogonalize
 
     def timed(G, *a, **k):
         t, c = time.perf_counter(), time.process_time()
@@ -81,7 +81,7 @@ def worker(rank: int, world: int, mode: str, args: argparse.Namespace, port: str
         ns_count[0] += G.shape[0]
         return out
 
-    lmd.orthogonalize = timed
+    lmb.orthogonalize = timed
     sent = [0]  # bytes this rank sends to other ranks
     if world > 1:
         all_to_all, all_gather = dist.all_to_all_single, dist.all_gather_into_tensor

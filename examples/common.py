@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lightning_muon import configure_muon, lr_lambda, muon_param_groups
+from lightning_muon.distributed import is_dtensor
 
 OPTIMIZERS = ("muon", "adamw")
 
@@ -56,7 +57,7 @@ def configure_example_optimizer(
         group.setdefault("weight_decay", weight_decay)
     # torch's fused kernel, as Muon uses for its own AdamW groups, so timings compare like for
     # like (DTensor params under FSDP2 keep torch's default kernel choice)
-    fused = all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") for p in module.parameters())
+    fused = all(not is_dtensor(p) and p.device.type in ("cpu", "cuda") for p in module.parameters())
     opt = torch.optim.AdamW(groups, lr=adamw_lr, betas=betas, fused=fused or None)
     if schedule == "constant" and warmup_steps == 0:
         return opt

@@ -9,8 +9,9 @@ Example:
 """
 
 from .factory import SCHEDULES, configure_muon, lr_lambda
+from .functional import ADJUST_LR, adjusted_lr, apply_muon_update, matrix_shape, matrix_view, muon_direction
 from .newton_schulz import METHODS, NS_PRESETS, NSPreset, ns_flops, orthogonalize, singular_value_band
-from .optimizer import ADJUST_LR, Muon, NonFiniteGradientError, adjusted_lr
+from .optimizer import Muon, NonFiniteGradientError
 from .per_example import PerExampleNorms, linear_grad_norms, norm_grad_norms, per_example_noise_scale
 from .precision import NS_DTYPES, NSDtypeChoice, describe_device, ns_dtype_choice, resolve_ns_dtype
 from .routing import (
@@ -19,6 +20,7 @@ from .routing import (
     DEFAULT_QKV_NAMES,
     SPLIT_QKV,
     Route,
+    matching_pattern,
     muon_param_groups,
     route_named_parameters,
     route_parameters,
@@ -28,7 +30,6 @@ from .routing import (
 from .spectral import (
     CriticalBatch,
     NoiseScale,
-    as_matrix,
     effective_rank,
     muon_critical_batch_size,
     noise_scale,
@@ -58,15 +59,19 @@ __all__ = [
     "NS_PRESETS",
     "SCHEDULES",
     "adjusted_lr",
-    "as_matrix",
+    "apply_muon_update",
     "configure_muon",
     "CriticalBatch",
     "describe_device",
     "effective_rank",
     "linear_grad_norms",
     "lr_lambda",
+    "matching_pattern",
+    "matrix_shape",
+    "matrix_view",
     "Muon",
     "muon_critical_batch_size",
+    "muon_direction",
     "muon_param_groups",
     "noise_scale",
     "norm_grad_norms",

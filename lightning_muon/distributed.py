@@ -1,32 +1,26 @@
-"""Muon's orthogonalisation across processes: DDP work sharding and FSDP2 (DTensor) row shards.
+"""DTensor and process-group helpers: one place that tells a sharded tensor from a plain one.
 
-Plain torch (no Lightning). :class:`lightning_muon.Muon` calls :func:`orthogonalize_buckets` once
-per step with its same-shape buckets; this module decides where each matrix is orthogonalised:
-
-* one process (or no process group): every matrix here, one batched call per bucket;
-* DDP (``torch.distributed`` initialised, world size > 1, plain tensors): gradients are the same on
-  every rank, so each matrix gets one owner rank (owners balanced by Newton–Schulz FLOPs, see
-  :func:`assign_owners`), each rank orthogonalises what it owns, and one ``all_gather`` per bucket
-  gives every rank every result. Momentum is computed everywhere, so optimizer state is complete
-  on every rank (a rank-0 checkpoint is complete);
-* DTensor params (FSDP2 ``Shard(0)``, tensor parallel ``Shard(0)``/``Shard(1)``/``Replicate()``,
-  2-D FSDP2 x TP and HSDP meshes; uneven or empty shards allowed): momentum stays sharded; per
-  bucket one ``all_to_all`` over the whole mesh moves each matrix's pieces to its owner (each
-  matrix is assembled once, on one rank, owners balanced by FLOPs over all the mesh's ranks), the
-  owner orthogonalises it, and one ``all_to_all`` sends every rank its piece back (see
-  :mod:`lightning_muon.sharded`).
+Plain torch (no Lightning). :func:`is_dtensor` tells a DTensor (an FSDP2 or tensor-parallel
+parameter, its gradient or optimizer state) from a plain tensor; :func:`local` is this rank's
+shard and :func:`full` the gathered tensor. :func:`data_parallel_group` and
+:func:`process_group_of` name the ranks that share plain (DDP) matrices, :func:`mesh_domain` the
+ranks a DeviceMesh spreads a DTensor over, and :func:`all_finite` agrees over them on whether a
+step's gradients are finite. Strategies that hand the optimizer flat 1-D shards are refused by
+:func:`check_not_flat_shard`. Who orthogonalises which matrix is :mod:`lightning_muon.buckets`;
+how a DTensor's pieces travel is :mod:`lightning_muon.sharded`.
 
 Example:
-    >>> from lightning_muon.distributed import Bucket, orthogonalize_buckets
-    >>> bucket = Bucket([torch.randn(8, 16)] * 3, (8, 16), "polar_express", 5, torch.bfloat16)
-    >>> out = orthogonalize_buckets([bucket])
-    >>> [tuple(o.shape) for o in out[0]]
-    [(8, 16), (8, 16), (8, 16)]
+    >>> import torch
+    >>> from lightning_muon.distributed import full, is_dtensor, local
+    >>> x = torch.ones(2, 3)
+    >>> is_dtensor(x), local(x) is x, full(x) is x
+    (False, True, True)
 """
 
 from __future__ import annotations
 
-import math
+import itertools
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,22 +28,25 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .newton_schulz import ns_flops, orthogonalize
-from .sharded import check_placements, exchange, mesh_domain
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without distributed support
+    DTensor = None
 
 __all__ = [
     "AUTO",
-    "Bucket",
+    "MeshDomain",
     "UNSUPPORTED_STRATEGY",
-    "assign_owners",
     "all_finite",
-    "check_dtensor_param",
     "check_not_flat_shard",
     "data_parallel_group",
+    "full",
+    "is_dtensor",
+    "local",
     "local_grad",
-    "local_tensor",
-    "orthogonalize_buckets",
-    "shard_rows",
+    "mesh_domain",
+    "process_group_of",
+    "rank",
 ]
 
 #: ``process_group`` default: DDP's default group when ``torch.distributed`` runs with world size > 1.
@@ -66,49 +63,45 @@ UNSUPPORTED_STRATEGY = (
 )
 
 
-@dataclass
-class Bucket:
-    """Same-shape Muon updates orthogonalised together.
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP2 or tensor-parallel parameter, its gradient or state).
 
-    ``updates`` are local tensors whose global matrix shape is ``shape = (m, n)`` (trailing dims
-    of conv kernels flattened): whole matrices when ``mesh`` is None, else this rank's pieces of
-    DTensors on the DeviceMesh ``mesh``, all with the same ``layout = (global shape, placements)``
-    (a 1-D mesh with ``layout`` None means ``Shard(0)``: FSDP2). ``method``, ``steps`` and
-    ``dtype`` go to :func:`lightning_muon.orthogonalize`. ``view`` (DTensor buckets): the
-    :class:`lightning_muon.structure.MatrixView` that turns each assembled global tensor into its
-    ``(count, m, n)`` matrices on the owner; None flattens it to ``shape``.
+    Example:
+        >>> is_dtensor(torch.zeros(2))
+        False
     """
-
-    updates: list[Tensor]
-    shape: tuple[int, int]
-    method: str
-    steps: int
-    dtype: torch.dtype
-    mesh: Any = None
-    layout: Any = None
-    view: Any = None
-
-    def count(self) -> int:
-        """Matrices per update: more than 1 for a DTensor stack or split."""
-        return 1 if self.view is None or self.layout is None else self.view.matrices(self.layout[0])[0]
+    return DTensor is not None and isinstance(t, DTensor)
 
 
-def _is_dtensor(t: Tensor) -> bool:
-    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+def local(t: Tensor) -> Tensor:
+    """This rank's part of ``t``: the local shard of a DTensor, ``t`` itself otherwise.
+
+    Example:
+        >>> x = torch.zeros(2)
+        >>> local(x) is x
+        True
+    """
+    return t.to_local() if is_dtensor(t) else t
 
 
-def local_tensor(t: Tensor) -> Tensor:
-    """This rank's part of ``t``: the local shard of a DTensor, ``t`` itself otherwise."""
-    return t.to_local() if _is_dtensor(t) else t
+def full(t: Tensor) -> Tensor:
+    """The whole tensor: a DTensor is gathered (a collective: call it on every rank), ``t`` otherwise.
+
+    Example:
+        >>> x = torch.zeros(2)
+        >>> full(x) is x
+        True
+    """
+    return t.full_tensor() if is_dtensor(t) else t
 
 
 def local_grad(param: Tensor) -> Tensor:
     """This rank's part of ``param.grad`` in ``param``'s own layout: a DTensor gradient placed
     otherwise (e.g. ``Partial()``, a pending sum, under tensor parallelism) is redistributed first."""
     grad = param.grad
-    if _is_dtensor(grad) and tuple(grad.placements) != tuple(param.placements):
+    if is_dtensor(grad) and tuple(grad.placements) != tuple(param.placements):
         grad = grad.redistribute(param.device_mesh, param.placements)
-    return local_tensor(grad)
+    return local(grad)
 
 
 def data_parallel_group() -> dist.ProcessGroup | None:
@@ -116,6 +109,24 @@ def data_parallel_group() -> dist.ProcessGroup | None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return dist.group.WORLD
     return None
+
+
+def process_group_of(setting: Any) -> dist.ProcessGroup | None:
+    """The process group a ``process_group`` setting names: ``"auto"`` is :func:`data_parallel_group`,
+    None this process alone, a ProcessGroup itself.
+
+    Example:
+        >>> process_group_of(None) is None
+        True
+    """
+    return data_parallel_group() if isinstance(setting, str) else setting
+
+
+def rank() -> int:
+    """This process's global rank: from ``torch.distributed`` when initialised, else ``$RANK`` (0 if unset)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
 
 
 def check_not_flat_shard(param: Tensor, where: str) -> None:
@@ -126,163 +137,64 @@ def check_not_flat_shard(param: Tensor, where: str) -> None:
         raise ValueError(UNSUPPORTED_STRATEGY.format(what=f"{where} is partitioned by DeepSpeed ZeRO"))
 
 
-def shard_rows(rows: int, world: int) -> list[int]:
-    """Rows of each rank under ``Shard(0)`` (``torch.chunk`` rule: ceil-sized, trailing ranks may get 0).
+@dataclass(frozen=True)
+class MeshDomain:
+    """The ranks a DTensor's matrices are spread over, in the process group that connects them.
 
-    Example:
-        >>> shard_rows(5, 4)
-        [2, 2, 1, 0]
+    ``coordinates[g]`` is group rank ``g``'s coordinate on the DTensor's own mesh; ``primary[g]``
+    is False for a copy along a root-mesh dim that the DTensor's mesh does not use (such a copy
+    holds the same data as the primary one; only the primary sends).
     """
-    size = math.ceil(rows / world) if rows else 0
-    return [max(0, min(size, rows - r * size)) for r in range(world)]
+
+    group: Any
+    coordinates: tuple[tuple[int, ...], ...]
+    primary: tuple[bool, ...]
 
 
-def assign_owners(costs: list[int], world: int) -> list[int]:
-    """Owner rank of each item, balancing the summed cost (greedy: largest first, least-loaded rank).
+_DOMAINS: dict[tuple[int, int], tuple[Any, Any, MeshDomain]] = {}  # (mesh, WORLD, domain) by id
 
-    Deterministic in ``costs`` alone, so every rank computes the same plan without communicating.
 
-    Example:
-        >>> assign_owners([4, 3, 3, 2], world=2)
-        [0, 1, 1, 0]
+def mesh_domain(mesh: Any) -> MeshDomain:
+    """The :class:`MeshDomain` of ``mesh``: all processes (``WORLD``) when ``mesh`` or the root mesh
+    it was sliced from (by dim names) spans every process, else the 1-D mesh's own group.
+
+    Raises ValueError for a mesh of more than one dim that spans only some processes.
     """
-    load = [0] * world
-    owners = [0] * len(costs)
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        rank = min(range(world), key=lambda r: (load[r], r))
-        owners[i] = rank
-        load[rank] += costs[i]
-    return owners
-
-
-def _comm_dtype(bucket: Bucket, dtype: torch.dtype) -> torch.dtype:
-    # Newton–Schulz casts a bf16 (or fp32, fp64) input to bucket.dtype first and returns values
-    # representable in it, so sending in that dtype changes no result and halves bf16 traffic.
-    # float16 is normalised before its cast (raw updates can overflow its range): send those as they are.
-    return dtype if bucket.method == "svd" or bucket.dtype == torch.float16 else bucket.dtype
-
-
-def _orthogonalize(bucket: Bucket, matrices: list[Tensor]) -> Tensor:
-    return orthogonalize(_tame(torch.stack(matrices)), bucket.method, bucket.steps, dtype=bucket.dtype)
-
-
-def _tame(X: Tensor) -> Tensor:
-    """``X`` (a fresh stack, scaled in place): matrices with entries >= 2**32 divided by an exact
-    power of two, the others multiplied by 1 (bit for bit unchanged).
-
-    The polar factor is scale-invariant, but Newton–Schulz's Frobenius norm of a finite matrix
-    with entries near 1e20 overflows float32 and would turn the update into zeros.
-    """
-    low, high = torch.aminmax(X.reshape(X.shape[0], -1), dim=1)
-    _, exponent = torch.frexp(torch.maximum(high, -low).float())
-    scale = torch.ldexp(torch.ones_like(exponent, dtype=X.dtype), torch.where(exponent > 32, -exponent, 0))
-    return X.mul_(scale.view(-1, *([1] * (X.ndim - 1))))
-
-
-def _by_owner(owners: list[int], world: int) -> list[list[int]]:
-    """Bucket positions owned by each rank, in bucket order."""
-    return [[i for i, o in enumerate(owners) if o == r] for r in range(world)]
-
-
-def orthogonalize_buckets(buckets: list[Bucket], group: Any = AUTO) -> list[list[Tensor]]:
-    """Orthogonalised updates of every bucket, as this rank needs them.
-
-    Returns, per bucket and in its order, an ``(m, n)`` tensor for a plain update and this rank's
-    ``(local_rows, n)`` rows for a DTensor update. ``group`` shares the plain (DDP) matrices:
-    ``"auto"`` is :func:`data_parallel_group`, None means this process alone (no communication),
-    a ProcessGroup its ranks. Every rank of the group must call it with the same buckets (as every
-    optimizer step does). DTensor buckets use their own mesh.
-    """
-    sharded = _sharded_buckets([b for b in buckets if b.mesh is not None])
-    costs = [ns_flops(*b.shape, b.steps) for b in buckets if b.mesh is None for _ in b.updates]
-    if isinstance(group, str):
-        group = data_parallel_group()
-    elif group is not None and group.size() == 1:
-        group = None
-    owners = assign_owners(costs, group.size() if group is not None else 1)
-    results, start = [], 0
-    for bucket in buckets:
-        if bucket.mesh is not None:
-            results.append(next(sharded))
-            continue
-        own = owners[start : start + len(bucket.updates)]
-        start += len(bucket.updates)
-        if group is not None:
-            results.append(_replicated_bucket(bucket, own, group))
-        else:
-            flat = [u.reshape(bucket.shape) for u in bucket.updates]
-            results.append(list(_orthogonalize(bucket, flat)))
-    return results
-
-
-def _replicated_bucket(bucket: Bucket, owners: list[int], group: dist.ProcessGroup) -> list[Tensor]:
-    """DDP: each rank orthogonalises its own matrices; one all_gather shares them."""
-    world, rank = group.size(), group.rank()
-    by_owner = _by_owner(owners, world)
-    mine = by_owner[rank]
-    slots = max(len(b) for b in by_owner)  # every rank sends `slots` matrices, zero-padded
-    first = bucket.updates[0]
-    dtype = _comm_dtype(bucket, first.dtype)
-    send = torch.zeros(slots, *bucket.shape, dtype=dtype, device=first.device)
-    if mine:
-        send[: len(mine)] = _orthogonalize(bucket, [bucket.updates[i].reshape(bucket.shape) for i in mine])
-    gathered = torch.empty(world * slots, *bucket.shape, dtype=dtype, device=first.device)
-    dist.all_gather_into_tensor(gathered, send, group=group)
-    out: list[Tensor] = [first] * len(owners)
-    for r, positions in enumerate(by_owner):
-        for j, i in enumerate(positions):
-            out[i] = gathered[r * slots + j].to(first.dtype)
-    return out
-
-
-def _sharded_buckets(buckets: list[Bucket]) -> Any:
-    """DTensor buckets: owners balanced by NS FLOPs over each mesh's ranks, then one
-    :func:`lightning_muon.sharded.exchange` per bucket. Yields each bucket's local results."""
-    domains = [mesh_domain(b.mesh).group for b in buckets]
-    owners: list[list[int]] = [[] for _ in buckets]
-    for group in dict.fromkeys(domains):  # one plan per process group (the whole mesh: WORLD)
-        mine = [k for k, d in enumerate(domains) if d is group]
-        costs = [
-            ns_flops(*buckets[k].shape, buckets[k].steps) * buckets[k].count() for k in mine for _ in buckets[k].updates
-        ]
-        plan, start = assign_owners(costs, group.size()), 0
-        for k in mine:
-            owners[k] = plan[start : start + len(buckets[k].updates)]
-            start += len(buckets[k].updates)
-    for bucket, own in zip(buckets, owners):
-        shape, placements = bucket.layout if bucket.layout is not None else (bucket.shape, _shard0(bucket.mesh))
-        yield exchange(
-            bucket.updates,
-            shape,
-            bucket.mesh,
-            placements,
-            own,
-            _comm_dtype(bucket, bucket.updates[0].dtype),
-            lambda full, b=bucket, s=shape: _orthogonalize_whole(b, full, s),
+    key = (id(mesh), id(dist.group.WORLD))
+    cached = _DOMAINS.get(key)
+    if cached is not None and cached[0] is mesh and cached[1] is dist.group.WORLD:
+        return cached[2]
+    get_root = getattr(mesh, "_get_root_mesh", None)
+    root = get_root() if get_root is not None else mesh
+    names, root_names = mesh.mesh_dim_names, root.mesh_dim_names
+    if root is mesh or root == mesh:
+        dims: list[int] | None = list(range(mesh.ndim))
+    elif names and root_names and set(names) <= set(root_names):
+        dims = [root_names.index(n) for n in names]
+    else:
+        dims = None
+    world = dist.get_world_size()
+    if dims is not None and root.mesh.numel() == world:
+        coordinates: list[tuple[int, ...]] = [()] * world
+        primary = [False] * world
+        for idx in itertools.product(*(range(s) for s in root.mesh.shape)):
+            r = int(root.mesh[idx])
+            coordinates[r] = tuple(idx[d] for d in dims)
+            primary[r] = all(idx[d] == 0 for d in range(root.ndim) if d not in dims)
+        domain = MeshDomain(dist.group.WORLD, tuple(coordinates), tuple(primary))
+    elif mesh.ndim == 1:
+        group = mesh.get_group()
+        ranks = mesh.mesh.tolist()
+        coords = tuple((ranks.index(dist.get_global_rank(group, g)),) for g in range(group.size()))
+        domain = MeshDomain(group, coords, (True,) * group.size())
+    else:
+        raise ValueError(
+            f"Muon: a {mesh.ndim}-D DeviceMesh {tuple(mesh.mesh_dim_names or ())} over {mesh.mesh.numel()} of "
+            f"{world} processes: Muon assembles matrices over all processes and needs a multi-dim mesh to "
+            "span every process (pipeline parallelism is not supported)."
         )
-
-
-def _orthogonalize_whole(bucket: Bucket, full: list[Tensor], shape: Any) -> Tensor:
-    """Assembled global tensors of ``shape`` -> their orthogonalised matrices, stacked in ``shape``."""
-    if bucket.view is None:
-        return _orthogonalize(bucket, [t.reshape(bucket.shape) for t in full])
-    matrices = bucket.view.to_matrices(torch.stack(full))
-    return bucket.view.from_matrices(_orthogonalize(bucket, list(matrices)), tuple(shape))
-
-
-def _shard0(mesh: Any) -> tuple:
-    from torch.distributed.tensor import Shard
-
-    return (Shard(0),) * mesh.ndim
-
-
-def check_dtensor_param(param: Tensor, where: str) -> None:
-    """Raise ValueError unless Muon can assemble a DTensor ``param``'s matrix: placements Shard,
-    _StridedShard (FSDP2 over TP) or Replicate, on a mesh that spans every process or is 1-D."""
-    if not _is_dtensor(param):
-        return
-    check_placements(param.placements, where)
-    mesh_domain(param.device_mesh)
+    _DOMAINS[key] = (mesh, dist.group.WORLD, domain)
+    return domain
 
 
 def all_finite(grads: list[Tensor]) -> bool:
@@ -296,11 +208,11 @@ def all_finite(grads: list[Tensor]) -> bool:
     """
     if not grads:
         return True
-    local = [local_tensor(g) for g in grads]
-    nonempty = [g for g in local if g.numel()]
+    pieces = [local(g) for g in grads]
+    nonempty = [g for g in pieces if g.numel()]
     # DTensor shards are agreed on over the processes their meshes span (in practice one: WORLD)
-    groups = list(dict.fromkeys(mesh_domain(g.device_mesh).group for g in grads if _is_dtensor(g)))
-    device = local[0].device
+    groups = list(dict.fromkeys(mesh_domain(g.device_mesh).group for g in grads if is_dtensor(g)))
+    device = pieces[0].device
 
     def agreed(ok: Tensor) -> bool:
         ok = ok.to(torch.int32).reshape(1)

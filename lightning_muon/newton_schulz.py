@@ -140,13 +140,10 @@ LOOP_MIN_SIDE = 512
 def default_kernel(device: torch.device | str, side: int) -> str:
     """The faster Newton–Schulz kernel for matrices whose smaller side is ``side``.
 
-    ``"looped"`` (mm/addmm per matrix) on CPU for ``side >= 512``, else ``"batched"`` (bmm on the
-    stack). Measured with ``benchmarks/orthogonalize.py`` and single bf16 matmuls on a 2-core AMD
-    EPYC, one thread: per-matrix mm ran 512- and 768-wide products 1.5-3x faster than bmm and NS on
-    768-wide GPT matrices 5-15% faster looped, while 128-wide ViT matrices were 20-35% faster
-    batched. (With 2 threads on an oversubscribed machine batched won at every size: fewer parallel
-    regions to synchronise; re-measure and move ``LOOP_MIN_SIDE`` if a quiet machine disagrees.)
-    On a GPU, batching small matrices wins.
+    ``"looped"`` (mm/addmm per matrix) on CPU for ``side >= LOOP_MIN_SIDE`` (512), else
+    ``"batched"`` (bmm on the stack): on CPU one large matmul at a time beats a batched one, while
+    small matrices, and every size on a GPU, gain from batching. The measurements behind the
+    threshold are in ``benchmarks/RESULTS.md`` ("Newton–Schulz kernel choice").
 
     Example:
         >>> default_kernel("cpu", 768), default_kernel("cpu", 128), default_kernel("cuda", 768)

@@ -28,33 +28,27 @@ import torch
 from torch import Tensor
 from torch.optim.adamw import adamw as _adamw_functional
 
+from .buckets import Bucket, orthogonalize_buckets
 from .distributed import (
     AUTO,
     UNSUPPORTED_STRATEGY,
-    Bucket,
-    _is_dtensor,
     all_finite,
-    check_dtensor_param,
     check_not_flat_shard,
-    data_parallel_group,
+    is_dtensor,
+    local,
     local_grad,
-    local_tensor,
-    orthogonalize_buckets,
+    mesh_domain,
+    process_group_of,
 )
+from .functional import ADJUST_LR, apply_muon_update, muon_direction
 from .newton_schulz import METHODS
 from .precision import NS_DTYPES, agree_ns_dtype, resolve_ns_dtype
 from .routing import groups_from_routes, route_named_parameters, why_not_muon
-from .sharded import mesh_domain
+from .sharded import check_dtensor_param
 from .structure import MatrixView, matrix_view_for
 
-__all__ = ["Muon", "ADJUST_LR", "adjusted_lr", "NonFiniteGradientError"]
+__all__ = ["Muon", "NonFiniteGradientError"]
 
-#: Update-scale rules; m = fan_out (rows), n = fan_in (columns of the flattened weight).
-ADJUST_LR: dict[str, Callable[[int, int], float]] = {
-    "original": lambda m, n: math.sqrt(max(1.0, m / n)),  # Keller Jordan
-    "match_rms_adamw": lambda m, n: 0.2 * math.sqrt(max(m, n)),  # Moonlight: update RMS 0.2
-    "spectral": lambda m, n: math.sqrt(m / n),  # Bernstein: spectral-norm condition
-}
 _NONFINITE = ("raise", "skip")
 #: Settings of a Muon group (also their keys in ``Muon.defaults``).
 _MUON_KEYS = ("lr", "momentum", "nesterov", "weight_decay", "ns_method", "ns_steps", "ns_dtype", "adjust_lr")
@@ -80,17 +74,6 @@ class NonFiniteGradientError(FloatingPointError):
     """A gradient contained NaN or Inf; no parameter or optimizer state was changed."""
 
 
-def adjusted_lr(lr: float, shape: torch.Size | tuple[int, ...], rule: str) -> float:
-    """The learning rate Muon applies to a weight of ``shape`` (flattened to (shape[0], rest))."""
-    m = shape[0]
-    n = math.prod(shape[1:])
-    return lr * ADJUST_LR[rule](m, n)
-
-
-def _flat_matrix(t: Tensor) -> Tensor:
-    return t.reshape(t.shape[0], -1)
-
-
 class Muon(torch.optim.Optimizer):
     """Muon for hidden matrices and AdamW for the rest, in one optimizer.
 
@@ -105,11 +88,13 @@ class Muon(torch.optim.Optimizer):
 
     Muon groups: ``buf <- momentum * buf + (1 - momentum) * g``; ``u = lerp(g, buf, momentum)``
     with Nesterov, else ``buf``; ``W <- (1 - lr * weight_decay) W - lr * scale(m, n) * O(u)``
-    where ``O`` is :func:`lightning_muon.orthogonalize` and ``scale`` the ``adjust_lr`` rule.
-    Weights with more than 2 dims are flattened to ``(shape[0], rest)``. Same-shape updates are
-    orthogonalised together in one batched call.
+    where ``O`` is :func:`lightning_muon.orthogonalize` and ``scale`` the ``adjust_lr`` rule: the
+    functions of :mod:`lightning_muon.functional` (:func:`~lightning_muon.muon_direction`,
+    :func:`~lightning_muon.apply_muon_update`), which this class calls per group. Weights with more
+    than 2 dims are flattened to ``(shape[0], rest)`` (:func:`~lightning_muon.matrix_view`).
+    Same-shape updates are orthogonalised together in one batched call.
 
-    Distributed (see :mod:`lightning_muon.distributed`): under DDP (``torch.distributed``
+    Distributed (see :mod:`lightning_muon.buckets`): under DDP (``torch.distributed``
     initialised with world size > 1) each matrix is orthogonalised on one owner rank and shared
     with one collective per shape bucket; under FSDP2, tensor parallelism, FSDP2 x TP and HSDP
     (DTensor params) momentum stays sharded and each matrix is assembled once, on its owner. FSDP1
@@ -205,8 +190,8 @@ class Muon(torch.optim.Optimizer):
             weight_decay=weight_decay if adamw_weight_decay is None else adamw_weight_decay,
             foreach=foreach,
         )
-        _validate(muon_defaults, "Muon")
-        _validate(adamw_defaults, "Muon (AdamW settings)", adamw=True)
+        _validate_muon(muon_defaults, "Muon")
+        _validate_adamw(adamw_defaults, "Muon", names=_ADAMW_KEYS)
         # Both families, so add_param_group can fill any new group: Muon settings under their own
         # names, AdamW settings under the constructor's names (adamw_lr, ...; foreach as is).
         defaults = dict(muon_defaults)
@@ -305,8 +290,8 @@ class Muon(torch.optim.Optimizer):
                 part["name"] = _unique(part["name"], used)
             used.add(part["name"])
             where = f"Muon param group {start + i} ({part['name']!r})"
-            _validate(part, where, adamw=not part["use_muon"])
-            if part["use_muon"] and self.process_group is None and any(_is_dtensor(p) for p in ts):
+            (_validate_muon if part["use_muon"] else _validate_adamw)(part, where)
+            if part["use_muon"] and self.process_group is None and any(is_dtensor(p) for p in ts):
                 raise ValueError(
                     f"{where}: process_group=None (this process alone) but its parameters are "
                     "DTensors sharded over a mesh; leave process_group at its default or pass the mesh"
@@ -421,7 +406,7 @@ class Muon(torch.optim.Optimizer):
             return torch.float32
         cache = self.__dict__.setdefault("_auto_ns_dtypes", {})
         if device not in cache:  # first step: every rank reaches this with the same buckets
-            group = mesh_domain(mesh).group if mesh is not None else _dp_group(self.process_group)
+            group = mesh_domain(mesh).group if mesh is not None else process_group_of(self.process_group)
             cache[device] = agree_ns_dtype(resolve_ns_dtype(device), device, group)
         return cache[device]
 
@@ -512,16 +497,16 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             names = group.get("param_names") or [None] * len(group["params"])
             for name, p in zip(names, group["params"]):
-                if p.grad is not None and not bool(local_tensor(p.grad).isfinite().all()):
+                if p.grad is not None and not bool(local(p.grad).isfinite().all()):
                     bad.append(name or f"<{group['name']} param of shape {tuple(p.shape)}>")
-        message = (
-            f"Muon: non-finite gradient (NaN or Inf) in {', '.join(bad)}; no parameter or state "
-            "was changed. Lower the learning rate, check the loss for overflow (try "
-            "precision='bf16-mixed' or gradient clipping), or pass nonfinite='skip' to skip such steps."
+        where = f"Muon: non-finite gradient (NaN or Inf) in {', '.join(bad)}"
+        advice = (
+            "Lower the learning rate, check the loss for overflow (try precision='bf16-mixed' or "
+            "gradient clipping), or pass nonfinite='skip' to skip such steps."
         )
         if self.nonfinite == "raise":
-            raise NonFiniteGradientError(message)
-        warnings.warn(message.replace("; no parameter", "; step skipped, no parameter"), stacklevel=3)
+            raise NonFiniteGradientError(f"{where}; no parameter or state was changed. {advice}")
+        warnings.warn(f"{where}; step skipped, no parameter or state was changed. {advice}", stacklevel=3)
         return False
 
     def _adamw_group(self, group: dict) -> None:
@@ -566,15 +551,15 @@ class Muon(torch.optim.Optimizer):
         )
 
     def _muon_groups(self, groups: list[dict]) -> None:
-        """Momentum for every Muon param (foreach), then one orthogonalisation per bucket.
+        """Momentum for every Muon param (foreach), one orthogonalisation per bucket, then the update.
 
-        Each update is seen through its group's matrix view (:mod:`lightning_muon.structure`). A
+        Each direction is seen through its group's matrix view (:mod:`lightning_muon.structure`). A
         plain tensor's matrices join the bucket of their ``(m, n)`` shape; a DTensor's bucket is
         keyed by its global shape, placements and view (its owner assembles the whole tensor).
         """
         buckets: dict[tuple, list[tuple[int, int]]] = defaultdict(list)  # key -> (entry, slot)
-        entries: list[tuple[Tensor, dict, MatrixView, Tensor | None]] = []  # (param, group, view, update)
-        for group in groups:
+        entries: list[tuple[Tensor, int, MatrixView, Tensor]] = []  # (param, group, view, matrices or direction)
+        for g, group in enumerate(groups):
             views = group.get("matrix_views") or {}
             names = group.get("param_names") or [None] * len(group["params"])
             live = [(p, views.get(n)) for p, n in zip(group["params"], names) if p.grad is not None]
@@ -584,29 +569,26 @@ class Muon(torch.optim.Optimizer):
                 if "momentum_buffer" not in self.state[p]:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             # Local tensors throughout: under FSDP2 the state stays a sharded DTensor.
-            bufs = [local_tensor(self.state[p]["momentum_buffer"]) for p, _ in live]
+            bufs = [local(self.state[p]["momentum_buffer"]) for p, _ in live]
             grads = [local_grad(p).to(b.dtype) for (p, _), b in zip(live, bufs)]
-            beta = group["momentum"]
-            torch._foreach_lerp_(bufs, grads, 1 - beta)
-            updates = torch._foreach_lerp(grads, bufs, beta) if group["nesterov"] else bufs
+            directions = muon_direction(grads, bufs, group["momentum"], group["nesterov"])
             ns = (group["ns_method"], group["ns_steps"], group["ns_dtype"])
-            for (p, spec), update in zip(live, updates):
+            for (p, spec), direction in zip(live, directions):
                 view = matrix_view_for(tuple(p.shape), spec)
-                mesh = getattr(p, "device_mesh", None)  # a DTensor's mesh; None for a plain tensor
                 entry = len(entries)
-                if mesh is None:  # its matrices join the bucket of their shape
-                    matrices = view.to_matrices(update.unsqueeze(0))
-                    entries.append((p, group, view, matrices))
+                if not is_dtensor(p):  # its matrices join the bucket of their shape
+                    matrices = view.to_matrices(direction.unsqueeze(0))
+                    entries.append((p, g, view, matrices))
                     key = (tuple(matrices.shape[1:]), p.device, p.dtype, None, None, None, *ns)
                     buckets[key].extend((entry, j) for j in range(matrices.shape[0]))
                 else:
-                    entries.append((p, group, view, update))
+                    entries.append((p, g, view, direction))
                     layout = (tuple(p.shape), tuple(p.placements))
-                    key = (view.matrices(tuple(p.shape))[1:], p.device, p.dtype, mesh, layout, view, *ns)
+                    key = (view.matrices(tuple(p.shape))[1:], p.device, p.dtype, p.device_mesh, layout, view, *ns)
                     buckets[key].append((entry, 0))
         plan = [
             Bucket(
-                [entries[e][3][j] if mesh is None else entries[e][3] for e, j in items],
+                [entries[e][3] if mesh is not None else entries[e][3][j] for e, j in items],
                 tuple(shape),
                 method,
                 steps,
@@ -617,24 +599,26 @@ class Muon(torch.optim.Optimizer):
             )
             for (shape, device, _, mesh, layout, view, method, steps, ns_dtype), items in buckets.items()
         ]
-        results: list[list[Any]] = [
-            [None] * (len(u) if getattr(p, "device_mesh", None) is None else 1) for p, _, _, u in entries
-        ]
+        results: list[list[Any]] = [[None] * (1 if is_dtensor(p) else len(u)) for p, _, _, u in entries]
         for items, ortho in zip(buckets.values(), orthogonalize_buckets(plan, self.process_group)):
             for (e, j), o in zip(items, ortho):
                 results[e][j] = o
-        for (p, group, view, _), out in zip(entries, results):
-            plain = getattr(p, "device_mesh", None) is None
-            o = view.from_matrices(torch.stack(out), tuple(p.shape))[0] if plain else out[0]
-            lr = group["lr"]
-            w = local_tensor(p)
-            w.mul_(1 - lr * group["weight_decay"])
-            w.add_(o.view_as(w).to(w.dtype), alpha=-adjusted_lr(lr, view.scale_shape(p.shape), group["adjust_lr"]))
-
-
-def _dp_group(process_group: Any) -> Any:
-    """The process group that shares plain (DDP) matrices: ``"auto"`` detects it, None is this process alone."""
-    return data_parallel_group() if isinstance(process_group, str) else process_group
+        done: dict[int, tuple[list[Tensor], list[Tensor], list[tuple[int, int]]]] = defaultdict(lambda: ([], [], []))
+        for (p, g, view, _), out in zip(entries, results):
+            o = out[0] if is_dtensor(p) else view.from_matrices(torch.stack(out), tuple(p.shape))[0]
+            done[g][0].append(local(p))
+            done[g][1].append(o)
+            done[g][2].append(view.scale_shape(tuple(p.shape)))  # each matrix's (fan_out, fan_in)
+        for g, (params, updates, shapes) in done.items():
+            group = groups[g]
+            apply_muon_update(
+                params,
+                updates,
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                adjust_lr=group["adjust_lr"],
+                shapes=shapes,
+            )
 
 
 def _compute_dtype(method: str, dtype: torch.dtype) -> torch.dtype:
@@ -700,7 +684,7 @@ def _defaults_from_groups(groups: list[dict]) -> dict:
 def _fusable(p: Tensor) -> bool:
     """Whether torch's fused AdamW kernel takes ``p``: a plain (not DTensor) float CPU/CUDA tensor."""
     return (
-        type(p.data) is Tensor
+        not is_dtensor(p)
         and p.device.type in ("cpu", "cuda")
         and p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     )
@@ -786,37 +770,42 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _validate(group: dict, where: str, adamw: bool = False) -> None:
-    """Raise ValueError naming the offending argument; nothing is constructed on failure."""
-
-    def fail(key: str, expected: str) -> None:
-        raise ValueError(
-            f"{where}: {'adamw_' if adamw and key != 'lr' else ''}{key} must be {expected}, got {group[key]!r}"
-        )
-
+def _check_lr_and_decay(group: dict, where: str, names: dict[str, str]) -> None:
+    """The settings both families have: ``lr`` and ``weight_decay``, reported under ``names``."""
     if isinstance(group["lr"], Tensor):
-        raise ValueError(f"{where}: lr as a Tensor is not supported; pass a Python float (float(lr))")
-    if not _number(group["lr"]) or group["lr"] < 0:
-        fail("lr", "a finite number >= 0")
-    if not _number(group["weight_decay"]) or group["weight_decay"] < 0:
-        fail("weight_decay", "a finite number >= 0")
-    if adamw:
-        betas = group["betas"]
-        if len(betas) != 2 or not all(_number(b) and 0 <= b < 1 for b in betas):
-            fail("betas", "two numbers in [0, 1)")
-        if not _number(group["eps"]) or group["eps"] < 0:
-            fail("eps", "a finite number >= 0")
-        return
-    if not _number(group["momentum"]) or not 0 <= group["momentum"] < 1:
-        fail("momentum", "in [0, 1)")
-    if group["ns_method"] not in METHODS:
-        fail("ns_method", f"one of {METHODS}")
+        raise ValueError(f"{where}: {names['lr']} as a Tensor is not supported; pass a Python float (float(lr))")
+    for key in ("lr", "weight_decay"):
+        if not _number(group[key]) or group[key] < 0:
+            raise ValueError(f"{where}: {names[key]} must be a finite number >= 0, got {group[key]!r}")
+
+
+def _validate_muon(group: dict, where: str) -> None:
+    """Raise ValueError naming the Muon setting that is out of range; nothing is constructed on failure."""
+    _check_lr_and_decay(group, where, {"lr": "lr", "weight_decay": "weight_decay"})
     steps = group["ns_steps"]
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        fail("ns_steps", "an integer >= 1")
-    if group["ns_dtype"] not in NS_DTYPES:
-        fail("ns_dtype", f"one of {NS_DTYPES}")
-    if group["adjust_lr"] not in ADJUST_LR:
-        fail("adjust_lr", f"one of {tuple(ADJUST_LR)}")
-    if not isinstance(group["nesterov"], bool):
-        fail("nesterov", "a bool")
+    checks = (
+        ("momentum", "in [0, 1)", _number(group["momentum"]) and 0 <= group["momentum"] < 1),
+        ("ns_method", f"one of {METHODS}", group["ns_method"] in METHODS),
+        ("ns_steps", "an integer >= 1", isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1),
+        ("ns_dtype", f"one of {NS_DTYPES}", group["ns_dtype"] in NS_DTYPES),
+        ("adjust_lr", f"one of {tuple(ADJUST_LR)}", group["adjust_lr"] in ADJUST_LR),
+        ("nesterov", "a bool", isinstance(group["nesterov"], bool)),
+    )
+    for key, expected, ok in checks:
+        if not ok:
+            raise ValueError(f"{where}: {key} must be {expected}, got {group[key]!r}")
+
+
+def _validate_adamw(group: dict, where: str, names: dict[str, str] | None = None) -> None:
+    """Raise ValueError naming the AdamW setting that is out of range.
+
+    ``names`` maps a group key to the name the user gave it (the constructor's ``adamw_lr``, ...);
+    by default the group's own keys.
+    """
+    names = {key: (names or {}).get(key, key) for key in _ADAMW_KEYS}
+    _check_lr_and_decay(group, where, names)
+    betas = group["betas"]
+    if len(betas) != 2 or not all(_number(b) and 0 <= b < 1 for b in betas):
+        raise ValueError(f"{where}: {names['betas']} must be two numbers in [0, 1), got {betas!r}")
+    if not _number(group["eps"]) or group["eps"] < 0:
+        raise ValueError(f"{where}: {names['eps']} must be a finite number >= 0, got {group['eps']!r}")

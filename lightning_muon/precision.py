@@ -1,8 +1,8 @@
 """Which dtype Newton–Schulz computes in on a device: ``ns_dtype="auto"``.
 
 bfloat16 halves the cost of Newton–Schulz only where the hardware multiplies it natively; elsewhere
-it is emulated and can be 100x slower than float32 (measured on an AVX2 AMD EPYC: 0.9 GFLOP/s in
-bf16 against 137-176 GFLOP/s in fp32). :func:`resolve_ns_dtype` picks, once per device and process:
+it is emulated and can be about 100x slower than float32 (an AVX2 CPU; numbers in
+``benchmarks/RESULTS.md``). :func:`resolve_ns_dtype` picks, once per device and process:
 
 * **bfloat16** where it is native: CUDA compute capability >= 8.0 (Ampere and later); x86 CPUs with
   AVX512-BF16 or AMX-BF16; Arm CPUs with the BF16 extension;
@@ -38,6 +38,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .distributed import rank
 
 __all__ = [
     "NS_DTYPES",
@@ -173,12 +175,6 @@ def _from_flags(device: torch.device) -> tuple[torch.dtype | None, torch.dtype, 
     return None, torch.bfloat16, f"device type {device.type!r}"
 
 
-def _rank() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return int(os.environ.get("RANK", "0"))
-
-
 def ns_dtype_choice(device: torch.device | str | None = None) -> NSDtypeChoice:
     """The full :class:`NSDtypeChoice` for ``device`` (default CPU); resolved once, then cached.
 
@@ -201,7 +197,7 @@ def ns_dtype_choice(device: torch.device | str | None = None) -> NSDtypeChoice:
             key, dtype, "probe", f"{reason}; probe: {candidate} matmul {ratio:.2g}x the float32 time ({verdict})", ratio
         )
     _CACHE[key] = choice
-    if _rank() == 0:
+    if rank() == 0:
         logger.info("lightning_muon: Newton–Schulz on %s runs in %s (%s)", key, choice.dtype, choice.reason)
     return choice
 
@@ -233,7 +229,7 @@ def agree_ns_dtype(dtype: torch.dtype, device: torch.device | str, group: dist.P
     code = torch.tensor([_CONSERVATIVE.index(dtype)], dtype=torch.int32, device=device)
     dist.all_reduce(code, op=dist.ReduceOp.MAX, group=group)
     agreed = _CONSERVATIVE[int(code.item())]
-    if agreed != dtype and _rank() == 0:
+    if agreed != dtype and rank() == 0:
         logger.info("lightning_muon: ranks resolved different Newton–Schulz dtypes; all use %s", agreed)
     return agreed
 

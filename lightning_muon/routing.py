@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
+from .functional import matrix_shape
 from .structure import MatrixView, matrix_view_for
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "DEFAULT_EMBEDDING_NAMES",
     "DEFAULT_HEAD_NAMES",
     "why_not_muon",
+    "matching_pattern",
     "route_parameters",
     "route_named_parameters",
     "muon_param_groups",
@@ -114,16 +116,25 @@ def why_not_muon(param: Tensor) -> str | None:
         return "scalar" if param.ndim == 0 else "1-D (gain or bias)"
     if param.numel() == 0:
         return f"empty tensor of shape {tuple(param.shape)}"
-    rows = param.shape[0]
-    cols = param.numel() // rows
+    rows, cols = matrix_shape(param.shape)
     if rows == 1 or cols == 1:
         return f"vector-like: flattens to {rows} x {cols} (e.g. a positional embedding or class token)"
     return None
 
 
-def _matches(name: str, patterns: Sequence[str]) -> str | None:
-    """First pattern matching the full dotted name, one of its components, or a module prefix
-    (``"decoder.proj"`` matches ``decoder.proj.weight``)."""
+def matching_pattern(name: str, patterns: Sequence[str]) -> str | None:
+    """The first fnmatch pattern matching the dotted parameter ``name``, one of its components, or a
+    module prefix (``"decoder.proj"`` matches ``decoder.proj.weight``); None if none does.
+
+    This is how ``adamw_names``, ``muon_names``, ``embedding_names``, ``head_names`` and the
+    monitors' ``include``/``exclude`` read their patterns.
+
+    Example:
+        >>> matching_pattern("decoder.proj.weight", ["*embed*", "decoder.proj"])
+        'decoder.proj'
+        >>> matching_pattern("blocks.0.attn.weight", ["head"]) is None
+        True
+    """
     parts = name.split(".")
     prefixes = [".".join(parts[:i]) for i in range(2, len(parts))]
     for pattern in patterns:
@@ -168,7 +179,7 @@ def _analyse(module: nn.Module) -> _Structure:
     for name, mod in modules.items():
         mats = [p for p in mod.parameters(recurse=False) if p.requires_grad and why_not_muon(p) is None]
         if mats:
-            layers.append((name, mod, int(mats[0].shape[0])))
+            layers.append((name, mod, matrix_shape(mats[0].shape)[0]))
             for p in mats:
                 owner_layer.setdefault(id(p), name)
     # Matrix layers below each module (a "block" holds at least two).
@@ -263,7 +274,7 @@ def _head_by_name(
 ) -> tuple[str, str] | None:
     """``(kind, pattern)`` if a head pattern matches ``name``: kind "head", or "hidden" for an earlier layer of a
     head ``nn.Sequential`` (VGG's ``classifier.0``: only the container's last layer is the output)."""
-    if pattern := _matches(name, head_names):
+    if pattern := matching_pattern(name, head_names):
         parts = name.split(".")
         if (
             layer is None
@@ -305,11 +316,11 @@ def _route_one(
     aliases = f" (tied: {', '.join(names[1:])})" if len(names) > 1 else ""
     not_matrix = why_not_muon(param)
     for n in names:
-        if pattern := _matches(n, adamw_names):
+        if pattern := matching_pattern(n, adamw_names):
             group = ADAMW_NO_DECAY if param.ndim < 2 else ADAMW
             return Route(name, param, group, f"adamw_names pattern {pattern!r}{aliases}")
     for n in names:
-        if pattern := _matches(n, muon_names):
+        if pattern := matching_pattern(n, muon_names):
             if not_matrix:
                 raise ValueError(
                     f"lightning_muon routing: parameter {n!r} of shape {tuple(param.shape)} matched "
@@ -322,10 +333,10 @@ def _route_one(
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
         return Route(name, param, ADAMW, f"embedding ({type(module).__name__}){aliases}")
     for n in names:
-        if pattern := _matches(n, embedding_names):
+        if pattern := matching_pattern(n, embedding_names):
             return Route(name, param, ADAMW, f"embedding (name matches {pattern!r}){aliases}")
     if head_verdict is None:
-        head_verdict = next((("head", p) for n in names if (p := _matches(n, head_names))), None)
+        head_verdict = next((("head", p) for n in names if (p := matching_pattern(n, head_names))), None)
     if head_verdict is not None:
         kind, pattern = head_verdict
         if kind == "head":
@@ -372,7 +383,7 @@ def _choose_view(
     """The matrix view of a Muon parameter and what chose it (None: the default for its kind)."""
     shape = tuple(param.shape)
     for n in names:
-        if pattern := _matches(n, list(matrix_rules)):
+        if pattern := matching_pattern(n, list(matrix_rules)):
             view = MatrixView.parse(matrix_rules[pattern])
             if reason := view.why_not(shape):
                 raise ValueError(
@@ -389,7 +400,7 @@ def _choose_view(
         heads = num_heads
         if spec is None and isinstance(owner, nn.MultiheadAttention) and attr == "in_proj_weight":
             heads, why = heads or owner.num_heads, "split_qkv, nn.MultiheadAttention"
-        elif spec is None and any(_matches(n, DEFAULT_QKV_NAMES) for n in names) and shape[0] == 3 * shape[1]:
+        elif spec is None and any(matching_pattern(n, DEFAULT_QKV_NAMES) for n in names) and shape[0] == 3 * shape[1]:
             heads, why = heads or _heads_near(names[0], modules), "split_qkv"
         if why is not None:
             view = MatrixView.parse(spec or (f"split=3,heads={heads}" if heads else "split=3"))
@@ -544,7 +555,7 @@ def route_parameters(
             if tree is not None:
                 verdict = _head_by_name(n, layer, tree, head_names)
             else:
-                verdict = ("head", pat) if (pat := _matches(n, head_names)) else None
+                verdict = ("head", pat) if (pat := matching_pattern(n, head_names)) else None
             if verdict:
                 verdicts[key] = verdict
                 if verdict[0] == "head" and named_head_layer is None and layer is not None:
@@ -587,7 +598,7 @@ def route_parameters(
         raise ValueError(f"lightning_muon routing: num_heads must be a positive integer, got {num_heads!r}")
     for pattern, spec in rules.items():
         MatrixView.parse(spec)  # a malformed view fails here, naming it
-        if not any(_matches(n, [pattern]) for key in trainable for n in aliases[key]):
+        if not any(matching_pattern(n, [pattern]) for key in trainable for n in aliases[key]):
             raise ValueError(f"lightning_muon routing: matrix_rules pattern {pattern!r} matches no trainable parameter")
     declared: dict[str, tuple[str, str]] = {}
     for mname, mod in tree.modules.items() if tree else module.named_modules():
@@ -606,7 +617,7 @@ def route_parameters(
                 aliases[key], r.param, owner.get(key), attr.get(key), modules, rules, split_qkv, num_heads, declared
             )
             routes[i] = _with_view(r, view, why)
-    head_found = head_found or any(_matches(n, adamw_names) for key in aliases for n in aliases[key])
+    head_found = head_found or any(matching_pattern(n, adamw_names) for key in aliases for n in aliases[key])
     if warn:
         _warn_suspicious(routes, head_found, has_modules=True)
     return routes

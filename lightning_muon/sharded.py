@@ -9,8 +9,9 @@ dimension ``_StridedShard`` when it shards a dim that tensor parallelism already
 indices per tensor dim (:func:`chunk_indices`), computed from the mesh shape, the rank's mesh
 coordinate and the placements alone, so every rank knows every other rank's layout without
 communicating. :func:`exchange` then moves each shape bucket with one ``all_to_all`` to the owners
-and one back, over the whole mesh's ranks (:func:`mesh_domain`). On a ``Replicate()`` dim (and on
-root-mesh dims the parameter's mesh does not use) one copy sends and every copy receives.
+and one back, over the whole mesh's ranks (:func:`lightning_muon.distributed.mesh_domain`). On a
+``Replicate()`` dim (and on root-mesh dims the parameter's mesh does not use) one copy sends and
+every copy receives.
 
 Example:
     >>> from torch.distributed.tensor import Replicate, Shard
@@ -22,17 +23,17 @@ Example:
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["MeshDomain", "check_placements", "chunk_indices", "exchange", "mesh_domain"]
+from .distributed import is_dtensor, mesh_domain
+
+__all__ = ["check_dtensor_param", "check_placements", "chunk_indices", "exchange", "shard_rows"]
 
 
 def _kind(placement: Any) -> str:
@@ -92,64 +93,24 @@ def check_placements(placements: Sequence[Any], where: str) -> None:
         )
 
 
-@dataclass(frozen=True)
-class MeshDomain:
-    """The ranks a DTensor's matrices are spread over, in the process group that connects them.
+def check_dtensor_param(param: Tensor, where: str) -> None:
+    """Raise ValueError unless Muon can assemble a DTensor ``param``'s matrix: placements Shard,
+    _StridedShard (FSDP2 over TP) or Replicate, on a mesh that spans every process or is 1-D."""
+    if not is_dtensor(param):
+        return
+    check_placements(param.placements, where)
+    mesh_domain(param.device_mesh)
 
-    ``coordinates[g]`` is group rank ``g``'s coordinate on the DTensor's own mesh; ``primary[g]``
-    is False for a copy along a root-mesh dim that the DTensor's mesh does not use (such a copy
-    holds the same data as the primary one; only the primary sends).
+
+def shard_rows(rows: int, world: int) -> list[int]:
+    """Rows of each rank under ``Shard(0)`` (``torch.chunk`` rule: ceil-sized, trailing ranks may get 0).
+
+    Example:
+        >>> shard_rows(5, 4)
+        [2, 2, 1, 0]
     """
-
-    group: Any
-    coordinates: tuple[tuple[int, ...], ...]
-    primary: tuple[bool, ...]
-
-
-_DOMAINS: dict[tuple[int, int], tuple[Any, Any, MeshDomain]] = {}  # (mesh, WORLD, domain) by id
-
-
-def mesh_domain(mesh: Any) -> MeshDomain:
-    """The :class:`MeshDomain` of ``mesh``: all processes (``WORLD``) when ``mesh`` or the root mesh
-    it was sliced from (by dim names) spans every process, else the 1-D mesh's own group.
-
-    Raises ValueError for a mesh of more than one dim that spans only some processes.
-    """
-    key = (id(mesh), id(dist.group.WORLD))
-    cached = _DOMAINS.get(key)
-    if cached is not None and cached[0] is mesh and cached[1] is dist.group.WORLD:
-        return cached[2]
-    get_root = getattr(mesh, "_get_root_mesh", None)
-    root = get_root() if get_root is not None else mesh
-    names, root_names = mesh.mesh_dim_names, root.mesh_dim_names
-    if root is mesh or root == mesh:
-        dims: list[int] | None = list(range(mesh.ndim))
-    elif names and root_names and set(names) <= set(root_names):
-        dims = [root_names.index(n) for n in names]
-    else:
-        dims = None
-    world = dist.get_world_size()
-    if dims is not None and root.mesh.numel() == world:
-        coordinates: list[tuple[int, ...]] = [()] * world
-        primary = [False] * world
-        for idx in itertools.product(*(range(s) for s in root.mesh.shape)):
-            r = int(root.mesh[idx])
-            coordinates[r] = tuple(idx[d] for d in dims)
-            primary[r] = all(idx[d] == 0 for d in range(root.ndim) if d not in dims)
-        domain = MeshDomain(dist.group.WORLD, tuple(coordinates), tuple(primary))
-    elif mesh.ndim == 1:
-        group = mesh.get_group()
-        ranks = mesh.mesh.tolist()
-        coords = tuple((ranks.index(dist.get_global_rank(group, g)),) for g in range(group.size()))
-        domain = MeshDomain(group, coords, (True,) * group.size())
-    else:
-        raise ValueError(
-            f"Muon: a {mesh.ndim}-D DeviceMesh {tuple(mesh.mesh_dim_names or ())} over {mesh.mesh.numel()} of "
-            f"{world} processes: Muon assembles matrices over all processes and needs a multi-dim mesh to "
-            "span every process (pipeline parallelism is not supported)."
-        )
-    _DOMAINS[key] = (mesh, dist.group.WORLD, domain)
-    return domain
+    size = math.ceil(rows / world) if rows else 0
+    return [max(0, min(size, rows - r * size)) for r in range(world)]
 
 
 def _index(index: list[Tensor]) -> tuple:

@@ -3,7 +3,8 @@
 Plain torch, no Lightning. Every function takes a matrix or a batch of matrices ``(..., m, n)``
 (leading dims are batch dims) and computes in float32 (float64 stays float64), also for bf16
 weights. A conv kernel ``(out, in, kh, kw)`` is analysed as the ``(out, in*kh*kw)`` matrix Muon
-updates: pass ``as_matrix(kernel)``. Definitions: ``docs/muon-theory.md`` section 2 and 3.
+updates: pass :func:`lightning_muon.matrix_view` of it. Definitions: ``docs/muon-theory.md``
+section 2 and 3.
 
 Methods: the whole spectrum comes from ``eigvalsh`` of the smaller Gram matrix (absolute accuracy
 about ``sqrt(eps) * s_1``, ample for entropies); ``sigma_1`` alone from power iteration (warm
@@ -22,10 +23,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .functional import matrix_view
 from .newton_schulz import orthogonalize
 
 __all__ = [
-    "as_matrix",
     "singular_values",
     "top_singular_value",
     "top_frames",
@@ -45,11 +46,8 @@ _SIDES = ("max", "left", "right")
 _ENTROPY_FLOOR = 1e-12  # singular values at or below this are left out of the entropy
 
 
-def as_matrix(param: Tensor) -> Tensor:
-    """``param`` flattened to ``(shape[0], rest)`` as Muon sees it (conv kernels included)."""
-    if param.ndim < 2:
-        raise ValueError(f"as_matrix: expected a tensor with >= 2 dims, got shape {tuple(param.shape)}")
-    return param.reshape(param.shape[0], -1)
+#: The former name of :func:`lightning_muon.functional.matrix_view`, kept so that old imports work.
+as_matrix = matrix_view
 
 
 def _fp32(W: Tensor, where: str) -> Tensor:

@@ -53,11 +53,19 @@ def _unchanged(model, opt, snap):
         ({"ns_steps": 0}, "ns_steps must be an integer >= 1"),
         ({"ns_method": "newton"}, "ns_method must be one of"),
         ({"adjust_lr": "rms"}, "adjust_lr must be one of"),
+        ({"adamw_lr": -1}, "Muon: adamw_lr must be a finite number >= 0, got -1"),
+        ({"adamw_betas": (0.9, 1.0)}, r"Muon: adamw_betas must be two numbers in \[0, 1\)"),
     ],
 )
 def test_invalid_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Muon(muon_param_groups(Net()), **kwargs)
+
+
+def test_invalid_adamw_setting_in_a_param_group_is_named_by_its_key():  # row 1
+    model = Net()
+    with pytest.raises(ValueError, match=r"param group 0 \('adamw'\): betas must be two numbers in \[0, 1\)"):
+        Muon([{"params": [model.head.bias], "use_muon": False, "betas": (0.9, 1.5)}])
 
 
 def test_non_finite_gradient_raises_and_changes_nothing():  # row 7

@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 from lightning_muon import Muon, ns_flops
-from lightning_muon.distributed import assign_owners, shard_rows
+from lightning_muon.buckets import assign_owners
+from lightning_muon.sharded import shard_rows
 
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 ROOT = Path(__file__).parent.parent

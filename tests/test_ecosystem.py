@@ -2,8 +2,8 @@
 
 Each test asserts values against an independent reference: a manual training loop with the same
 batches, ``torch.nn.utils.clip_grad_*_``, the mean of recorded weights, an uninterrupted run, the
-logger's own record, or a one-process run of the same global batch. Issue 10, item 2 (except
-BackboneFinetuning, tested with ``add_param_group``).
+logger's own record, or a one-process run of the same global batch. BackboneFinetuning, which
+goes through ``add_param_group``, is in ``tests/test_finetuning.py``.
 """
 
 from __future__ import annotations

@@ -112,7 +112,7 @@ def test_conv_kernel_flattened_and_scaled_by_flat_shape():
 
 
 def test_same_shape_matrices_orthogonalised_in_one_batched_call(monkeypatch):
-    import lightning_muon.distributed as mod  # the bucket loop calls orthogonalize there
+    import lightning_muon.buckets as mod  # the bucket loop calls orthogonalize there
 
     calls = []
     real = mod.orthogonalize
@@ -199,7 +199,9 @@ def test_param_forms_plain_named_and_groups():
         ({"adjust_lr": "rms"}, "adjust_lr must be"),
         ({"ns_dtype": "half"}, "ns_dtype must be"),
         ({"adamw_betas": (0.9, 1.0)}, "adamw_betas must be"),
-        ({"adamw_lr": -1e-3}, "lr must be"),
+        ({"adamw_lr": -1e-3}, "adamw_lr must be"),
+        ({"adamw_eps": -1.0}, "adamw_eps must be"),
+        ({"adamw_weight_decay": float("inf")}, "adamw_weight_decay must be"),
         ({"nonfinite": "ignore"}, "nonfinite must be"),
     ],
 )

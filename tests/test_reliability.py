@@ -66,7 +66,7 @@ class Counting(L.LightningModule):
 
 
 def test_accumulation_orthogonalises_once_per_optimizer_step(tmp_path, monkeypatch):
-    import lightning_muon.distributed as mod  # the bucket loop calls orthogonalize there
+    import lightning_muon.buckets as mod  # the bucket loop calls orthogonalize there
 
     calls = []
     real = mod.orthogonalize

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
+from lightning_muon.functional import matrix_view
 from lightning_muon.spectral import (
-    as_matrix,
     effective_rank,
     muon_critical_batch_size,
     noise_scale,
@@ -87,7 +87,7 @@ def test_power_iteration_warm_start():
 def test_conv_kernel_flattened():
     K = torch.randn(8, 3, 3, 3)
     torch.testing.assert_close(
-        singular_values(as_matrix(K)).double(), torch.linalg.svdvals(K.reshape(8, 27).double()), atol=1e-4, rtol=0
+        singular_values(matrix_view(K)).double(), torch.linalg.svdvals(K.reshape(8, 27).double()), atol=1e-4, rtol=0
     )
 
 
@@ -163,7 +163,7 @@ def test_noise_scale_linear_regression_closed_form():
     small = sum(grad(b).square().sum() for _ in range(steps)) / steps
     big = sum(grad(B).square().sum() for _ in range(steps)) / steps
     est = noise_scale(small, big, b, B).b_simple.item()
-    assert est == pytest.approx(true.item(), rel=0.2)  # the 20% criterion
+    assert est == pytest.approx(true.item(), rel=0.2)  # 1500 draws per batch size: 20% covers the sampling error
 
 
 def test_polar_sensitivity_flat_spectrum():

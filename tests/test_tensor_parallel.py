@@ -107,7 +107,7 @@ class _MeshShape:
 
 
 def test_multi_dim_mesh_over_some_processes_refused(single_rank_group) -> None:
-    from lightning_muon.sharded import mesh_domain
+    from lightning_muon.distributed import mesh_domain
 
     root = _MeshShape((1, 1, 1), ("pp", "dp", "tp"))
     flattened = _MeshShape((1, 1), ("pp_dp", "tp"), root=root)  # not a slice of the root by names

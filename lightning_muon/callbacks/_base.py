@@ -14,7 +14,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
-from ..routing import _matches, route_parameters, why_not_muon
+from ..distributed import is_dtensor
+from ..routing import matching_pattern, route_parameters, why_not_muon
 from ._cache import SpectralCache, drop_cache, step_cache
 
 # Custom-scalars categories per TensorBoard writer, merged so that monitors can be combined.
@@ -31,9 +32,9 @@ def select_layers(
         names = [r.name for r in route_parameters(module, warn=False) if r.use_muon]
         source = "the Muon-routed matrices (lightning_muon.route_parameters)"
     else:
-        names = [n for n, p in module.named_parameters() if _matches(n, include) and why_not_muon(p) is None]
+        names = [n for n, p in module.named_parameters() if matching_pattern(n, include) and why_not_muon(p) is None]
         source = f"the matrices matching include={list(include)}"
-    names = [n for n in names if not _matches(n, exclude)]
+    names = [n for n in names if not matching_pattern(n, exclude)]
     if not names:
         raise MisconfigurationException(
             f"{where}: no layer selected from {source}"
@@ -133,7 +134,7 @@ class SpectralMonitor(Callback):
         if step % self.every_n_steps:
             return
         params = self.params(pl_module)
-        sharded = any(hasattr(p, "full_tensor") for p in params.values())
+        sharded = any(is_dtensor(p) for p in params.values())
         if not (trainer.is_global_zero or sharded):
             return  # DDP: rank 0 holds the same all-reduced tensors and does the work
         cache = step_cache(trainer, step)

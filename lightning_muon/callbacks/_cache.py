@@ -13,14 +13,11 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from ..spectral import as_matrix, singular_values, top_frames, top_singular_value
+from ..distributed import full
+from ..functional import matrix_view
+from ..spectral import singular_values, top_frames, top_singular_value
 
 _CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def full_tensor(t: Tensor) -> Tensor:
-    """The whole tensor: a DTensor (FSDP2) is gathered (a collective: call on every rank)."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 class SpectralCache:
@@ -41,7 +38,7 @@ class SpectralCache:
         if key not in self._matrices:
             if tensor is None:
                 raise KeyError(f"no {kind} matrix stored for {name!r}")
-            self._matrices[key] = as_matrix(full_tensor(tensor.detach())).float()
+            self._matrices[key] = matrix_view(full(tensor.detach())).float()
         return self._matrices[key]
 
     def _missing_by_shape(self, kind: str, names: Iterable[str], done: Callable[[str], bool]) -> dict[tuple, list[str]]:

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
+from ..distributed import is_dtensor
 from ..per_example import LINEAR_METHODS, linear_grad_norms, norm_grad_norms
 from ..spectral import NoiseScale, muon_critical_batch_size, noise_scale
 from ._base import SpectralMonitor, aggregates
@@ -302,7 +303,7 @@ class CriticalBatchSizeMonitor(SpectralMonitor):
         if step % self.every_n_steps or self.ema_steps == 0:
             return
         params = self.params(pl_module)
-        sharded = any(hasattr(p, "full_tensor") for p in params.values())
+        sharded = any(is_dtensor(p) for p in params.values())
         if trainer.is_global_zero or sharded:  # FSDP2: every rank takes part in the gradient gathers
             optimizer = getattr(optimizer, "optimizer", optimizer)
             metrics = self._metrics(trainer, params, optimizer, step_cache(trainer, step))

@@ -9,25 +9,25 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from ..distributed import full
+from ..functional import muon_direction
 from ..newton_schulz import orthogonalize
 from ..spectral import _delta_p, _frame_sin
 from ._base import SpectralMonitor, aggregates
-from ._cache import SpectralCache, full_tensor
+from ._cache import SpectralCache
 
 METRICS = ("grad_sin_theta", "update_sin_theta", "grad_delta_p", "update_delta_p")
 
 
 def muon_update(grad: Tensor, group: dict, state: dict) -> Tensor:
-    """The matrix Muon orthogonalises this step, computed without touching the optimizer state:
-    ``buf' = lerp(buf, g, 1 - beta)`` then ``lerp(g, buf', beta)`` (Nesterov) or ``buf'``. For a
-    param outside a Muon group (another optimizer), the gradient."""
+    """The matrix Muon orthogonalises this step (:func:`lightning_muon.muon_direction` with the
+    group's ``momentum`` and ``nesterov``), computed on a copy of the momentum buffer so that the
+    optimizer state is untouched. For a param outside a Muon group (another optimizer), the gradient."""
     if not group.get("use_muon") or "momentum" not in group:
         return grad
-    beta = group["momentum"]
     buf = state.get("momentum_buffer")
-    buf = torch.zeros_like(grad) if buf is None else full_tensor(buf).reshape(grad.shape).to(grad.dtype)
-    buf = buf.lerp(grad, 1 - beta)
-    return grad.lerp(buf, beta) if group.get("nesterov", False) else buf
+    buf = torch.zeros_like(grad) if buf is None else full(buf).reshape(grad.shape).to(grad.dtype, copy=True)
+    return muon_direction([grad], [buf], group["momentum"], group.get("nesterov", False))[0]
 
 
 class PolarMisalignmentMonitor(SpectralMonitor):
@@ -97,10 +97,11 @@ class PolarMisalignmentMonitor(SpectralMonitor):
                 )
         for n in names:
             W, group = cache.matrix("weight", n), groups.get(id(params[n]), {})
-            method = group.get("ns_method", "polar_express") if group.get("use_muon") else "polar_express"
-            steps = group.get("ns_steps", 5) if group.get("use_muon") else 5
+            # a Muon group's Newton–Schulz settings; elsewhere orthogonalize's defaults
+            muon = group.get("use_muon") and "ns_method" in group
+            ns = {"method": group["ns_method"], "steps": group["ns_steps"]} if muon else {}
             for kind in ("grad", "update"):
-                P = orthogonalize(cache.matrix(kind, n), method, steps, dtype=torch.float32)
+                P = orthogonalize(cache.matrix(kind, n), **ns, dtype=torch.float32)
                 metrics[f"{self.prefix}{kind}_delta_p/{n}"] = float(_delta_p(W, P))
         for m in METRICS:
             metrics.update(

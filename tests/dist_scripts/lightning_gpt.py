@@ -27,7 +27,7 @@ torch.set_num_threads(1)
 import lightning as L  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # noqa: E402
 
-import lightning_muon.distributed as lmd  # noqa: E402
+import lightning_muon.buckets as lmb  # noqa: E402
 from lightning_muon import Muon, configure_muon  # noqa: E402
 
 VOCAB, CONTEXT, DIM, HEADS = 65, 16, 32, 2
@@ -125,7 +125,7 @@ def count_work_and_comms(out: str, rank_of) -> None:
     from torch.distributed.tensor.debug import CommDebugMode
 
     record = {"orthogonalized": [], "comms": []}
-    original_ortho, original_step = lmd.orthogonalize, Muon.step
+    original_ortho, original_step = lmb.orthogonalize, Muon.step
 
     def ortho(G, *args, **kwargs):  # calls through; records the matrices computed here
         record["orthogonalized"].extend([list(G.shape[-2:])] * G.shape[0])
@@ -140,7 +140,7 @@ def count_work_and_comms(out: str, rank_of) -> None:
             json.dump(record, f)
         return loss
 
-    lmd.orthogonalize, Muon.step = ortho, step
+    lmb.orthogonalize, Muon.step = ortho, step
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 import raw_step  # noqa: E402  (parameters, gradients and groups shared with tests/test_distributed.py)
 
-import lightning_muon.distributed as lmd  # noqa: E402
+import lightning_muon.buckets as lmb  # noqa: E402
 from lightning_muon import Muon  # noqa: E402
 
 WORLD = 2
@@ -49,13 +49,13 @@ def worker(rank: int, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     counted = []
-    original = lmd.orthogonalize
+    original = lmb.orthogonalize
 
     def counting(G, *args, **kwargs):  # calls through: only records how many matrices this rank computes
         counted.append(G.shape[0])
         return original(G, *args, **kwargs)
 
-    lmd.orthogonalize = counting
+    lmb.orthogonalize = counting
     result = {}
     if rank == 0:
         result["alone"] = run(0, None)

@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
+import lightning_muon.buckets as lmb  # noqa: E402
 import lightning_muon.distributed as lmd  # noqa: E402
 from lightning_muon import Muon  # noqa: E402
 
@@ -50,13 +51,13 @@ def worker(rank: int, world: int, mode: str, ns_dtype: str, out: str) -> None:
     from torch.distributed.tensor.debug import CommDebugMode
 
     counted = []  # (rows, cols) of each matrix this rank orthogonalised
-    original = lmd.orthogonalize
+    original = lmb.orthogonalize
 
     def counting(G, *args, **kwargs):  # calls through: only records what this rank computes
         counted.extend([tuple(G.shape[-2:])] * G.shape[0])
         return original(G, *args, **kwargs)
 
-    lmd.orthogonalize = counting
+    lmb.orthogonalize = counting
     init, grads = make(0)
     if mode == "fsdp":
         mesh = init_device_mesh("cpu", (world,))
@@ -85,12 +86,12 @@ def worker(rank: int, world: int, mode: str, ns_dtype: str, out: str) -> None:
         for p, g in zip(params, grads[0]):
             p.grad = g.clone()
         if rank == 0:
-            lmd.local_tensor(params[3].grad)[0, 0] = float("nan")
-        before = [lmd.local_tensor(p).clone() for p in params]
+            lmd.local(params[3].grad)[0, 0] = float("nan")
+        before = [lmd.local(p).clone() for p in params]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             opt.step()
-        result["nan_step_skipped"] = all(torch.equal(b, lmd.local_tensor(p)) for b, p in zip(before, params))
+        result["nan_step_skipped"] = all(torch.equal(b, lmd.local(p)) for b, p in zip(before, params))
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 

@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
+import lightning_muon.buckets as lmb  # noqa: E402
 import lightning_muon.distributed as lmd  # noqa: E402
 from lightning_muon import Muon  # noqa: E402
 
@@ -95,13 +96,13 @@ def worker(rank: int, world: int, dp: int, tp: int, mode: str, out: str, ckpt: s
     from torch.distributed.tensor.debug import CommDebugMode
 
     counted = []
-    original = lmd.orthogonalize
+    original = lmb.orthogonalize
 
     def counting(G, *args, **kwargs):  # calls through: only records what this rank computes
         counted.extend([tuple(G.shape[-2:])] * G.shape[0])
         return original(G, *args, **kwargs)
 
-    lmd.orthogonalize = counting
+    lmb.orthogonalize = counting
     init, grads = make(0)
     if distributed:
         mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
@@ -130,12 +131,12 @@ def worker(rank: int, world: int, dp: int, tp: int, mode: str, out: str, ckpt: s
             for p, g in zip(params, grads[STEPS]):
                 p.grad = g.clone()
             if rank == 3:
-                lmd.local_tensor(params[2].grad).view(-1)[0] = float("nan")
-            before = [lmd.local_tensor(p).clone() for p in params]
+                lmd.local(params[2].grad).view(-1)[0] = float("nan")
+            before = [lmd.local(p).clone() for p in params]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 opt.step()
-            result["nan_step_skipped"] = all(torch.equal(b, lmd.local_tensor(p)) for b, p in zip(before, params))
+            result["nan_step_skipped"] = all(torch.equal(b, lmd.local(p)) for b, p in zip(before, params))
             opt.nonfinite = "raise"
             # the checkpoint is from before this skipped step, and nothing changed: the state matches it
     else:

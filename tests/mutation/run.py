@@ -42,8 +42,10 @@ IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "runs", "lightning_logs"
 
 NS = "lightning_muon/newton_schulz.py"
 OPT = "lightning_muon/optimizer.py"
+FUNC = "lightning_muon/functional.py"
 SPEC = "lightning_muon/spectral.py"
-DIST = "lightning_muon/distributed.py"
+BUCKETS = "lightning_muon/buckets.py"
+SHARDED = "lightning_muon/sharded.py"
 CBS = "lightning_muon/callbacks/critical_batch_size.py"
 ROUTING = "lightning_muon/routing.py"
 MISALIGN = "lightning_muon/callbacks/polar_misalignment.py"
@@ -100,47 +102,49 @@ MUTATIONS: list[Mutation] = [
         "torch.addmm(A, A, A, beta=c, alpha=b)",
         T_NS,
     ),
-    # ---- Muon step (lightning_muon/optimizer.py)
+    # ---- Muon step (lightning_muon/functional.py; AdamW settings in lightning_muon/optimizer.py)
     Mutation(
         "ema_weight",
-        OPT,
+        FUNC,
         "torch._foreach_lerp_(bufs, grads, 1 - beta)",
         "torch._foreach_lerp_(bufs, grads, beta)",
         T_OPT,
     ),
     Mutation(
         "nesterov_weight",
-        OPT,
+        FUNC,
         "torch._foreach_lerp(grads, bufs, beta) if",
         "torch._foreach_lerp(grads, bufs, 1 - beta) if",
         T_OPT,
     ),
-    Mutation(
-        "nesterov_flag_inverted", OPT, 'if group["nesterov"] else bufs', 'if not group["nesterov"] else bufs', T_OPT
-    ),
-    Mutation(
-        "decay_sign", OPT, 'w.mul_(1 - lr * group["weight_decay"])', 'w.mul_(1 + lr * group["weight_decay"])', T_OPT
-    ),
-    Mutation(
-        "decay_without_lr", OPT, 'w.mul_(1 - lr * group["weight_decay"])', 'w.mul_(1 - group["weight_decay"])', T_OPT
-    ),
+    Mutation("nesterov_flag_inverted", FUNC, "if nesterov else bufs", "if not nesterov else bufs", T_OPT),
+    Mutation("decay_sign", FUNC, "w.mul_(1 - lr * weight_decay)", "w.mul_(1 + lr * weight_decay)", T_OPT),
+    Mutation("decay_without_lr", FUNC, "w.mul_(1 - lr * weight_decay)", "w.mul_(1 - weight_decay)", T_OPT),
     Mutation(
         "update_sign",
-        OPT,
-        'alpha=-adjusted_lr(lr, p.shape, group["adjust_lr"])',
-        'alpha=adjusted_lr(lr, p.shape, group["adjust_lr"])',
+        FUNC,
+        "alpha=-adjusted_lr(lr, shape, adjust_lr)",
+        "alpha=adjusted_lr(lr, shape, adjust_lr)",
         T_OPT,
     ),
-    Mutation("original_scale_transposed", OPT, "math.sqrt(max(1.0, m / n))", "math.sqrt(max(1.0, n / m))", T_OPT),
-    Mutation("match_rms_min_side", OPT, "0.2 * math.sqrt(max(m, n))", "0.2 * math.sqrt(min(m, n))", T_OPT),
-    Mutation("spectral_scale_transposed", OPT, "lambda m, n: math.sqrt(m / n)", "lambda m, n: math.sqrt(n / m)", T_OPT),
-    Mutation("conv_fan_in_not_flattened", OPT, "n = math.prod(shape[1:])", "n = shape[1]", T_OPT),
+    Mutation("original_scale_transposed", FUNC, "math.sqrt(max(1.0, m / n))", "math.sqrt(max(1.0, n / m))", T_OPT),
+    Mutation("match_rms_min_side", FUNC, "0.2 * math.sqrt(max(m, n))", "0.2 * math.sqrt(min(m, n))", T_OPT),
+    Mutation(
+        "spectral_scale_transposed", FUNC, "lambda m, n: math.sqrt(m / n)", "lambda m, n: math.sqrt(n / m)", T_OPT
+    ),
+    Mutation(
+        "conv_fan_in_not_flattened",
+        FUNC,
+        "return int(shape[0]), math.prod(int(s) for s in shape[1:])",
+        "return int(shape[0]), int(shape[1])",
+        T_OPT,
+    ),
     Mutation("adamw_betas_swapped", OPT, 'beta1, beta2 = group["betas"]', 'beta2, beta1 = group["betas"]', T_OPT),
     Mutation("adamw_lr_ignored", OPT, "lr=lr if adamw_lr is None else adamw_lr", "lr=lr", T_OPT),
-    # ---- DDP / FSDP2 work split (lightning_muon/distributed.py)
+    # ---- DDP / FSDP2 work split (lightning_muon/buckets.py, lightning_muon/sharded.py)
     Mutation(
         "ddp_owner_most_loaded",
-        DIST,
+        BUCKETS,
         "rank = min(range(world), key=lambda r: (load[r], r))",
         "rank = max(range(world), key=lambda r: (load[r], r))",
         ["tests/test_distributed.py"],
@@ -148,7 +152,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "shard_rows_floor",
-        DIST,
+        SHARDED,
         "size = math.ceil(rows / world) if rows else 0",
         "size = rows // world if rows else 0",
         ["tests/test_distributed.py"],
@@ -220,10 +224,10 @@ MUTATIONS: list[Mutation] = [
         T_CBS,
     ),
     Mutation(
-        "misalignment_nesterov_weight",
+        "misalignment_ignores_nesterov",
         MISALIGN,
-        "return grad.lerp(buf, beta) if",
-        "return grad.lerp(buf, 1 - beta) if",
+        'group["momentum"], group.get("nesterov", False))[0]',
+        'group["momentum"], False)[0]',
         ["tests/test_callbacks.py"],
     ),
     # ---- routing (lightning_muon/routing.py)
