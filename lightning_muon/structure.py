@@ -43,6 +43,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from .functional import matrix_shape
+
 __all__ = ["MatrixView", "MATRIX_RULES", "matrix_view_for"]
 
 #: Rule names a user can give in ``matrix_rules`` besides ``split=...`` specs.
@@ -135,7 +137,7 @@ class MatrixView:
         """``(count, m, n)``: how many matrices a tensor of ``shape`` gives, and their shape."""
         if self.rule == "stack" and len(shape) > 2:
             return math.prod(shape[:-2]), shape[-2], shape[-1]
-        rows, cols = shape[0], math.prod(shape[1:])
+        rows, cols = matrix_shape(shape)  # the (shape[0], rest) rule of lightning_muon.functional
         if self.rule != "split":
             return 1, rows, cols
         count = self.parts * (self.heads if self.per_head else 1)

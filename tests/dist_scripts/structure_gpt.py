@@ -26,7 +26,7 @@ torch.set_num_threads(1)
 import lightning as L  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # noqa: E402
 
-import lightning_muon.distributed as lmd  # noqa: E402
+import lightning_muon.buckets as lmb  # noqa: E402
 from lightning_muon import configure_muon  # noqa: E402
 
 VOCAB, CONTEXT, DIM, HEADS, EXPERTS = 65, 16, 32, 4, 3  # 3 experts: uneven FSDP2 shards of the stack
@@ -131,13 +131,13 @@ RECORD: dict = {"orthogonalized": []}
 
 def main() -> None:
     L.seed_everything(0, verbose=False)
-    original = lmd.orthogonalize
+    original = lmb.orthogonalize
 
     def counting(G, *args, **kwargs):  # calls through; records the matrices computed on this rank
         RECORD["orthogonalized"].extend([list(G.shape[-2:])] * (G.numel() // (G.shape[-2] * G.shape[-1])))
         return original(G, *args, **kwargs)
 
-    lmd.orthogonalize = counting
+    lmb.orthogonalize = counting
     if ARGS.strategy in ("fsdp", "tp"):
         from lightning.pytorch.strategies import ModelParallelStrategy
 
