@@ -90,9 +90,13 @@ class Muon(torch.optim.Optimizer):
     with Nesterov, else ``buf``; ``W <- (1 - lr * weight_decay) W - lr * scale(m, n) * O(u)``
     where ``O`` is :func:`lightning_muon.orthogonalize` and ``scale`` the ``adjust_lr`` rule: the
     functions of :mod:`lightning_muon.functional` (:func:`~lightning_muon.muon_direction`,
-    :func:`~lightning_muon.apply_muon_update`), which this class calls per group. Weights with more
-    than 2 dims are flattened to ``(shape[0], rest)`` (:func:`~lightning_muon.matrix_view`).
-    Same-shape updates are orthogonalised together in one batched call.
+    :func:`~lightning_muon.apply_muon_update`), which this class calls per group. Each parameter is
+    seen through its matrix view (a Muon group's ``matrix_views``, ``{name: view}``, set by
+    :func:`lightning_muon.muon_param_groups`; see :mod:`lightning_muon.structure`): a conv kernel
+    flattened to ``(out, rest)``, a stack of matrices or fused q/k/v blocks each orthogonalised and
+    scaled on its own. Without a view, weights with more than 2 dims are flattened to
+    ``(shape[0], rest)`` (:func:`~lightning_muon.matrix_view`). Same-shape matrices are
+    orthogonalised together in one batched call.
 
     Distributed (see :mod:`lightning_muon.buckets`): under DDP (``torch.distributed``
     initialised with world size > 1) each matrix is orthogonalised on one owner rank and shared
