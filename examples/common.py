@@ -30,6 +30,7 @@ def configure_example_optimizer(
     max_steps: int | None = None,
     variant: str = "muon",
     momentum_dtype: str | None = None,
+    split_qkv: bool | str = False,
 ) -> dict[str, Any] | torch.optim.Optimizer:
     """Muon (hidden matrices at ``lr``, the rest AdamW at ``adamw_lr``) or AdamW everywhere at
     ``adamw_lr``, under the same warmup and schedule, so a comparison changes one thing.
@@ -51,6 +52,7 @@ def configure_example_optimizer(
             max_steps=max_steps,
             variant=variant,
             momentum_dtype=momentum_dtype,
+            split_qkv=split_qkv,
         )
     groups = muon_param_groups(module)  # same decay / no-decay split as the Muon run
     for group in groups:

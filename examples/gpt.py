@@ -62,6 +62,8 @@ class CausalSelfAttention(nn.Module):
         # fused q, k, v with rows ordered (head, q/k/v, head_dim), Megatron's layout: a column-wise
         # tensor-parallel split of these rows gives each rank whole heads (n_head / tp of them)
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        # that row layout, for Muon's split_qkv (lightning_muon.route_parameters): q, k, v each gather their heads
+        self.muon_qkv_layout = {"c_attn.weight": f"split=3,heads={cfg.n_head},order=heads"}
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -284,6 +286,7 @@ class LitGPT(L.LightningModule):
         schedule: str = "constant",
         variant: str = "muon",
         momentum_dtype: str | None = None,
+        split_qkv: bool | str = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()

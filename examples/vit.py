@@ -74,6 +74,7 @@ class LitViT(L.LightningModule):
         ns_method: str = "polar_express",
         warmup_steps: int = 0,
         schedule: str = "constant",
+        split_qkv: bool | str = False,
     ) -> None:
         super().__init__()
         if image_size % patch_size:

@@ -41,6 +41,8 @@ from .qk_clip import (
 from .routing import (
     DEFAULT_EMBEDDING_NAMES,
     DEFAULT_HEAD_NAMES,
+    DEFAULT_QKV_NAMES,
+    SPLIT_QKV,
     Route,
     matching_pattern,
     muon_param_groups,
@@ -67,6 +69,7 @@ from .spectral import (
     top_frames,
     top_singular_value,
 )
+from .structure import MATRIX_RULES, MatrixView, matrix_view_for
 
 __version__ = "0.1.0"
 
@@ -76,6 +79,11 @@ __all__ = [
     "DEFAULT_HEAD_NAMES",
     "GRAM_METHODS",
     "GramVariant",
+    "MATRIX_RULES",
+    "MatrixView",
+    "matrix_view_for",
+    "DEFAULT_QKV_NAMES",
+    "SPLIT_QKV",
     "METHODS",
     "MOMENTUM_DTYPES",
     "NS_PRESETS",

@@ -48,7 +48,9 @@ class Bucket:
     of conv kernels flattened): whole matrices when ``mesh`` is None, else this rank's pieces of
     DTensors on the DeviceMesh ``mesh``, all with the same ``layout = (global shape, placements)``
     (a 1-D mesh with ``layout`` None means ``Shard(0)``: FSDP2). ``method``, ``steps`` and
-    ``dtype`` go to :func:`lightning_muon.orthogonalize`.
+    ``dtype`` go to :func:`lightning_muon.orthogonalize`. ``view`` (DTensor buckets): the
+    :class:`lightning_muon.structure.MatrixView` that turns each assembled global tensor into its
+    ``(count, m, n)`` matrices on the owner; None flattens it to ``shape``.
     """
 
     updates: list[Tensor]
@@ -58,6 +60,11 @@ class Bucket:
     dtype: torch.dtype
     mesh: Any = None
     layout: Any = None
+    view: Any = None
+
+    def count(self) -> int:
+        """Matrices per update: more than 1 for a DTensor stack or split."""
+        return 1 if self.view is None or self.layout is None else self.view.matrices(self.layout[0])[0]
 
 
 def assign_owners(costs: list[int], world: int) -> list[int]:
@@ -167,7 +174,9 @@ def _sharded_buckets(buckets: list[Bucket]) -> Any:
     owners: list[list[int]] = [[] for _ in buckets]
     for group in dict.fromkeys(domains):  # one plan per process group (the whole mesh: WORLD)
         mine = [k for k, d in enumerate(domains) if d is group]
-        costs = [ns_flops(*buckets[k].shape, buckets[k].steps) for k in mine for _ in buckets[k].updates]
+        costs = [
+            ns_flops(*buckets[k].shape, buckets[k].steps) * buckets[k].count() for k in mine for _ in buckets[k].updates
+        ]
         plan, start = assign_owners(costs, group.size()), 0
         for k in mine:
             owners[k] = plan[start : start + len(buckets[k].updates)]
@@ -181,8 +190,16 @@ def _sharded_buckets(buckets: list[Bucket]) -> Any:
             placements,
             own,
             _comm_dtype(bucket, bucket.updates[0].dtype),
-            lambda full, b=bucket: _orthogonalize(b, [t.reshape(b.shape) for t in full]),
+            lambda full, b=bucket, s=shape: _orthogonalize_whole(b, full, s),
         )
+
+
+def _orthogonalize_whole(bucket: Bucket, full: list[Tensor], shape: Any) -> Tensor:
+    """Assembled global tensors of ``shape`` -> their orthogonalised matrices, stacked in ``shape``."""
+    if bucket.view is None:
+        return _orthogonalize(bucket, [t.reshape(bucket.shape) for t in full])
+    matrices = bucket.view.to_matrices(torch.stack(full))
+    return bucket.view.from_matrices(_orthogonalize(bucket, list(matrices)), tuple(shape))
 
 
 def _shard0(mesh: Any) -> tuple:

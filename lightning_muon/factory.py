@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -83,6 +83,9 @@ def configure_muon(
     adamw_names: Sequence[str] = (),
     muon_names: Sequence[str] = (),
     verbose: bool = False,
+    matrix_rules: Mapping[str, str] | None = None,
+    split_qkv: bool | str = False,
+    num_heads: int | None = None,
     **muon_kwargs: Any,
 ) -> torch.optim.Optimizer | dict[str, Any]:
     """Build a :class:`Muon` over ``module`` and return what ``configure_optimizers`` returns.
@@ -97,6 +100,8 @@ def configure_muon(
         optimizer: an optimizer factory taking param groups, e.g. the ``OptimizerCallable`` that
             LightningCLI injects into a module's ``__init__``; default ``Muon(groups, lr=lr, **muon_kwargs)``.
         verbose: print the routing table (each parameter, its group and why).
+        matrix_rules, split_qkv, num_heads: how Muon sees each matrix (conv kernel, stack of
+            matrices, fused QKV split in blocks or per head); see :func:`lightning_muon.route_parameters`.
         **muon_kwargs: other :class:`Muon` arguments (``momentum``, ``adjust_lr``, ``adamw_lr``, ...).
     """
     if schedule != "constant" and max_steps is None:
@@ -114,6 +119,9 @@ def configure_muon(
         adamw_names=adamw_names,
         muon_names=muon_names,
         verbose=verbose,
+        matrix_rules=matrix_rules,
+        split_qkv=split_qkv,
+        num_heads=num_heads,
     )
     if optimizer is None:
         opt: torch.optim.Optimizer = Muon(groups, lr=lr, **muon_kwargs)

@@ -40,13 +40,14 @@ from .distributed import (
     mesh_domain,
     process_group_of,
 )
-from .functional import ADJUST_LR, apply_muon_update, matrix_shape, muon_direction
+from .functional import ADJUST_LR, apply_muon_update, muon_direction
 from .low_precision import check_momentum_dtype, rounding_key, stochastic_round
 from .newton_schulz import METHODS
 from .normuon import NORMUON_BETA2, NORMUON_EPS, VARIANTS, neuron_scale
 from .precision import NS_DTYPES, agree_ns_dtype, resolve_ns_dtype
 from .routing import groups_from_routes, route_named_parameters, why_not_muon
 from .sharded import check_dtensor_param, global_index, sum_rows_over_mesh
+from .structure import MatrixView, matrix_view_for
 
 __all__ = ["Muon", "NonFiniteGradientError"]
 
@@ -107,11 +108,15 @@ class Muon(torch.optim.Optimizer):
     with Nesterov, else ``buf``; ``W <- (1 - lr * weight_decay) W - lr * scale(m, n) * O(u)``
     where ``O`` is :func:`lightning_muon.orthogonalize` and ``scale`` the ``adjust_lr`` rule: the
     functions of :mod:`lightning_muon.functional` (:func:`~lightning_muon.muon_direction`,
-    :func:`~lightning_muon.apply_muon_update`), which this class calls per group. Weights with more
-    than 2 dims are flattened to ``(shape[0], rest)`` (:func:`~lightning_muon.matrix_view`).
-    Same-shape updates are orthogonalised together in one batched call.
-    With ``variant="normuon"``, ``O`` is first normalised per row by NorMuon's second moment
-    (:func:`lightning_muon.normuon_normalize`, rescaled to ``O``'s Frobenius norm).
+    :func:`~lightning_muon.apply_muon_update`), which this class calls per group. Each parameter is
+    seen through its matrix view (a Muon group's ``matrix_views``, ``{name: view}``, set by
+    :func:`lightning_muon.muon_param_groups`; see :mod:`lightning_muon.structure`): a conv kernel
+    flattened to ``(out, rest)``, a stack of matrices or fused q/k/v blocks each orthogonalised and
+    scaled on its own. Without a view, weights with more than 2 dims are flattened to
+    ``(shape[0], rest)`` (:func:`~lightning_muon.matrix_view`). Same-shape matrices are
+    orthogonalised together in one batched call.
+    With ``variant="normuon"``, ``O`` is first normalised per row of its matrix view by NorMuon's
+    second moment (:func:`lightning_muon.normuon_normalize`, rescaled to ``O``'s Frobenius norm).
 
     Distributed (see :mod:`lightning_muon.buckets`): under DDP (``torch.distributed``
     initialised with world size > 1) each matrix is orthogonalised on one owner rank and shared
@@ -277,6 +282,11 @@ class Muon(torch.optim.Optimizer):
             if named and "param_names" not in part:
                 part["param_names"] = [f"<{part['name']} #{i}>" for i in range(len(part["params"]))]
             elif not named:
+                if part.get("matrix_views"):
+                    raise ValueError(
+                        f"Muon: group {part['name']!r} sets matrix_views, but this optimizer's groups carry no "
+                        "parameter names to key them by; build it from named params (muon_param_groups)"
+                    )
                 part.pop("param_names", None)
         self.param_groups.extend(parts)
 
@@ -317,6 +327,8 @@ class Muon(torch.optim.Optimizer):
         for i, (settings, ts, ns, kind) in enumerate(parts):
             part = self._fill(settings)
             part["params"] = list(ts)
+            if not part["use_muon"]:
+                part.pop("matrix_views", None)
             if ns is not None:
                 part["param_names"] = list(ns)
             base = group.get("name")
@@ -380,6 +392,8 @@ class Muon(torch.optim.Optimizer):
             items = by_kind[kind]
             ts = [t for _, t in items]
             ns = [n for n, _ in items] if names is not None else None
+            if settings.get("matrix_views") and kind == "muon":  # the views of this part's tensors
+                settings["matrix_views"] = {n: v for n, v in settings["matrix_views"].items() if n in (ns or ())}
             parts.append((settings, ts, ns, kind))
         return parts
 
@@ -389,6 +403,8 @@ class Muon(torch.optim.Optimizer):
         if part["use_muon"]:
             for key in _MUON_KEYS:
                 part.setdefault(key, self.defaults[key])
+            if part.get("matrix_views") is None:  # every param with its default view
+                part["matrix_views"] = {}
         else:
             for key, default in _ADAMW_KEYS.items():
                 part.setdefault(key, self.defaults[default])
@@ -410,6 +426,8 @@ class Muon(torch.optim.Optimizer):
             if "use_muon" in group:
                 for key, value in self._fill(group).items():
                     group.setdefault(key, value)
+                if group["use_muon"] and group.get("matrix_views") is None:
+                    group["matrix_views"] = {}
         for param_state in self.state.values():  # an AdamW step saved as a number
             if "step" in param_state and not isinstance(param_state["step"], Tensor):
                 param_state["step"] = torch.tensor(float(param_state["step"]), dtype=torch.float32)
@@ -467,9 +485,14 @@ class Muon(torch.optim.Optimizer):
                     f"use_muon={own['use_muon']} with {len(own['params'])}"
                 )
             names = own.get("param_names") or [None] * len(own["params"])
+            views = None
+            if own["use_muon"]:
+                views = saved.get("matrix_views") or own.get("matrix_views")
+                _check_views({**own, "matrix_views": views}, f"Muon.load_state_dict: param group {i}")
             for key, p, name in zip(saved["params"], own["params"], names):
+                view = matrix_view_for(tuple(p.shape), (views or {}).get(name)) if p.ndim >= 2 else None
                 for field, value in state_dict["state"].get(key, {}).items():
-                    want = _state_shape(field, p)
+                    want = _state_shape(field, p, view)
                     if field != "step" and isinstance(value, Tensor) and value.shape != want:
                         label = name or f"#{key}"
                         raise ValueError(
@@ -477,6 +500,15 @@ class Muon(torch.optim.Optimizer):
                             f"{tuple(value.shape)} but the parameter needs {tuple(want)}: the model "
                             "changed since the checkpoint was saved"
                         )
+        if any(own["use_muon"] and "matrix_views" not in saved for saved, own in zip(groups, self.param_groups)):
+            # saved before matrix views existed: keep this optimizer's views
+            state_dict = dict(state_dict)
+            state_dict["param_groups"] = [
+                {**saved, "matrix_views": own["matrix_views"]}
+                if own["use_muon"] and "matrix_views" not in saved
+                else saved
+                for saved, own in zip(groups, self.param_groups)
+            ]
         super().load_state_dict(state_dict)
         # torch casts floating state to the parameter's dtype: Muon's state keeps its own dtypes
         for saved, own in zip(groups, self.param_groups):
@@ -518,6 +550,9 @@ class Muon(torch.optim.Optimizer):
             if group["use_muon"] and any(p.ndim < 2 for p in group["params"]):
                 what = f"Muon group {group['name']!r} holds a 1-D tensor at step time"
                 raise ValueError(UNSUPPORTED_STRATEGY.format(what=what))
+        for group in self.param_groups:  # e.g. matrix_views edited after construction
+            if group["use_muon"]:
+                _check_views(group, f"Muon param group {group['name']!r}", strict=False)
         for group in self.param_groups:  # e.g. a Tensor lr assigned after construction
             if isinstance(group["lr"], Tensor):
                 raise ValueError(f"Muon param group {group['name']!r}: lr as a Tensor is not supported; use a float")
@@ -581,61 +616,87 @@ class Muon(torch.optim.Optimizer):
         )
 
     def _muon_groups(self, groups: list[dict]) -> None:
-        """Momentum for every Muon param (foreach), one orthogonalisation per shape bucket, then the update."""
-        buckets: dict[tuple, list[tuple[Tensor, Tensor, int]]] = defaultdict(list)
+        """Momentum for every Muon param (foreach), one orthogonalisation per bucket, then the update.
+
+        Each direction is seen through its group's matrix view (:mod:`lightning_muon.structure`). A
+        plain tensor's matrices join the bucket of their ``(m, n)`` shape; a DTensor's bucket is
+        keyed by its global shape, placements and view (its owner assembles the whole tensor).
+        """
+        buckets: dict[tuple, list[tuple[int, int]]] = defaultdict(list)  # key -> (entry, slot)
+        entries: list[tuple[Tensor, int, MatrixView, Any]] = []  # (param, group, view, matrices or direction)
         for g, group in enumerate(groups):
-            live = [p for p in group["params"] if p.grad is not None]
+            live = [(p, view) for p, view in self._views(group) if p.grad is not None]
             if not live:
                 continue
-            for p in live:
+            for p, view in live:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     dtype = _momentum_dtype(group, p)
                     state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 if group["variant"] == "normuon" and "neuron_second_moment" not in state:
-                    state["neuron_second_moment"] = torch.zeros(_rows(p), dtype=_wide(p.dtype), device=p.device)
-            directions = self._momentum(group, live)
+                    state["neuron_second_moment"] = torch.zeros(_rows(p, view), dtype=_wide(p.dtype), device=p.device)
+            directions = self._momentum(group, [p for p, _ in live])
             ns = (group["ns_method"], group["ns_steps"], group["ns_dtype"])
-            for p, direction in zip(live, directions):
-                mesh = p.device_mesh if is_dtensor(p) else None
-                layout = (tuple(p.shape), tuple(p.placements)) if mesh is not None else None
-                key = (matrix_shape(p.shape), p.device, p.dtype, mesh, layout, *ns)
-                buckets[key].append((p, direction, g))
+            for (p, view), direction in zip(live, directions):
+                entry = len(entries)
+                if not is_dtensor(p):  # its matrices join the bucket of their shape
+                    matrices = view.to_matrices(direction.unsqueeze(0))
+                    entries.append((p, g, view, matrices))
+                    key = (tuple(matrices.shape[1:]), p.device, p.dtype, None, None, None, *ns)
+                    buckets[key].extend((entry, j) for j in range(matrices.shape[0]))
+                else:
+                    entries.append((p, g, view, direction))
+                    layout = (tuple(p.shape), tuple(p.placements))
+                    key = (view.matrices(tuple(p.shape))[1:], p.device, p.dtype, p.device_mesh, layout, view, *ns)
+                    buckets[key].append((entry, 0))
         plan = [
             Bucket(
-                [d for _, d, _ in items],
-                shape,
+                [entries[e][3] if mesh is not None else entries[e][3][j] for e, j in items],
+                tuple(shape),
                 method,
                 steps,
                 _compute_dtype(method, self._ns_dtype(ns_dtype, method, device, mesh)),
                 mesh,
                 layout,
+                view,
             )
-            for (shape, device, _, mesh, layout, method, steps, ns_dtype), items in buckets.items()
+            for (shape, device, _, mesh, layout, view, method, steps, ns_dtype), items in buckets.items()
         ]
-        done: dict[int, tuple[list[Tensor], list[Tensor]]] = defaultdict(lambda: ([], []))
+        results: list[list[Any]] = [[None] * (1 if is_dtensor(p) else len(u)) for p, _, _, u in entries]
         for items, ortho in zip(buckets.values(), orthogonalize_buckets(plan, self.process_group)):
-            for (p, _, g), o in zip(items, ortho):
-                done[g][0].append(p)
-                done[g][1].append(o)
-        normuon = [
-            (p, o, groups[g]) for g, ps in done.items() if groups[g]["variant"] == "normuon" for p, o in zip(*ps)
-        ]
-        factors = self._normuon_factors(normuon)
-        for g, (params, updates) in done.items():
+            for (e, j), o in zip(items, ortho):
+                results[e][j] = o
+        done: dict[int, list[tuple[Tensor, Tensor, MatrixView]]] = defaultdict(list)
+        for (p, g, view, _), out in zip(entries, results):
+            o = out[0] if is_dtensor(p) else view.from_matrices(torch.stack(out), tuple(p.shape))[0]
+            done[g].append((p, o, view))
+        factors = self._normuon_factors(
+            [
+                (p, o, view, groups[g])
+                for g, items in done.items()
+                if groups[g]["variant"] == "normuon"
+                for p, o, view in items
+            ]
+        )
+        for g, items in done.items():
             group = groups[g]
+            updates = [o for _, o, _ in items]
             if group["variant"] == "normuon":  # each local element scaled by its row's factor
-                updates = [
-                    (o.reshape(local(p).shape).to(factors[p].dtype) * factors[p]) for p, o in zip(params, updates)
-                ]
+                updates = [(o.reshape(local(p).shape).to(factors[p].dtype) * factors[p]) for p, o, _ in items]
             apply_muon_update(
-                [local(p) for p in params],
+                [local(p) for p, _, _ in items],
                 updates,
                 lr=group["lr"],
                 weight_decay=group["weight_decay"],
                 adjust_lr=group["adjust_lr"],
-                shapes=[p.shape for p in params],
+                shapes=[view.scale_shape(tuple(p.shape)) for p, _, view in items],  # each matrix's (fan_out, fan_in)
             )
+
+    def _views(self, group: dict) -> list[tuple[Tensor, MatrixView]]:
+        """Each parameter of a Muon group with its matrix view (the group's ``matrix_views`` or the default)."""
+        views = group.get("matrix_views") or {}
+        names = group.get("param_names") or [None] * len(group["params"])
+        return [(p, matrix_view_for(tuple(p.shape), views.get(n))) for p, n in zip(group["params"], names)]
 
     def _momentum(self, group: dict, live: list[Tensor]) -> list[Tensor]:
         """Update the momentum buffers of ``live`` and return the directions to orthogonalise.
@@ -661,7 +722,7 @@ class Muon(torch.optim.Optimizer):
                 step += 1
         return updates
 
-    def _normuon_factors(self, done: list[tuple[Tensor, Tensor, dict]]) -> dict[Tensor, Tensor]:
+    def _normuon_factors(self, done: list[tuple[Tensor, Tensor, MatrixView, dict]]) -> dict[Tensor, Tensor]:
         """NorMuon's per-element factor (row factor broadcast to this rank's piece) of each param.
 
         Rows' sums of squares of plain (DDP) updates are computed here (every rank holds the whole
@@ -671,21 +732,21 @@ class Muon(torch.optim.Optimizer):
         scales the whole matrix.
         """
         sums: dict[Tensor, Tensor] = {}
-        sharded = [(p, o, _columns(p)) for p, o, _ in done if is_dtensor(p)]
-        for p, o, _ in done:
+        sharded = [(p, o, _columns(p, view)) for p, o, view, _ in done if is_dtensor(p)]
+        for p, o, view, _ in done:
             if not is_dtensor(p):
-                sums[p] = o.reshape(*_rows(p), -1).to(_wide(o.dtype)).square().sum(-1)
+                sums[p] = o.reshape(*_rows(p, view), -1).to(_wide(o.dtype)).square().sum(-1)
         if sharded:
             sums.update(zip([p for p, _, _ in sharded], sum_rows_over_mesh(sharded)))
         factors: dict[Tensor, Tensor] = {}
-        for p, _, group in done:
-            cols = _columns(p)
+        for p, _, view, group in done:
+            cols = _columns(p, view)
             v = self.state[p]["neuron_second_moment"]
             row = neuron_scale(sums[p].view(v.shape), cols, v, group["normuon_beta2"], group["normuon_eps"])
             if is_dtensor(p):  # this rank's elements, each with its row's factor
                 factors[p] = row.reshape(-1)[global_index(p) // cols]
-            else:
-                factors[p] = row.reshape(*row.shape, *([1] * (p.ndim - row.ndim)))
+            else:  # rows of the view in storage order: element i is in row i // cols
+                factors[p] = row.reshape(-1, 1).expand(-1, cols).reshape(p.shape)
         return factors
 
 
@@ -695,9 +756,13 @@ def _momentum_dtype(group: dict, p: Tensor) -> torch.dtype:
     return p.dtype if name is None else getattr(torch, name)
 
 
-def _rows(p: Tensor) -> tuple[int, ...]:
-    """Shape of NorMuon's per-row state of ``p``: the rows of its (global) :func:`matrix_shape`."""
-    return tuple(matrix_shape(p.shape)[:-1]) if p.ndim >= 2 else ()
+def _rows(p: Tensor, view: MatrixView | None) -> tuple[int, ...]:
+    """Shape of NorMuon's per-row state of ``p``: all rows of its (global) matrix view's matrices,
+    in storage order (``(shape[0],)``, or ``(prod(shape[:-1]),)`` for a stack)."""
+    if view is None:
+        return ()
+    count, m, _ = view.matrices(tuple(p.shape))
+    return (count * m,)
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
@@ -705,14 +770,14 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _columns(p: Tensor) -> int:
-    """Columns of ``p``'s (global) :func:`matrix_shape`, from its shape alone (no DTensor op)."""
-    return matrix_shape(p.shape)[-1]
+def _columns(p: Tensor, view: MatrixView) -> int:
+    """Columns of each matrix of ``p``'s (global) matrix view, from its shape alone (no DTensor op)."""
+    return view.matrices(tuple(p.shape))[-1]
 
 
-def _state_shape(field: str, p: Tensor) -> torch.Size:
-    """The shape a Muon/AdamW state tensor ``field`` of parameter ``p`` has."""
-    return torch.Size(_rows(p)) if field == "neuron_second_moment" else p.shape
+def _state_shape(field: str, p: Tensor, view: MatrixView | None) -> torch.Size:
+    """The shape a Muon/AdamW state tensor ``field`` of parameter ``p`` (seen through ``view``) has."""
+    return torch.Size(_rows(p, view)) if field == "neuron_second_moment" else p.shape
 
 
 def _compute_dtype(method: str, dtype: torch.dtype) -> torch.dtype:
@@ -784,6 +849,27 @@ def _fusable(p: Tensor) -> bool:
     )
 
 
+def _check_views(group: dict, where: str, strict: bool = True) -> None:
+    """Raise ValueError unless ``group["matrix_views"]`` maps parameter names of the group to views
+    that fit their shapes (``strict=False``: names no longer in the group are ignored)."""
+    views = group.get("matrix_views")
+    if not views:
+        return
+    if not isinstance(views, dict):
+        raise ValueError(f"{where}: matrix_views must be a dict {{parameter name: view}}, got {type(views).__name__}")
+    names = group.get("param_names")
+    if names is None:
+        raise ValueError(f"{where}: matrix_views name parameters, so the group needs named params (name, tensor)")
+    by_name = dict(zip(names, group["params"]))
+    unknown = [n for n in views if n not in by_name]
+    if strict and unknown:
+        raise ValueError(f"{where}: matrix_views names {unknown[:3]} that are not parameters of this group")
+    for name, spec in views.items():
+        if name in by_name:
+            shape = tuple(by_name[name].shape)
+            matrix_view_for(shape, spec).check(shape, f"{where}: parameter {name!r}")
+
+
 def _check_group_params(group: dict) -> None:
     """Tensors a group cannot train: non-matrices in Muon groups, fp16 with a too-small AdamW eps."""
     names = group.get("param_names") or [None] * len(group["params"])
@@ -796,6 +882,7 @@ def _check_group_params(group: dict) -> None:
                     f"Muon: parameter {label} in Muon group {group['name']!r} cannot be "
                     f"orthogonalised: {reason}. Put it in a group with use_muon=False."
                 )
+        _check_views(group, f"Muon param group {group['name']!r}")
         return
     tiny = torch.finfo(torch.float16).tiny
     half = [label for label, p in zip(labels, group["params"]) if p.dtype == torch.float16]

@@ -31,14 +31,16 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
 from .functional import matrix_shape
+from .structure import MatrixView, matrix_view_for
 
 __all__ = [
     "Route",
@@ -50,6 +52,8 @@ __all__ = [
     "route_named_parameters",
     "muon_param_groups",
     "routing_table",
+    "DEFAULT_QKV_NAMES",
+    "SPLIT_QKV",
 ]
 
 #: Name components (of a parameter or its module) that mark an input embedding or a learned lookup
@@ -68,6 +72,13 @@ DEFAULT_EMBEDDING_NAMES: tuple[str, ...] = (
 #: Name components that mark the output head or classifier. fnmatch patterns.
 DEFAULT_HEAD_NAMES: tuple[str, ...] = ("lm_head", "head", "heads", "classifier", "fc_out", "out_head")
 
+#: Names (of a parameter's module, or the parameter) that mark a fused ``[q; k; v]`` projection whose
+#: rows are ordered ``(q/k/v, head, head_dim)`` (nanoGPT's ``c_attn``, timm's ``qkv``). fnmatch patterns.
+#: A module that orders them otherwise declares it (``muon_qkv_layout``, see :func:`route_parameters`).
+DEFAULT_QKV_NAMES: tuple[str, ...] = ("qkv", "c_attn", "in_proj", "in_proj_weight", "Wqkv", "qkv_proj")
+#: Values of ``split_qkv``: False (keep fused projections whole), True (three blocks), "per_head".
+SPLIT_QKV = (False, True, "per_head")
+
 MUON, ADAMW, ADAMW_NO_DECAY = "muon", "adamw", "adamw_no_decay"
 
 
@@ -79,6 +90,7 @@ class Route:
     param: Tensor = field(repr=False, compare=False)
     group: str  # "muon", "adamw" or "adamw_no_decay"
     reason: str
+    matrix: str | None = None  # Muon's matrix view (lightning_muon.structure), None for AdamW
 
     @property
     def use_muon(self) -> bool:
@@ -298,6 +310,7 @@ def _route_one(
     muon_names: Sequence[str],
     head_verdict: tuple[str, str] | None = None,
     role: str | None = None,
+    modules_known: bool = False,
 ) -> Route:
     name = names[0]
     aliases = f" (tied: {', '.join(names[1:])})" if len(names) > 1 else ""
@@ -336,10 +349,91 @@ def _route_one(
         )
     if role is not None:
         return Route(name, param, ADAMW, role + aliases)
+    if (
+        param.ndim > 2 and not modules_known
+    ):  # without module information: flattened (route_parameters decides conv vs stack)
+        view = matrix_view_for(tuple(param.shape), None)
+        return Route(name, param, MUON, f"hidden {param.ndim}-D tensor: {view.describe(param.shape)}", str(view))
+    return Route(name, param, MUON, "hidden matrix", "matrix")
+
+
+def _heads_near(name: str, modules: Mapping[str, nn.Module]) -> int | None:
+    """``num_heads`` / ``n_head`` of the nearest module enclosing parameter ``name`` that has one."""
+    parts = name.split(".")[:-1]
+    for i in range(len(parts), -1, -1):
+        mod = modules.get(".".join(parts[:i]))
+        for attr in ("num_heads", "n_head", "num_attention_heads"):
+            value = getattr(mod, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def _choose_view(
+    names: Sequence[str],
+    param: Tensor,
+    owner: nn.Module | None,
+    attr: str | None,
+    modules: Mapping[str, nn.Module],
+    matrix_rules: Mapping[str, str],
+    split_qkv: bool | str,
+    num_heads: int | None,
+    declared: Mapping[str, tuple[str, str]],
+) -> tuple[MatrixView, str | None]:
+    """The matrix view of a Muon parameter and what chose it (None: the default for its kind)."""
+    shape = tuple(param.shape)
+    for n in names:
+        if pattern := matching_pattern(n, list(matrix_rules)):
+            view = MatrixView.parse(matrix_rules[pattern])
+            if reason := view.why_not(shape):
+                raise ValueError(
+                    f"lightning_muon routing: matrix_rules pattern {pattern!r} gives parameter {n!r} of shape "
+                    f"{shape} the view {str(view)!r}, but {reason}"
+                )
+            return view, f"matrix_rules {pattern!r}"
+    if split_qkv and param.ndim == 2:
+        spec, why = None, None
+        for n in names:
+            if n in declared:
+                spec, why = declared[n]
+                break
+        heads = num_heads
+        if spec is None and isinstance(owner, nn.MultiheadAttention) and attr == "in_proj_weight":
+            heads, why = heads or owner.num_heads, "split_qkv, nn.MultiheadAttention"
+        elif spec is None and any(matching_pattern(n, DEFAULT_QKV_NAMES) for n in names) and shape[0] == 3 * shape[1]:
+            heads, why = heads or _heads_near(names[0], modules), "split_qkv"
+        if why is not None:
+            view = MatrixView.parse(spec or (f"split=3,heads={heads}" if heads else "split=3"))
+            if split_qkv == "per_head":
+                if not view.heads:
+                    raise ValueError(
+                        f"lightning_muon routing: split_qkv='per_head' for {names[0]!r} needs its number of heads; "
+                        "pass num_heads=H (or give the module a num_heads attribute)"
+                    )
+                view = dataclasses.replace(view, per_head=True)
+            if reason := view.why_not(shape):
+                raise ValueError(f"lightning_muon routing: split_qkv for {names[0]!r} of shape {shape}: {reason}")
+            return view, why
+    if isinstance(owner, nn.modules.conv._ConvTransposeNd) and attr == "weight":
+        return MatrixView("conv_transpose"), None
+    if isinstance(owner, nn.modules.conv._ConvNd) and attr == "weight":
+        return MatrixView("conv"), None
     if param.ndim > 2:
-        rows, cols = matrix_shape(param.shape)
-        return Route(name, param, MUON, f"hidden {param.ndim}-D kernel, flattened to {rows} x {cols}")
-    return Route(name, param, MUON, "hidden matrix")
+        stack = MatrixView("stack")
+        return (stack, None) if stack.why_not(shape) is None else (MatrixView("flatten"), None)
+    return MatrixView("matrix"), None
+
+
+def _with_view(route: Route, view: MatrixView, why: str | None) -> Route:
+    """``route`` with its matrix view recorded and said in the reason (2-D "matrix" routes stay as they are)."""
+    if view.rule == "matrix" and why is None:
+        return dataclasses.replace(route, matrix="matrix")
+    reason = route.reason
+    if reason.startswith("hidden matrix") and view.rule in ("conv", "conv_transpose"):
+        reason = "hidden conv kernel" + reason[len("hidden matrix") :]
+    head, _, aliases = reason.partition(" (tied: ")
+    text = f"{head}: {view.describe(route.param.shape)}" + (f" ({why})" if why else "")
+    return dataclasses.replace(route, matrix=str(view), reason=text + (f" (tied: {aliases}" if aliases else ""))
 
 
 def _warn_suspicious(routes: list[Route], head_found: bool, has_modules: bool) -> None:
@@ -372,6 +466,9 @@ def route_parameters(
     muon_names: Sequence[str] = (),
     structure: bool = True,
     warn: bool = True,
+    matrix_rules: Mapping[str, str] | None = None,
+    split_qkv: bool | str = False,
+    num_heads: int | None = None,
 ) -> list[Route]:
     """Route every trainable parameter of ``module`` (frozen ones are left out).
 
@@ -401,6 +498,24 @@ def route_parameters(
 
     6. everything else, conv kernels included, to Muon ("hidden matrix").
 
+    Each Muon parameter also gets a matrix view (``Route.matrix``, see
+    :mod:`lightning_muon.structure`; the reason says it unless it is a plain 2-D matrix), first
+    match wins:
+
+    1. ``matrix_rules``: ``{pattern: view}``, e.g. ``{"experts.*": "stack", "stem.weight": "conv",
+       "blocks.*.attn.qkv": "split=3,heads=8,per_head"}`` (patterns as for ``adamw_names``);
+    2. with ``split_qkv=True`` (three ``(d, d)`` blocks) or ``"per_head"`` (``3 H`` blocks
+       ``(head_dim, d)``): ``nn.MultiheadAttention.in_proj_weight``, a layout a module declares in
+       a ``muon_qkv_layout`` attribute (``{"c_attn.weight": "split=3,heads=4,order=heads"}``,
+       names relative to that module), and 2-D ``(3d, d)`` weights named like
+       :data:`DEFAULT_QKV_NAMES` (rows ``(q/k/v, head, head_dim)``). Heads: ``num_heads``, else the
+       nearest enclosing module's ``num_heads``/``n_head``;
+    3. the ``weight`` of an ``nn.Conv*``: ``"conv"`` ``(out, rest)``; of an ``nn.ConvTranspose*``:
+       ``"conv_transpose"`` ``(in, rest)``, scaled as the ``(rest, in)`` map it applies;
+    4. any other tensor with more than 2 dims: ``"stack"``, each trailing 2-D slice on its own
+       (``"flatten"`` when the slices are vector-like);
+    5. a 2-D weight: ``"matrix"``.
+
     Example:
         >>> import torch.nn as nn
         >>> class Net(nn.Module):
@@ -414,10 +529,10 @@ def route_parameters(
         ...     if r.name.endswith("weight"):
         ...         print(f"{r.name:18} {r.group:6} {r.reason}")
         conv1.weight       adamw  input stem (first layer, before the repeated blocks)
-        blocks.0.0.weight  muon   hidden 4-D kernel, flattened to 8 x 72
-        blocks.0.1.weight  muon   hidden 4-D kernel, flattened to 8 x 72
-        blocks.1.0.weight  muon   hidden 4-D kernel, flattened to 8 x 72
-        blocks.1.1.weight  muon   hidden 4-D kernel, flattened to 8 x 72
+        blocks.0.0.weight  muon   hidden conv kernel: conv (out, rest) 8 x 72
+        blocks.0.1.weight  muon   hidden conv kernel: conv (out, rest) 8 x 72
+        blocks.1.0.weight  muon   hidden conv kernel: conv (out, rest) 8 x 72
+        blocks.1.1.weight  muon   hidden conv kernel: conv (out, rest) 8 x 72
         fc.weight          adamw  output head (last layer outside the repeated blocks)
     """
     owner: dict[int, nn.Module] = {}
@@ -473,8 +588,35 @@ def route_parameters(
                 muon_names=muon_names,
                 head_verdict=verdicts.get(key),
                 role=roles.get(layer) if layer is not None else None,
+                modules_known=True,
             )
         )
+    rules = dict(matrix_rules or {})
+    if split_qkv not in SPLIT_QKV:
+        raise ValueError(f"lightning_muon routing: split_qkv must be one of {SPLIT_QKV}, got {split_qkv!r}")
+    if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1):
+        raise ValueError(f"lightning_muon routing: num_heads must be a positive integer, got {num_heads!r}")
+    for pattern, spec in rules.items():
+        MatrixView.parse(spec)  # a malformed view fails here, naming it
+        if not any(matching_pattern(n, [pattern]) for key in trainable for n in aliases[key]):
+            raise ValueError(f"lightning_muon routing: matrix_rules pattern {pattern!r} matches no trainable parameter")
+    declared: dict[str, tuple[str, str]] = {}
+    for mname, mod in tree.modules.items() if tree else module.named_modules():
+        layout = getattr(mod, "muon_qkv_layout", None)
+        if isinstance(layout, Mapping):
+            for rel, spec in layout.items():
+                declared[f"{mname}.{rel}" if mname else rel] = (spec, f"split_qkv, layout from {type(mod).__name__}")
+    attr: dict[int, str] = {}
+    for mod in module.modules():
+        for a, p in mod.named_parameters(recurse=False):
+            attr.setdefault(id(p), a)
+    modules = tree.modules if tree else dict(module.named_modules())
+    for i, (key, r) in enumerate(zip(trainable, routes)):
+        if r.use_muon:
+            view, why = _choose_view(
+                aliases[key], r.param, owner.get(key), attr.get(key), modules, rules, split_qkv, num_heads, declared
+            )
+            routes[i] = _with_view(r, view, why)
     head_found = head_found or any(matching_pattern(n, adamw_names) for key in aliases for n in aliases[key])
     if warn:
         _warn_suspicious(routes, head_found, has_modules=True)
@@ -503,15 +645,22 @@ def route_named_parameters(
 
 
 def groups_from_routes(routes: Iterable[Route]) -> list[dict]:
-    """Param-group dicts (named params, ``name`` and ``use_muon`` set) for non-empty groups."""
+    """Param-group dicts (named params, ``name`` and ``use_muon`` set) for non-empty groups; the Muon
+    group's ``matrix_views`` holds ``{name: view}`` for the views that are not the default
+    (``"matrix"`` for 2-D, ``"flatten"`` above: what :class:`lightning_muon.Muon` assumes without them)."""
     by_group: dict[str, list[tuple[str, Tensor]]] = {MUON: [], ADAMW: [], ADAMW_NO_DECAY: []}
+    views = {}
     for r in routes:
         by_group[r.group].append((r.name, r.param))
+        if r.use_muon and r.matrix is not None and r.matrix != str(matrix_view_for(tuple(r.param.shape), None)):
+            views[r.name] = r.matrix
     groups = []
     for name, params in by_group.items():
         if not params:
             continue
         group: dict = {"name": name, "params": params, "use_muon": name == MUON}
+        if name == MUON:
+            group["matrix_views"] = views
         if name == ADAMW_NO_DECAY:
             group["weight_decay"] = 0.0
         groups.append(group)
@@ -526,12 +675,17 @@ def muon_param_groups(
     adamw_names: Sequence[str] = (),
     muon_names: Sequence[str] = (),
     verbose: bool = False,
+    matrix_rules: Mapping[str, str] | None = None,
+    split_qkv: bool | str = False,
+    num_heads: int | None = None,
 ) -> list[dict]:
     """Param groups for :class:`lightning_muon.Muon`: ``muon``, ``adamw``, ``adamw_no_decay``.
 
     Each group has a ``name`` (LearningRateMonitor logs groups apart by it), ``use_muon`` and
-    named params. Gains and biases go to ``adamw_no_decay`` (weight decay 0). See
-    :func:`route_parameters` for the rules and :func:`routing_table` to print them.
+    named params. Gains and biases go to ``adamw_no_decay`` (weight decay 0). ``matrix_rules``,
+    ``split_qkv`` and ``num_heads`` choose how Muon sees each matrix (conv kernel, stack, split
+    blocks; stored in the Muon group's ``matrix_views``). See :func:`route_parameters` for the
+    rules and :func:`routing_table` to print them.
 
     Example:
         >>> from lightning_muon import Muon
@@ -554,6 +708,9 @@ def muon_param_groups(
         head_names=head_names,
         adamw_names=adamw_names,
         muon_names=muon_names,
+        matrix_rules=matrix_rules,
+        split_qkv=split_qkv,
+        num_heads=num_heads,
     )
     if verbose:
         print(routing_table(routes))

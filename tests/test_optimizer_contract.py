@@ -236,8 +236,10 @@ def test_add_param_group_dicts_are_filled_from_their_family():
         "normuon_beta2",
         "normuon_eps",
         "momentum_dtype",
+        "matrix_views",  # {name: view} where not the default ("matrix" for 2-D, "flatten" above)
     }
     assert (g_w2["lr"], g_w2["momentum"], g_w3["use_muon"], g_w3["lr"]) == (0.5, 0.9, True, 0.02)
+    assert g_w2["matrix_views"] == {}
     assert [g["name"] for g in opt.param_groups] == ["muon", "adamw", "muon_1", "muon_2"]
 
 

@@ -83,7 +83,7 @@ def test_small_cnn_and_a_step():
     assert g["features.0.weight"] == "adamw" and g["features.3.weight"] == "muon"
     reasons = {r.name: r.reason for r in routes}
     assert reasons["features.0.weight"] == "input stem (first layer, a convolution reading the input)"
-    assert reasons["features.3.weight"] == "hidden 4-D kernel, flattened to 32 x 144"
+    assert reasons["features.3.weight"] == "hidden conv kernel: conv (out, rest) 32 x 144"
     assert g["features.1.weight"] == "adamw_no_decay"  # BatchNorm gain
     assert g["classifier.weight"] == "adamw"
     # One step: each parameter gets its group's rule. Exact polar factor (svd) for the references.
