@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from examples.common import adamw, muon
 from examples.gpt import GPTDataModule, LitGPT
 
 
@@ -83,9 +84,7 @@ def train_gpt(
         n_layer=n_layer,
         n_head=4,
         n_embd=n_embd,
-        optimizer=optimizer,
-        lr=lr,
-        adamw_lr=adamw_lr,
+        optimizer=muon(lr=lr, adamw_lr=adamw_lr) if optimizer == "muon" else adamw(lr=adamw_lr, fused=True),
     )
     timer, curve = _StepTimer(), _ValCurve()
     with tempfile.TemporaryDirectory() as tmp:
