@@ -47,7 +47,7 @@ def test_cli_demo_config_runs_and_writes_tensorboard(tmp_path):
             "examples/configs/gpt_demo.yaml",
             "--trainer.max_steps=4",
             "--trainer.val_check_interval=2",
-            "--trainer.limit_val_batches=1",
+            "--trainer.limit_val_batches=0.001",  # a fraction: the CLI reads "1" as 1.0, the whole val set
             "--trainer.log_every_n_steps=1",
             f"--trainer.logger.init_args.save_dir={tmp_path}",
             "--model.n_layer=1",
