@@ -117,6 +117,8 @@ def test_adamw_config_overlay_swaps_the_optimizer_and_keeps_the_schedule(tmp_pat
             "--model.n_embd=32",
             "--model.block_size=32",
             "--data.batch_size=4",
+            "--model.schedule=constant",
+            "--model.warmup_steps=5",
             f"--trainer.default_root_dir={tmp_path}",
         ]
     )
@@ -124,6 +126,6 @@ def test_adamw_config_overlay_swaps_the_optimizer_and_keeps_the_schedule(tmp_pat
     assert type(opt) is torch.optim.AdamW
     assert [g["name"] for g in opt.param_groups] == ["muon", "adamw", "adamw_no_decay"]
     assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["fused"] is True
-    # the demo's cosine schedule (warmup 20, 300 steps) over AdamW's lr 1e-3 in every group, after 2 steps
-    f = lr_lambda("cosine", 20, 300)
+    # the module's schedule (warmup 5) over AdamW's lr 1e-3 in every group, after 2 steps: 3/6 of it
+    f = lr_lambda("constant", 5, None)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3 * f(2)] * 3, rel=1e-6)
