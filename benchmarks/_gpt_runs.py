@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from examples.common import adamw, muon
 from examples.gpt import GPTDataModule, LitGPT
 
 
@@ -71,23 +72,25 @@ def train_gpt(
     accelerator: str = "auto",
     precision: str = "32-true",
     seed: int = 0,
+    muon_kwargs: dict[str, Any] | None = None,
     **model_kwargs: Any,
 ) -> GPTRun:
-    """One training run of ``examples.gpt.LitGPT`` on the embedded KJV corpus; ``model_kwargs`` go to LitGPT."""
+    """One training run of ``examples.gpt.LitGPT`` on the embedded KJV corpus; ``muon_kwargs`` go to
+    Muon (``optimizer="muon"``), ``model_kwargs`` to LitGPT."""
+    muon_kwargs = muon_kwargs or {}
     L.seed_everything(seed, verbose=False)
     key = (block_size, batch_size)
     if key not in _DATA:
         _DATA[key] = GPTDataModule(block_size=block_size, batch_size=batch_size)
     dm = _DATA[key]
+    factory = muon(lr=lr, adamw_lr=adamw_lr, **muon_kwargs) if optimizer == "muon" else adamw(lr=adamw_lr, fused=True)
     model = LitGPT(
         vocab_size=dm.vocab_size,
         block_size=block_size,
         n_layer=n_layer,
         n_head=4,
         n_embd=n_embd,
-        optimizer=optimizer,
-        lr=lr,
-        adamw_lr=adamw_lr,
+        optimizer=factory,
         **model_kwargs,
     )
     timer, curve = _StepTimer(), _ValCurve()

@@ -27,6 +27,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
+from examples.common import muon
 from examples.gpt import GPTDataModule, LitGPT
 from lightning_muon.callbacks import BatchSizeWarmup, CriticalBatchSizeMonitor
 
@@ -52,8 +53,7 @@ def _model(args, dm: GPTDataModule) -> LitGPT:
         n_layer=args.n_layer,
         n_head=4,
         n_embd=args.n_embd,
-        lr=args.lr,
-        adamw_lr=args.adamw_lr,
+        optimizer=muon(lr=args.lr, adamw_lr=args.adamw_lr),
         warmup_steps=args.warmup_steps,
         schedule="constant",
     )

@@ -24,6 +24,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks._timing import run_header
+from examples.common import muon
 from examples.gpt import LitGPT
 from lightning_muon.callbacks import (
     CriticalBatchSizeMonitor,
@@ -34,7 +35,9 @@ from lightning_muon.callbacks import (
 
 
 def make_model(args):
-    return LitGPT(block_size=args.block_size, n_layer=args.n_layer, n_embd=args.n_embd), "examples.gpt.LitGPT"
+    return LitGPT(
+        block_size=args.block_size, n_layer=args.n_layer, n_embd=args.n_embd, optimizer=muon()
+    ), "examples.gpt.LitGPT"
 
 
 class StepTimer(pl.Callback):

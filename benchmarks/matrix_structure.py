@@ -56,6 +56,7 @@ def _trainer(steps: int, val_batches: int | None, callback: L.Callback) -> L.Tra
 
 
 def run_gpt(split_qkv: bool | str, seed: int, steps: int) -> float:
+    from examples.common import muon
     from examples.gpt import GPTDataModule, LitGPT
 
     L.seed_everything(seed, verbose=False)
@@ -66,8 +67,7 @@ def run_gpt(split_qkv: bool | str, seed: int, steps: int) -> float:
         n_layer=2,
         n_head=4,
         n_embd=64,
-        lr=0.02,
-        adamw_lr=1e-3,
+        optimizer=muon(lr=0.02, adamw_lr=1e-3),
         warmup_steps=20,
         schedule="cosine",
         split_qkv=split_qkv,
@@ -78,6 +78,7 @@ def run_gpt(split_qkv: bool | str, seed: int, steps: int) -> float:
 
 
 def run_vit(split_qkv: bool | str, seed: int, steps: int) -> float:
+    from examples.common import muon
     from examples.image_data import DigitsDataModule
     from examples.vit import LitViT
 
@@ -92,8 +93,7 @@ def run_vit(split_qkv: bool | str, seed: int, steps: int) -> float:
         num_heads=4,
         hidden_dim=64,
         mlp_dim=128,
-        lr=0.02,
-        adamw_lr=1e-3,
+        optimizer=muon(lr=0.02, adamw_lr=1e-3),
         split_qkv=split_qkv,
     )
     last = _LastVal()

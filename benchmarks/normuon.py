@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
                 accelerator="cpu",
                 seed=seed,
                 **size,
-                **CONFIGS[name],
+                muon_kwargs=CONFIGS[name],
             )
             losses[name].append(run.val_curve[-1][1])
             times[name].extend(run.step_times[args.skip :])

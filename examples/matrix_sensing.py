@@ -28,22 +28,17 @@ Example (in Python):
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make `lightning_muon` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
 import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from lightning_muon import orthogonalize
+from lightning_muon import orthogonalize, spectral_entropy
 
 __all__ = [
     "DECAYS",
@@ -97,13 +92,8 @@ class Run:
 
 
 def normalized_spectral_entropy(W: Tensor) -> float:
-    """``H / ln k`` with ``p_i = s_i / sum_j s_j`` over singular values ``s_i > 1e-12`` (in [0, 1])."""
-    s = torch.linalg.svdvals(W)
-    s = s[s > 1e-12]
-    if len(s) == 0:
-        return 0.0
-    prob = s / s.sum()
-    return float(-(prob * prob.log()).sum() / math.log(min(W.shape)))
+    """``H / ln min(m, n)``, ``p_i = s_i / sum_j s_j``, in [0, 1]: ``lightning_muon.spectral_entropy``, a float."""
+    return float(spectral_entropy(W))
 
 
 def nuclear_norm(W: Tensor) -> float:

@@ -10,34 +10,32 @@ Run from the repository root:
     python -m examples.vit fit --config examples/configs/vit_demo.yaml      # CPU, embedded digits
     python -m examples.vit fit --config examples/configs/vit_paper.yaml \\
         --data.init_args.root /data/cifar10                                # paper's CIFAR-10 run
-    python -m examples.vit fit --config examples/configs/vit_demo.yaml --model.optimizer adamw
+    python -m examples.vit fit --config examples/configs/vit_demo.yaml --config examples/configs/adamw.yaml
 
 Example (in Python):
+    >>> from examples.common import muon
     >>> from examples.vit import LitViT
-    >>> model = LitViT(image_size=16, num_channels=1, optimizer="muon", lr=0.02)
+    >>> model = LitViT(image_size=16, num_channels=1, optimizer=muon(lr=0.02))
+    >>> [g["name"] for g in model.configure_optimizers().param_groups]
+    ['muon', 'adamw', 'adamw_no_decay']
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make `examples` and `lightning_muon` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import math
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.models import VisionTransformer
 
-from examples.common import configure_from_hparams, fully_shard_blocks
+from examples.common import configure_optimizer, fully_shard_blocks
 from examples.image_data import ImageDataModule
+from lightning_muon import Muon
 
 __all__ = ["LitViT", "ViTCLI", "cli_main"]
 
@@ -48,9 +46,10 @@ class LitViT(L.LightningModule):
     Args:
         image_size, num_channels, num_classes: the input; linked from the data module by the CLI.
         patch_size, num_layers, num_heads, hidden_dim, mlp_dim, dropout: the architecture.
-        optimizer: ``"muon"`` (hidden matrices at ``lr``, the rest AdamW at ``adamw_lr``) or
-            ``"adamw"`` (everything AdamW at ``adamw_lr``); see
-            ``examples.common.configure_example_optimizer`` for the other optimizer arguments.
+        optimizer: an optimizer factory over param groups (LightningCLI's ``OptimizerCallable``):
+            ``Muon`` (default, library defaults; the configs set the paper's) or e.g. ``torch.optim.AdamW``;
+            either way ``configure_muon`` routes the parameters into the same named groups.
+        warmup_steps, schedule: one LR schedule over every group (see ``lightning_muon.configure_muon``).
     """
 
     def __init__(
@@ -64,14 +63,7 @@ class LitViT(L.LightningModule):
         hidden_dim: int = 128,
         mlp_dim: int = 512,
         dropout: float = 0.0,
-        optimizer: str = "muon",
-        lr: float = 0.02,
-        adamw_lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        momentum: float = 0.95,
-        betas: tuple[float, float] = (0.9, 0.95),
-        adjust_lr: str = "original",
-        ns_method: str = "polar_express",
+        optimizer: OptimizerCallable = Muon,
         warmup_steps: int = 0,
         schedule: str = "constant",
         split_qkv: bool | str = False,
@@ -82,7 +74,8 @@ class LitViT(L.LightningModule):
                 f"image_size ({image_size}) must be a multiple of patch_size ({patch_size}); "
                 "resize the data (e.g. DigitsDataModule(image_size=16)) or change patch_size"
             )
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["optimizer"])  # LightningCLI records it in config.yaml
+        self.optimizer = optimizer
         self.model = VisionTransformer(
             image_size=image_size,
             patch_size=patch_size,
@@ -127,7 +120,9 @@ class LitViT(L.LightningModule):
         self.log("val/acc", self.val_acc, prog_bar=True)
 
     def configure_optimizers(self) -> dict | torch.optim.Optimizer:
-        return configure_from_hparams(self)
+        return configure_optimizer(
+            self, self.optimizer, self.hparams.warmup_steps, self.hparams.schedule, split_qkv=self.hparams.split_qkv
+        )
 
 
 class ViTCLI(LightningCLI):

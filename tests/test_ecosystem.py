@@ -269,7 +269,7 @@ def test_swa_averages_the_epoch_weights_and_keeps_the_lr_ratio_with_a_list(tmp_p
 
 def test_swa_with_one_float_sets_every_group_to_it(tmp_path):
     # Lightning's documented behaviour: a float swa_lrs applies to every param group, so the Muon
-    # and AdamW families end at the same lr. README: pass a list to keep the ratio.
+    # and AdamW families end at the same lr. docs/lightning.md: pass a list to keep the ratio.
     model = Net(lr=0.02, adamw_lr=3e-3, adjust_lr="original")
     _trainer(
         tmp_path, [StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1, annealing_epochs=1)], max_epochs=3
@@ -297,7 +297,7 @@ def test_lr_find_with_one_lr_for_both_families(tmp_path):
 
 
 class RatioNet(Net):
-    """The README's recipe for a separate AdamW lr: derive it from ``self.lr``, so it follows lr_find."""
+    """The recipe for a separate AdamW lr (docs/lightning.md): derive it from ``self.lr``, to follow lr_find."""
 
     def configure_optimizers(self):
         return configure_muon(
@@ -307,7 +307,7 @@ class RatioNet(Net):
 
 def test_lr_find_sweeps_every_group_at_the_same_lr(tmp_path):
     # With a separate adamw_lr, Lightning's lr_find still sets every group to the same sweep lr:
-    # the Muon/AdamW ratio is NOT kept during the sweep (README, "Works with": lr_find) ...
+    # the Muon/AdamW ratio is NOT kept during the sweep (docs/lightning.md, "Works with": lr_find) ...
     model = RatioNet(lr=0.02)
     trainer = _trainer(tmp_path, max_epochs=10, max_steps=1)
     result = Tuner(trainer).lr_find(model, min_lr=1e-4, max_lr=0.1, num_training=20, early_stop_threshold=None)

@@ -37,15 +37,14 @@ SMALL = [
 ]
 
 
-def _cli(config, tmp_path, *extra):
+def _cli(configs, tmp_path, *extra):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     args = [
         sys.executable,
         "-m",
         "examples.gpt",
         "fit",
-        "--config",
-        str(ROOT / config),
+        *(arg for config in configs.split() for arg in ("--config", str(ROOT / config))),
         *SMALL,
         f"--trainer.logger.init_args.save_dir={tmp_path}",
         f"--trainer.default_root_dir={tmp_path}",
@@ -69,7 +68,7 @@ def test_gpt_cli_ddp_two_processes_smoke(tmp_path):
 @pytest.mark.slow
 def test_gpt_cli_fsdp2_two_processes_smoke(tmp_path):
     tags = _cli(
-        "examples/configs/gpt2_124m_fsdp2.yaml",
+        "examples/configs/gpt2_124m.yaml examples/configs/gpt2_124m_fsdp2.yaml",
         tmp_path,
         "--trainer.strategy.init_args.data_parallel_size=2",
         "--trainer.max_steps=3",
@@ -80,7 +79,11 @@ def test_gpt_cli_fsdp2_two_processes_smoke(tmp_path):
 @pytest.mark.slow
 def test_gpt_cli_tensor_parallel_two_processes(tmp_path):
     # 1 (FSDP2) x 2 (tensor parallel): one head per rank; the spectral monitors gather full matrices
-    tags = _cli("examples/configs/gpt2_124m_tp.yaml", tmp_path, "--trainer.strategy.init_args.data_parallel_size=1")
+    tags = _cli(
+        "examples/configs/gpt2_124m.yaml examples/configs/gpt2_124m_tp.yaml",
+        tmp_path,
+        "--trainer.strategy.init_args.data_parallel_size=1",
+    )
     assert "train/loss" in tags and "val/loss" in tags and "lr-Muon/muon" in tags
     for tag in ("spectral_entropy/mean", "stable_rank/mean", "polar_misalignment/update_sin_theta/mean"):
         assert tag in tags, tag
@@ -94,6 +97,8 @@ def test_vit_cli_fsdp2_two_processes_smoke(tmp_path):
         "-m",
         "examples.vit",
         "fit",
+        "--config",
+        str(ROOT / "examples/configs/vit_ddp.yaml"),
         "--config",
         str(ROOT / "examples/configs/vit_fsdp2.yaml"),
         "--data.class_path=examples.image_data.DigitsDataModule",

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from examples.common import adamw
 from examples.gpt import GPTDataModule, LitGPT, TokenBlocks, cli_main, kjv_text, load_tokens
 from lightning_muon import lr_lambda
 
@@ -46,7 +47,7 @@ def test_cli_demo_config_runs_and_writes_tensorboard(tmp_path):
             "examples/configs/gpt_demo.yaml",
             "--trainer.max_steps=4",
             "--trainer.val_check_interval=2",
-            "--trainer.limit_val_batches=1",
+            "--trainer.limit_val_batches=0.001",  # a fraction: the CLI reads "1" as 1.0, the whole val set
             "--trainer.log_every_n_steps=1",
             f"--trainer.logger.init_args.save_dir={tmp_path}",
             "--model.n_layer=1",
@@ -88,10 +89,43 @@ def test_cli_demo_config_runs_and_writes_tensorboard(tmp_path):
 
 
 def test_adamw_switch_uses_same_groups():
-    model = LitGPT(vocab_size=50, block_size=16, n_layer=1, n_embd=32, n_head=2, optimizer="adamw")
+    model = LitGPT(vocab_size=50, block_size=16, n_layer=1, n_embd=32, n_head=2, optimizer=adamw(weight_decay=0.1))
     opt = model.configure_optimizers()
     assert isinstance(opt, torch.optim.AdamW)
     assert [g["name"] for g in opt.param_groups] == ["muon", "adamw", "adamw_no_decay"]
     assert opt.param_groups[2]["weight_decay"] == 0.0
-    with pytest.raises(ValueError, match="optimizer must be one of"):
+    assert opt.param_groups[0]["weight_decay"] == opt.param_groups[1]["weight_decay"] == 0.1
+    with pytest.raises(TypeError, match="optimizer must be a callable"):
         LitGPT(vocab_size=50, optimizer="sgd").configure_optimizers()
+
+
+def test_adamw_config_overlay_swaps_the_optimizer_and_keeps_the_schedule(tmp_path):
+    cli = cli_main(
+        [
+            "fit",
+            "--config",
+            "examples/configs/gpt_demo.yaml",
+            "--config",
+            "examples/configs/adamw.yaml",
+            "--trainer.max_steps=2",
+            "--trainer.limit_val_batches=0",
+            "--trainer.logger=false",
+            "--trainer.callbacks=[]",
+            "--trainer.enable_checkpointing=false",
+            "--trainer.enable_progress_bar=false",
+            "--model.n_layer=1",
+            "--model.n_embd=32",
+            "--model.block_size=32",
+            "--data.batch_size=4",
+            "--model.schedule=constant",
+            "--model.warmup_steps=5",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    opt = cli.trainer.optimizers[0]
+    assert type(opt) is torch.optim.AdamW
+    assert [g["name"] for g in opt.param_groups] == ["muon", "adamw", "adamw_no_decay"]
+    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["fused"] is True
+    # the module's schedule (warmup 5) over AdamW's lr 1e-3 in every group, after 2 steps: 3/6 of it
+    f = lr_lambda("constant", 5, None)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3 * f(2)] * 3, rel=1e-6)

@@ -230,10 +230,12 @@ def test_lightning_checkpoint_resume_equals_an_uninterrupted_run(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_example_gpt_takes_variant_and_momentum_dtype_from_its_hyperparameters():
+def test_example_gpt_takes_variant_and_momentum_dtype_through_its_optimizer():
+    from examples.common import muon
     from examples.gpt import LitGPT
 
-    model = LitGPT(vocab_size=16, block_size=8, n_layer=1, n_embd=16, variant="normuon", momentum_dtype="bfloat16")
+    optimizer = muon(variant="normuon", momentum_dtype="bfloat16")
+    model = LitGPT(vocab_size=16, block_size=8, n_layer=1, n_embd=16, optimizer=optimizer)
     opt = model.configure_optimizers()
     muon = [g for g in opt.param_groups if g["use_muon"]]
     assert muon and all((g["variant"], g["momentum_dtype"]) == ("normuon", "bfloat16") for g in muon)

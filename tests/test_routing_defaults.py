@@ -1,4 +1,4 @@
-"""Every documented default output-head name routes a Linear head to AdamW (README, "Which
+"""Every documented default output-head name routes a Linear head to AdamW (docs/routing.md, "Which
 parameters get Muon"). The list is written here, not imported, so dropping a name fails a test."""
 
 import warnings

@@ -32,7 +32,7 @@ from _launch import launch as _launch  # noqa: E402
 from _launch import wait as _wait  # noqa: E402
 
 # Tensor parallelism was verified on torch 2.14.1; on torch 2.9.1 DTensor splits _StridedShard layouts
-# differently and the TP runs do not match one process (README, Installing).
+# differently and the TP runs do not match one process (docs/installing.md).
 pytestmark = pytest.mark.requires_torch("2.14", "tensor parallelism, verified on torch 2.14.1 only")
 
 

@@ -2,9 +2,10 @@
 small ViT (embedded digits), read back from the callbacks' TensorBoard event files.
 
 Each run is the example module (``examples.gpt.LitGPT``, ``examples.vit.LitViT``) under a plain
-Lightning ``Trainer`` with ``StableRankMonitor`` and ``SpectralEntropyMonitor``; only the optimizer
-switch differs between the two runs of a task. Newton–Schulz runs in float32 (``ns_dtype``), which
-is the fast path on CPUs without native bf16.
+Lightning ``Trainer`` with ``StableRankMonitor`` and ``SpectralEntropyMonitor``; only the
+optimizer differs between the two runs of a task (``examples.common.muon()`` or ``adamw()``, injected
+as LightningCLI would). Newton–Schulz runs in Muon's ``ns_dtype="auto"``: float32 on CPUs without
+native bf16, bf16 where the CPU multiplies it natively.
 """
 
 from __future__ import annotations
@@ -17,70 +18,38 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from examples.common import adamw, muon
 from examples.compare import read_scalars
 from examples.gpt import GPTDataModule, LitGPT
 from examples.image_data import DigitsDataModule
 from examples.paper._report import Row, Section, figure, save
 from examples.vit import LitViT
-from lightning_muon import configure_muon
 from lightning_muon.callbacks import SpectralEntropyMonitor, StableRankMonitor
 
 OPTIMIZERS = ("muon", "adamw")
 GPT_STEPS, VIT_STEPS = 60, 80  # what fit the time budget on a shared 2-core CPU; the paper trains 5000
 
 
-def _configure(module: L.LightningModule):
-    """The examples' optimizer switch, with Newton–Schulz in float32 for Muon."""
-    hp = module.hparams
-    if hp.optimizer != "muon":
-        return type(module).__mro__[1].configure_optimizers(module)
-    return configure_muon(
-        module,
-        lr=hp.lr,
-        adamw_lr=hp.adamw_lr,
-        weight_decay=hp.weight_decay,
-        momentum=hp.momentum,
-        adjust_lr=hp.adjust_lr,
-        ns_method=hp.ns_method,
-        adamw_betas=tuple(hp.get("betas", (0.9, 0.95))),
-        warmup_steps=hp.warmup_steps,
-        schedule=hp.schedule,
-        max_steps=None,
-        ns_dtype="float32",
-    )
-
-
-class PaperGPT(LitGPT):
-    def configure_optimizers(self):
-        return _configure(self)
-
-
-class PaperViT(LitViT):
-    def configure_optimizers(self):
-        return _configure(self)
-
-
 def run(task: str, optimizer: str, steps: int, out: Path, every: int, quick: bool) -> dict:
     """Train one (task, optimizer) pair; returns the scalars read back from its event file."""
     L.seed_everything(0, verbose=False)
+    factory = muon(lr=0.02, adamw_lr=1e-3) if optimizer == "muon" else adamw(lr=1e-3, fused=True)
     if task == "gpt":
         data = GPTDataModule(block_size=64, batch_size=16)
-        model = PaperGPT(
+        model = LitGPT(
             vocab_size=data.vocab_size,
             block_size=64,
             n_layer=2 if quick else 4,
             n_head=4,
             n_embd=64 if quick else 128,
-            optimizer=optimizer,
-            lr=0.02,
-            adamw_lr=1e-3,
+            optimizer=factory,
             warmup_steps=max(1, steps // 10),
             schedule="cosine",
         )
         val_batches = 4 if quick else 20
     else:
         data = DigitsDataModule(image_size=16, batch_size=64)
-        model = PaperViT(
+        model = LitViT(
             image_size=16,
             num_channels=1,
             num_classes=10,
@@ -89,9 +58,7 @@ def run(task: str, optimizer: str, steps: int, out: Path, every: int, quick: boo
             num_heads=4,
             hidden_dim=64 if quick else 128,
             mlp_dim=256 if quick else 512,
-            optimizer=optimizer,
-            lr=0.02,
-            adamw_lr=1e-3,
+            optimizer=factory,
         )
         val_batches = 1.0
     shutil.rmtree(out / f"{task}_{optimizer}", ignore_errors=True)  # no stale event files from an earlier run
@@ -218,4 +185,4 @@ def fig5(out: Path, quick: bool = False) -> Section:
     )
 
 
-__all__ = ["fig5", "PaperGPT", "PaperViT"]
+__all__ = ["fig5"]

@@ -21,6 +21,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from examples.common import muon  # noqa: E402
 from examples.gpt import LitGPT, TokenBlocks  # noqa: E402
 
 
@@ -56,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(3, verbose=False)
-    model = Tiny(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=32, lr=0.02, warmup_steps=3)
+    model = Tiny(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=32, optimizer=muon(lr=0.02), warmup_steps=3)
     recorder = Recorder(args.kill_rank, args.kill_at_step)
     ckpt = ModelCheckpoint(dirpath=args.out / "ckpt", save_last=True, save_top_k=-1, every_n_epochs=1)
     trainer = L.Trainer(

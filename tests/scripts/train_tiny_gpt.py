@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from examples.common import muon  # noqa: E402
 from examples.gpt import LitGPT, TokenBlocks  # noqa: E402
 
 
@@ -25,7 +26,14 @@ def main() -> None:
     tokens = np.random.default_rng(0).integers(0, 40, size=16 * 4 * 17 + 1).astype(np.uint16)
     loader = DataLoader(TokenBlocks(tokens, 16), batch_size=4, shuffle=False)
     model = LitGPT(
-        vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=32, lr=0.02, warmup_steps=5, schedule="constant"
+        vocab_size=40,
+        block_size=16,
+        n_layer=1,
+        n_head=2,
+        n_embd=32,
+        optimizer=muon(lr=0.02),
+        warmup_steps=5,
+        schedule="constant",
     )  # a schedule independent of max_epochs
     trainer = L.Trainer(
         accelerator="cpu",
