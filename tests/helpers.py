@@ -43,9 +43,9 @@ class MLPRegressor(pl.LightningModule):
 def cpu_trainer(tmp_path: Path, **kw) -> pl.Trainer:
     """A one-device CPU Trainer writing under ``tmp_path``, without progress bar or model summary."""
     kw.setdefault("devices", 1)
+    kw.setdefault("default_root_dir", tmp_path)
     return pl.Trainer(
         accelerator="cpu",
-        default_root_dir=tmp_path,
         enable_progress_bar=False,
         enable_model_summary=False,
         **kw,
