@@ -17,6 +17,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import cpu_trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -72,18 +73,9 @@ def _trainer(tmp_path, callbacks, logger="tb", **kw):
     if logger == "tb":
         logger = TensorBoardLogger(tmp_path, name="", version="run")
     kw.setdefault("max_steps", 3)
-    kw.setdefault("devices", 1)
     kw.setdefault("log_every_n_steps", 1)
-    return pl.Trainer(
-        accelerator="cpu",
-        logger=logger,
-        callbacks=callbacks,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **kw,
-    )
+    kw.setdefault("enable_checkpointing", False)
+    return cpu_trainer(tmp_path, logger=logger, callbacks=callbacks, num_sanity_val_steps=0, **kw)
 
 
 def _events(path):

@@ -114,13 +114,7 @@ RAW_RUNS = {"ddp2": ("2", "ddp"), "fsdp4": ("4", "fsdp")}  # 4 ranks: 3-row matr
 
 def _raw_reference():
     """One process, no process group: the same parameters, gradients and Muon settings."""
-    init, grads = raw_step.make(0)
-    params = [torch.nn.Parameter(p.clone()) for p in init]
-    opt = Muon(raw_step.groups(params), lr=0.05, ns_dtype="bfloat16", weight_decay=0.1)
-    for step in grads:
-        for p, g in zip(params, step):
-            p.grad = g
-        opt.step()
+    params, opt = raw_step.one_process(0, "bfloat16")
     momentum = [opt.state[p]["momentum_buffer"] for p in params if p.ndim >= 2]
     return [p.detach() for p in params], momentum
 

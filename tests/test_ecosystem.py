@@ -13,14 +13,13 @@ import csv
 import json
 import math
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import MLPRegressor, cpu_trainer, teacher_data
 from lightning.pytorch.callbacks import (
     EarlyStopping,
     GradientAccumulationScheduler,
@@ -41,44 +40,24 @@ from lightning_muon.callbacks import (
     StableRankMonitor,
 )
 
-ROOT = Path(__file__).parent.parent
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 BATCH = 16
 N = 64  # 4 batches per epoch
 
 
-def _data(n: int = N):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 8, generator=g)
-    return x, torch.tanh(x @ torch.randn(8, 4, generator=g))
-
-
-class Net(pl.LightningModule):
+class Net(MLPRegressor):
     """8 -> 24 -> 24 -> head 4: two Muon matrices, an AdamW head, AdamW biases."""
 
     def __init__(self, lr: float = 0.02, adamw_lr: float | None = None, n: int = N, **muon) -> None:
-        super().__init__()
-        torch.manual_seed(0)  # every instance starts from the same weights
-        self.net = nn.Sequential(nn.Linear(8, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh())
-        self.head = nn.Linear(24, 4)
+        super().__init__(8, 24, seed=0)  # every instance starts from the same weights
         self.lr, self.adamw_lr, self.n, self.muon = lr, adamw_lr, n, muon
-        self.losses: list[float] = []
         self.group_lrs: list[dict[str, float]] = []
-
-    def forward(self, x):
-        return self.head(self.net(x))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = nn.functional.mse_loss(self(x), y)
-        self.losses.append(loss.item())
-        return loss
 
     def on_before_optimizer_step(self, optimizer):
         self.group_lrs.append({g["name"]: g["lr"] for g in optimizer.param_groups})
 
     def train_dataloader(self):
-        return DataLoader(TensorDataset(*_data(self.n)), batch_size=BATCH, shuffle=False)
+        return DataLoader(teacher_data(self.n, 8), batch_size=BATCH, shuffle=False)
 
     def configure_optimizers(self):
         kw = dict(ns_dtype="float32", weight_decay=0.0) | self.muon
@@ -88,22 +67,7 @@ class Net(pl.LightningModule):
 def _trainer(tmp_path, callbacks=(), **kw):
     kw.setdefault("logger", False)
     kw.setdefault("enable_checkpointing", False)
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=kw.pop("devices", 1),
-        default_root_dir=tmp_path,
-        callbacks=list(callbacks),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **kw,
-    )
-
-
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
+    return cpu_trainer(tmp_path, callbacks=list(callbacks), num_sanity_val_steps=0, **kw)
 
 
 def _csv_metrics(path: Path, tag: str) -> dict[int, float]:
@@ -522,6 +486,8 @@ def test_compiled_module_routes_embedding_and_head_to_adamw(tmp_path):
 # ------------------------------------------------------------------ Lightning Fabric
 sys.path.insert(0, str(SCRIPTS))
 import fabric_ddp  # noqa: E402
+from _launch import launch as _launch  # noqa: E402
+from _launch import wait as _wait  # noqa: E402
 
 
 def test_fabric_single_process_matches_plain_torch():
@@ -540,16 +506,7 @@ def test_fabric_single_process_matches_plain_torch():
 
 @pytest.mark.slow
 def test_fabric_two_process_ddp_matches_one_process(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), MASTER_PORT=_free_port(), OMP_NUM_THREADS="1")
-    done = subprocess.run(
-        [sys.executable, str(SCRIPTS / "fabric_ddp.py"), str(tmp_path), "2"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _wait([_launch("fabric_ddp.py", str(tmp_path), "2")], timeout=300)
     two = torch.load(tmp_path / "world2.pt")
     one = fabric_ddp.run(1)
     assert sorted(two) == sorted(one)

@@ -5,37 +5,23 @@ import copy
 import lightning as L
 import pytest
 import torch
+from helpers import MLPRegressor, cpu_trainer, teacher_data
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI, OptimizerCallable
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from lightning_muon import Muon, configure_muon, lr_lambda
 
 
-def _data(n=256, d=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g)
-    teacher = torch.randn(d, 4, generator=g)
-    return TensorDataset(x, torch.tanh(x @ teacher))
+def _data():
+    return teacher_data(256, 16)
 
 
-class Regressor(L.LightningModule):
+class Regressor(MLPRegressor):
     def __init__(self, schedule: str = "constant", warmup_steps: int = 0):
-        super().__init__()
+        super().__init__(16, 64, activation=nn.GELU)
         self.save_hyperparameters()
-        self.net = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU())
-        self.head = nn.Linear(64, 4)
-        self.losses = []
-
-    def forward(self, x):
-        return self.head(self.net(x))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = nn.functional.mse_loss(self(x), y)
-        self.losses.append(loss.item())
-        return loss
 
     def train_dataloader(self):
         return DataLoader(_data(), batch_size=32, shuffle=True)
@@ -53,14 +39,7 @@ class Regressor(L.LightningModule):
 
 def _trainer(tmp_path, **kw):
     kw.setdefault("max_epochs", 6)
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=tmp_path,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kw,
-    )
+    return cpu_trainer(tmp_path, **kw)
 
 
 def test_tiny_module_loss_goes_down_with_clipping_and_lr_monitor(tmp_path):

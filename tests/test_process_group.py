@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_muon import Muon
-
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(SCRIPTS))
@@ -24,13 +22,7 @@ pytestmark = pytest.mark.slow
 
 
 def _single_process(seed: int) -> list[torch.Tensor]:
-    init, grads = raw_step.make(seed)
-    params = [torch.nn.Parameter(p.clone()) for p in init]
-    opt = Muon(raw_step.groups(params), lr=0.05, ns_dtype="float32", weight_decay=0.1)
-    for step in grads:
-        for p, g in zip(params, step):
-            p.grad = g
-        opt.step()
+    params, _ = raw_step.one_process(seed, "float32")
     return [p.detach() for p in params]
 
 

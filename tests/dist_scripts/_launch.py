@@ -1,5 +1,5 @@
 """Start the worker scripts of this folder as subprocesses (each spawns its own gloo ranks), wait for them,
-and compare what they save."""
+and compare what they save; and, inside a worker, record which matrices its rank orthogonalises."""
 
 from __future__ import annotations
 
@@ -53,3 +53,22 @@ def assert_same_training(got: Path, want: Path, epoch: int) -> None:
     assert a.keys() == b.keys() and any(k.startswith("momentum_buffer.") for k in a)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5, msg=key)
+
+
+def record_orthogonalized() -> list[tuple[int, int]]:
+    """Record, from now on in this process, the ``(rows, cols)`` of every matrix that Muon's bucket loop
+    (``lightning_muon.buckets``) orthogonalises on this rank, one entry per matrix, in the returned list.
+
+    The patched function calls through, so results are unchanged.
+    """
+    import lightning_muon.buckets as buckets
+
+    record: list[tuple[int, int]] = []
+    original = buckets.orthogonalize
+
+    def recording(G, *args, **kwargs):
+        record.extend([tuple(G.shape[-2:])] * G.shape[0])
+        return original(G, *args, **kwargs)
+
+    buckets.orthogonalize = recording
+    return record

@@ -26,9 +26,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 torch.set_num_threads(1)
 
 import lightning as L  # noqa: E402
+from _launch import record_orthogonalized  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # noqa: E402
 
-import lightning_muon.buckets as lmb  # noqa: E402
 from lightning_muon import Muon, configure_muon  # noqa: E402
 
 VOCAB, CONTEXT, DIM, HEADS = 65, 16, 32, 2
@@ -131,12 +131,8 @@ def count_work_and_comms(out: str, rank_of) -> None:
     """Record what this rank orthogonalises and the collectives inside each optimizer step."""
     from torch.distributed.tensor.debug import CommDebugMode
 
-    record = {"orthogonalized": [], "comms": []}
-    original_ortho, original_step = lmb.orthogonalize, Muon.step
-
-    def ortho(G, *args, **kwargs):  # calls through; records the matrices computed here
-        record["orthogonalized"].extend([list(G.shape[-2:])] * G.shape[0])
-        return original_ortho(G, *args, **kwargs)
+    record = {"orthogonalized": record_orthogonalized(), "comms": []}
+    original_step = Muon.step
 
     def step(self, closure=None):  # forward/backward outside, the optimizer's own work inside
         loss = closure() if closure is not None else None
@@ -147,7 +143,7 @@ def count_work_and_comms(out: str, rank_of) -> None:
             json.dump(record, f)
         return loss
 
-    lmb.orthogonalize, Muon.step = ortho, step
+    Muon.step = step
 
 
 def main() -> None:

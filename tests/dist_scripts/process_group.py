@@ -23,8 +23,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 import raw_step  # noqa: E402  (parameters, gradients and groups shared with tests/test_distributed.py)
+from _launch import record_orthogonalized  # noqa: E402
 
-import lightning_muon.buckets as lmb  # noqa: E402
 from lightning_muon import Muon  # noqa: E402
 
 WORLD = 2
@@ -48,14 +48,7 @@ def worker(rank: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
     from torch.distributed.device_mesh import init_device_mesh
 
-    counted = []
-    original = lmb.orthogonalize
-
-    def counting(G, *args, **kwargs):  # calls through: only records how many matrices this rank computes
-        counted.append(G.shape[0])
-        return original(G, *args, **kwargs)
-
-    lmb.orthogonalize = counting
+    counted = record_orthogonalized()  # one entry per matrix this rank orthogonalises
     result = {}
     if rank == 0:
         result["alone"] = run(0, None)
@@ -68,7 +61,7 @@ def worker(rank: int, out: str) -> None:
     ]:
         counted.clear()
         result[label] = run(0, group)
-        result[f"{label}_orthogonalized"] = sum(counted)
+        result[f"{label}_orthogonalized"] = len(counted)
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()

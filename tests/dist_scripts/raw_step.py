@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import warnings
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,7 +23,8 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-import lightning_muon.buckets as lmb  # noqa: E402
+from _launch import record_orthogonalized  # noqa: E402
+
 import lightning_muon.distributed as lmd  # noqa: E402
 from lightning_muon import Muon  # noqa: E402
 
@@ -45,6 +47,18 @@ def groups(params):
     ]
 
 
+def one_process(seed: int, ns_dtype: str, **extra: Any) -> tuple[list[torch.nn.Parameter], Muon]:
+    """The reference: the parameters and gradients of ``make(seed)`` stepped by Muon in this process alone."""
+    init, grads = make(seed)
+    params = [torch.nn.Parameter(p.clone()) for p in init]
+    opt = Muon(groups(params), lr=0.05, ns_dtype=ns_dtype, weight_decay=0.1, **extra)
+    for step in grads:
+        for p, g in zip(params, step):
+            p.grad = g
+        opt.step()
+    return params, opt
+
+
 def worker(rank: int, world: int, mode: str, ns_dtype: str, out: str, extra: dict) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
@@ -53,14 +67,7 @@ def worker(rank: int, world: int, mode: str, ns_dtype: str, out: str, extra: dic
     from torch.distributed.tensor import Shard, distribute_tensor
     from torch.distributed.tensor.debug import CommDebugMode
 
-    counted = []  # (rows, cols) of each matrix this rank orthogonalised
-    original = lmb.orthogonalize
-
-    def counting(G, *args, **kwargs):  # calls through: only records what this rank computes
-        counted.extend([tuple(G.shape[-2:])] * G.shape[0])
-        return original(G, *args, **kwargs)
-
-    lmb.orthogonalize = counting
+    counted = record_orthogonalized()  # (rows, cols) of each matrix this rank orthogonalises
     init, grads = make(0)
     if mode == "fsdp":
         mesh = init_device_mesh("cpu", (world,))

@@ -24,7 +24,8 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-import lightning_muon.buckets as lmb  # noqa: E402
+from _launch import record_orthogonalized  # noqa: E402
+
 import lightning_muon.distributed as lmd  # noqa: E402
 from lightning_muon import Muon  # noqa: E402
 
@@ -95,14 +96,7 @@ def worker(rank: int, world: int, dp: int, tp: int, mode: str, out: str, ckpt: s
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.debug import CommDebugMode
 
-    counted = []
-    original = lmb.orthogonalize
-
-    def counting(G, *args, **kwargs):  # calls through: only records what this rank computes
-        counted.extend([tuple(G.shape[-2:])] * G.shape[0])
-        return original(G, *args, **kwargs)
-
-    lmb.orthogonalize = counting
+    counted = record_orthogonalized()  # (rows, cols) of each matrix this rank orthogonalises
     init, grads = make(0)
     if distributed:
         mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
