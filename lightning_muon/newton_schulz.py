@@ -246,14 +246,18 @@ def default_kernel(device: torch.device | str, side: int) -> str:
     return "looped" if torch.device(device).type == "cpu" and side >= LOOP_MIN_SIDE else "batched"
 
 
-#: On CPU in float32/float64, a standard preset runs as its Gram form when max(m, n) >= this * min(m, n).
+#: On CPU in float32/float64, a standard preset runs as its Gram form when max(m, n) >= this * min(m, n)
 GRAM_MIN_ASPECT = 3.0
+#: ... and min(m, n) >= this: on small matrices NS costs little, and Gram NS's float32 round-off was
+#: several times standard NS's (an input change of 1e-6 moved a 96 x 32 output 8x as much).
+GRAM_MIN_SIDE = 256
 
 
 def default_gram(device: torch.device | str, dtype: torch.dtype, m: int, n: int) -> bool:
     """Whether a standard preset (``"polar_express"``, ``"quintic"``) runs as its Gram form here.
 
-    Yes on CPU in float32 or float64 when one side is at least ``GRAM_MIN_ASPECT`` times the other:
+    Yes on CPU in float32 or float64 when one side is at least ``GRAM_MIN_ASPECT`` times the other
+    and the smaller side is at least ``GRAM_MIN_SIDE``:
     there Gram NS computes the same polynomial with fewer FLOPs (Polar Express: 3/4 of them at
     aspect ratio 3, 2/3 at 4) and ran correspondingly faster, with the same singular values and
     distance to the SVD polar factor; at aspect ratio 2 (7/8 of the FLOPs) the gain was within the
@@ -265,6 +269,8 @@ def default_gram(device: torch.device | str, dtype: torch.dtype, m: int, n: int)
     Example:
         >>> default_gram("cpu", torch.float32, 768, 3072), default_gram("cpu", torch.float32, 768, 768)
         (True, False)
+        >>> default_gram("cpu", torch.float32, 32, 128)  # small: standard NS
+        False
         >>> default_gram("cpu", torch.bfloat16, 768, 3072), default_gram("cuda", torch.float32, 768, 3072)
         (False, False)
     """
@@ -273,6 +279,7 @@ def default_gram(device: torch.device | str, dtype: torch.dtype, m: int, n: int)
         torch.device(device).type == "cpu"
         and dtype in (torch.float32, torch.float64)
         and large >= GRAM_MIN_ASPECT * small
+        and small >= GRAM_MIN_SIDE
     )
 
 

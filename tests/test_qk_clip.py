@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from examples.common import muon
 from examples.gpt import CausalSelfAttention, GPTConfig, LitGPT
 from lightning_muon import (
     QKScaling,
@@ -242,8 +243,9 @@ def test_bad_inputs_change_nothing() -> None:
 class TinyGPT(LitGPT):
     """The example GPT, 2 layers of 4 heads, on a fixed set of random token sequences."""
 
-    def __init__(self, lr: float = 0.05, batches: int = 4, **kw) -> None:
-        super().__init__(vocab_size=32, block_size=12, n_layer=2, n_head=4, n_embd=32, lr=lr, **kw)
+    def __init__(self, lr: float = 0.05, batches: int = 4, **muon_kwargs) -> None:
+        optimizer = muon(lr=lr, **muon_kwargs)
+        super().__init__(vocab_size=32, block_size=12, n_layer=2, n_head=4, n_embd=32, optimizer=optimizer)
         g = torch.Generator().manual_seed(1)
         self.data = torch.randint(0, 32, (4 * batches, 13), generator=g)
 
@@ -360,7 +362,8 @@ def test_monitor_logs_every_head_to_tensorboard_for_the_vit(tmp_path) -> None:
             x, y = torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 3, (16,), generator=g)
             return DataLoader(TensorDataset(x, y), batch_size=8)
 
-    model = TinyViT(image_size=8, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=3)
+    vit = dict(image_size=8, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=3)
+    model = TinyViT(**vit, optimizer=muon())  # the examples' Muon settings (lr 0.02)
     inputs: dict[str, torch.Tensor] = {}
 
     def keep(name: str, x: torch.Tensor) -> None:  # the first forward's input of each attention
