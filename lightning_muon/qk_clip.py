@@ -46,6 +46,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from .distributed import is_dtensor
+
 __all__ = [
     "QKAttention",
     "QKObserver",
@@ -222,7 +224,7 @@ def _scale_slices(param: Tensor, factor: Tensor, dim: int) -> None:
     shape = [1] * param.dim()
     shape[dim] = -1
     local, offset = param, 0
-    if hasattr(param, "to_local"):  # DTensor: scale this rank's slices only
+    if is_dtensor(param):  # DTensor: scale this rank's slices only
         local = param.to_local()
         if local.shape[dim] != param.shape[dim]:
             offset = _dim_offset(param, dim)
@@ -448,7 +450,7 @@ class QKObserver:
             if not self.enabled:
                 return
             adapter = self.modules[name][1]
-            sharded = [r for r in adapter.qk_clip_rows() if hasattr(r.param, "to_local")]
+            sharded = [r for r in adapter.qk_clip_rows() if is_dtensor(r.param)]
             if sharded:
                 raise RuntimeError(
                     f"QK-clip: attention {name!r} computes with DTensor query/key weights "

@@ -72,7 +72,7 @@ def select_layers(
     return names
 
 
-def _check_patterns(value: Sequence[str] | None, arg: str, where: str) -> tuple[str, ...] | None:
+def check_patterns(value: Sequence[str] | None, arg: str, where: str) -> tuple[str, ...] | None:
     if value is None:
         return None
     if isinstance(value, str) or not all(isinstance(v, str) for v in value):
@@ -186,8 +186,8 @@ class MonitorCallback(Callback):
     ) -> None:
         where = type(self).__name__
         self.every_n_steps = check_positive_int(every_n_steps, "every_n_steps", where)
-        self.include = _check_patterns(include, "include", where)
-        self.exclude = _check_patterns(exclude, "exclude", where) or ()
+        self.include = check_patterns(include, "include", where)
+        self.exclude = check_patterns(exclude, "exclude", where) or ()
         self.layers: list[str] = []
         self._unpublished: dict[str, float] = {}  # rank 0: logged, not yet in callback_metrics
         self._published_until = 0  # global_step at the previous batch end

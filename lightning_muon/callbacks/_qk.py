@@ -7,27 +7,12 @@ import math
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
-import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
 from ..qk_clip import QKObserver, find_qk_attention
 from ..routing import matching_pattern
-
-
-def check_patterns(value: Sequence[str] | None, arg: str, where: str) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{where}: {arg} must be a list of fnmatch patterns (strings), got {value!r}")
-    return tuple(value)
-
-
-def check_every(value: int, arg: str, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{where}: {arg} must be an integer >= 1, got {value!r}")
-    return value
 
 
 def attach_observer(
@@ -83,7 +68,3 @@ def log_metrics(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> No
     if trainer.is_global_zero and metrics:
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
-
-
-def is_dtensor(t: torch.Tensor) -> bool:
-    return hasattr(t, "to_local") and hasattr(t, "placements")

@@ -11,7 +11,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from ..qk_clip import QKObserver
-from ._qk import all_reduce_max, attach_observer, check_every, check_patterns, log_metrics, per_head_metrics
+from ._base import check_patterns, check_positive_int
+from ._qk import all_reduce_max, attach_observer, log_metrics, per_head_metrics
 
 
 class AttentionLogitMonitor(Callback):
@@ -49,7 +50,7 @@ class AttentionLogitMonitor(Callback):
     def __init__(self, every_n_steps: int = 50, include: Sequence[str] | None = None, exclude: Sequence[str] = ()):
         super().__init__()
         where = type(self).__name__
-        self.every_n_steps = check_every(every_n_steps, "every_n_steps", where)
+        self.every_n_steps = check_positive_int(every_n_steps, "every_n_steps", where)
         self.include = check_patterns(include, "include", where)
         self.exclude = check_patterns(exclude, "exclude", where) or ()
         self.observer: QKObserver | None = None

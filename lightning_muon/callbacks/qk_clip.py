@@ -13,7 +13,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from ..qk_clip import QKObserver, _check_tau, qk_clip_
-from ._qk import all_reduce_max, attach_observer, check_patterns, log_metrics
+from ._base import check_patterns
+from ._qk import all_reduce_max, attach_observer, log_metrics
 
 
 class QKClip(Callback):
