@@ -38,6 +38,7 @@ def worker(rank: int, out: str) -> None:
     precision._cpu_flags = lambda: dict(FLAGS[rank])  # this rank's (pretended) CPU
     for mode in ("ddp", "fsdp"):
         run(rank, mode, out)
+    dist.barrier()  # both ranks done (the last full_tensor gathers included) before gloo is torn down
     dist.destroy_process_group()
 
 
