@@ -757,12 +757,13 @@ def _momentum_dtype(group: dict, p: Tensor) -> torch.dtype:
 
 
 def _rows(p: Tensor, view: MatrixView | None) -> tuple[int, ...]:
-    """Shape of NorMuon's per-row state of ``p``: all rows of its (global) matrix view's matrices,
-    in storage order (``(shape[0],)``, or ``(prod(shape[:-1]),)`` for a stack)."""
+    """Shape of NorMuon's per-row state of ``p``: the rows of its (global) matrix view in storage
+    order, ``(shape[0],)``; for a stack ``(matrices, rows)``, so that each matrix of the stack keeps
+    its own Frobenius norm (a split q/k/v weight is rescaled as a whole)."""
     if view is None:
         return ()
     count, m, _ = view.matrices(tuple(p.shape))
-    return (count * m,)
+    return (count, m) if view.rule == "stack" and count > 1 else (count * m,)
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_muon import Muon, configure_muon
+from lightning_muon import Muon, configure_muon, muon_param_groups
 from lightning_muon.normuon import neuron_scale, normuon_normalize
 
 
@@ -239,3 +239,32 @@ def test_example_gpt_takes_variant_and_momentum_dtype_through_its_optimizer():
     opt = model.configure_optimizers()
     muon = [g for g in opt.param_groups if g["use_muon"]]
     assert muon and all((g["variant"], g["momentum_dtype"]) == ("normuon", "bfloat16") for g in muon)
+
+
+def test_normuon_on_a_stack_normalises_each_matrix_on_its_own():
+    """A (3, 8, 5) weight routed as a stack of matrices: NorMuon's rows are each matrix's rows and
+    each matrix keeps its own Frobenius norm, as if the three were separate parameters."""
+
+    class Bank(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.experts = nn.Parameter(torch.randn(3, 8, 5, dtype=torch.float64))
+
+    torch.manual_seed(0)
+    bank = Bank()
+    singles = [nn.Parameter(bank.experts[e].detach().clone()) for e in range(3)]
+    kw = dict(lr=0.05, weight_decay=0.0, ns_method="svd", ns_dtype="float64", adjust_lr="original", variant="normuon")
+    opt = Muon(muon_param_groups(bank), **kw)
+    ref = Muon([{"params": singles, "use_muon": True}], **kw)
+    assert [g for g in opt.param_groups if g["use_muon"]][0]["params"] == [bank.experts]
+    for _ in range(3):
+        G = torch.randn(3, 8, 5, dtype=torch.float64)
+        G[1] *= 10  # matrices of different scales: a rescale over the whole bank would differ
+        bank.experts.grad = G.clone()
+        for e, p in enumerate(singles):
+            p.grad = G[e].clone()
+        opt.step()
+        ref.step()
+    for e, p in enumerate(singles):
+        torch.testing.assert_close(bank.experts[e], p, rtol=0, atol=1e-12)
+    assert opt.state[bank.experts]["neuron_second_moment"].shape == (3, 8)
