@@ -231,19 +231,31 @@ _GRAM_KERNELS: dict[str, Callable[[Tensor, list[Coefficients], frozenset[int]], 
 LOOP_MIN_SIDE = 512
 
 
-def default_kernel(device: torch.device | str, side: int) -> str:
-    """The faster Newton–Schulz kernel for matrices whose smaller side is ``side``.
+def default_kernel(
+    device: torch.device | str, side: int, dtype: torch.dtype | None = None, gram: bool = False
+) -> str:
+    """The Newton–Schulz kernel for matrices whose smaller side is ``side``.
 
     ``"looped"`` (mm/addmm per matrix) on CPU for ``side >= LOOP_MIN_SIDE`` (512), else
     ``"batched"`` (bmm on the stack): on CPU one large matmul at a time beats a batched one, while
     small matrices, and every size on a GPU, gain from batching. The measurements behind the
     threshold are in ``benchmarks/RESULTS.md`` ("Newton–Schulz kernel choice").
 
+    Gram Newton–Schulz in 16 bits on CPU (``gram=True``, ``dtype`` float16 or bfloat16) is always
+    ``"looped"``: with native 16-bit matmuls (AMX) a batched k x k product rounds differently
+    depending on how many matrices share the call (measured: 2.4e-3 on a 16 x 24 output), so the
+    matrices a DDP rank owns would not come out as one process computes them; one at a time they do.
+
     Example:
         >>> default_kernel("cpu", 768), default_kernel("cpu", 128), default_kernel("cuda", 768)
         ('looped', 'batched', 'batched')
+        >>> default_kernel("cpu", 128, torch.float16, gram=True)
+        'looped'
     """
-    return "looped" if torch.device(device).type == "cpu" and side >= LOOP_MIN_SIDE else "batched"
+    cpu = torch.device(device).type == "cpu"
+    if cpu and gram and dtype in (torch.float16, torch.bfloat16):
+        return "looped"
+    return "looped" if cpu and side >= LOOP_MIN_SIDE else "batched"
 
 
 #: On CPU in float32/float64, a standard preset runs as its Gram form when max(m, n) >= this * min(m, n)
@@ -373,6 +385,8 @@ def orthogonalize(
     else:
         preset = _preset(method)
         compute = dtype or resolve_ns_dtype(G.device)
+        if method in NS_PRESETS and (default_gram(X.device, compute, m, n) if gram is None else gram):
+            method = _GRAM_OF[method]  # before the dtype rule below, which every Gram form follows
         if method in GRAM_METHODS and compute == torch.bfloat16:
             compute = torch.float16  # see GRAM_METHODS: the Gram matrix needs float16's mantissa
         if torch.finfo(compute).max < 0.5 * torch.finfo(X.dtype).max:
@@ -386,9 +400,7 @@ def orthogonalize(
             acc = torch.promote_types(compute, torch.float32)  # no fp32 copy of a bf16 stack
             norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=acc)
             X = X / (norm * preset.norm_scale + preset.norm_eps).to(compute)  # out of place
-        kernel = kernel or default_kernel(X.device, X.shape[-2])
-        if method in NS_PRESETS and (default_gram(X.device, compute, m, n) if gram is None else gram):
-            method = _GRAM_OF[method]
+        kernel = kernel or default_kernel(X.device, X.shape[-2], compute, method in GRAM_METHODS)
         if method in GRAM_METHODS:
             gram_ns = _compiled_gram(kernel) if compile else _GRAM_KERNELS[kernel]
             out = gram_ns(X, preset.coefficients(steps), GRAM_METHODS[method].restart_steps(steps))

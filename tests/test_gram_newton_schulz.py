@@ -236,7 +236,9 @@ def test_standard_presets_run_as_gram_where_default(monkeypatch):
     assert default_gram("cpu", torch.float32, 24, 72) and not default_gram("cpu", torch.float32, 24, 24)
     assert torch.equal(orthogonalize(wide, "polar_express", dtype=torch.float32), gram)
     assert torch.equal(orthogonalize(wide.mT, "polar_express", dtype=torch.float32), gram.mT)  # tall too
-    assert torch.equal(orthogonalize(square, "quintic", gram=True), orthogonalize(square, "gram_quintic"))
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):  # every dtype path, whatever "auto" is here
+        forced = orthogonalize(square, "quintic", gram=True, dtype=dtype)
+        assert torch.equal(forced, orthogonalize(square, "gram_quintic", dtype=dtype)), dtype
     assert torch.equal(
         orthogonalize(square, "quintic", dtype=torch.float32),
         orthogonalize(square, "quintic", dtype=torch.float32, gram=False),
@@ -248,6 +250,17 @@ def test_standard_presets_run_as_gram_where_default(monkeypatch):
     )
     monkeypatch.setattr(newton_schulz, "GRAM_MIN_ASPECT", math.inf)
     assert torch.equal(orthogonalize(wide, "polar_express", dtype=torch.float32), standard)
+
+
+def test_gram_in_16_bit_does_not_depend_on_the_batch():
+    # A DDP rank orthogonalises the matrices it owns, one process all of them: with native 16-bit
+    # matmuls a batched k x k product rounds differently by batch size, so 16-bit Gram NS on CPU
+    # iterates one matrix at a time (default_kernel) and each matrix comes out bit for bit the same.
+    X = torch.randn(6, 16, 24)
+    for dtype in (torch.bfloat16, torch.float16):
+        whole = orthogonalize(X, "gram_polar_express", dtype=dtype)
+        alone = torch.cat([orthogonalize(X[i : i + 1], "gram_polar_express", dtype=dtype) for i in range(6)])
+        assert torch.equal(whole, alone), dtype
 
 
 def test_bad_gram_flag():
