@@ -231,9 +231,7 @@ _GRAM_KERNELS: dict[str, Callable[[Tensor, list[Coefficients], frozenset[int]], 
 LOOP_MIN_SIDE = 512
 
 
-def default_kernel(
-    device: torch.device | str, side: int, dtype: torch.dtype | None = None, gram: bool = False
-) -> str:
+def default_kernel(device: torch.device | str, side: int, dtype: torch.dtype | None = None, gram: bool = False) -> str:
     """The Newton–Schulz kernel for matrices whose smaller side is ``side``.
 
     ``"looped"`` (mm/addmm per matrix) on CPU for ``side >= LOOP_MIN_SIDE`` (512), else
