@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from lightning_muon.precision import describe_device, ns_dtype_choice, resolve_ns_dtype
+from lightning_muon.optim.ns_dtype import describe_device, ns_dtype_choice, resolve_ns_dtype
 
 __all__ = [
     "add_common_args",

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import lightning_muon.buckets as lmb
+import lightning_muon.parallel.buckets as lmb
 from benchmarks._timing import run_header
 from lightning_muon import Muon
 

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from examples.common import configure_optimizer, fully_shard_blocks
 from lightning_muon import Muon
-from lightning_muon.qk_clip import QKScaling, attention_logit_max, fused_qkv_project, fused_qkv_rows
+from lightning_muon.diagnostics.attention import QKScaling, attention_logit_max, fused_qkv_project, fused_qkv_rows
 
 # ----------------------------------------------------------------------------- the model
 
@@ -69,8 +69,10 @@ class CausalSelfAttention(nn.Module):
         # fused q, k, v with rows ordered (head, q/k/v, head_dim), Megatron's layout: a column-wise
         # tensor-parallel split of these rows gives each rank whole heads (n_head / tp of them)
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        # that row layout, for Muon's split_qkv (lightning_muon.route_parameters): q, k, v each gather their heads
-        self.muon_qkv_layout = {"c_attn.weight": f"split=3,heads={cfg.n_head},order=heads"}
+        # that row layout as a matrix view, declared once: Muon's split_qkv (lightning_muon.route_parameters)
+        # and QK-clip's rows below both read it (q, k, v each gather their heads)
+        self._layout = f"split=3,heads={cfg.n_head},order=heads"
+        self.muon_qkv_layout = {"c_attn.weight": self._layout}
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,13 +82,13 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
-    # QK-clip protocol (lightning_muon.qk_clip): per-head max logits of a forward call, and the q/k rows
+    # QK-clip protocol (lightning_muon.diagnostics.attention): per-head max logits of a call, and the q/k rows
     def qk_logit_max(self, args: tuple, kwargs: dict) -> torch.Tensor:
-        q, k = fused_qkv_project(args[0], self.c_attn.weight, self.c_attn.bias, self.n_head, order="head_qkv")
+        q, k = fused_qkv_project(args[0], self.c_attn.weight, self.c_attn.bias, self.n_head, self._layout)
         return attention_logit_max(q, k, is_causal=True)
 
     def qk_clip_rows(self) -> list[QKScaling]:
-        return fused_qkv_rows(self.c_attn.weight, self.c_attn.bias, self.n_head, order="head_qkv")
+        return fused_qkv_rows(self.c_attn.weight, self.c_attn.bias, self.n_head, self._layout)
 
 
 class MLP(nn.Module):

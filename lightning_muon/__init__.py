@@ -8,24 +8,9 @@ Example:
     ...         return configure_muon(self, lr=0.02, adjust_lr="original", adamw_lr=3e-4)
 """
 
-from .factory import SCHEDULES, configure_muon, lr_lambda
-from .functional import ADJUST_LR, adjusted_lr, apply_muon_update, matrix_shape, matrix_view, muon_direction
-from .low_precision import MOMENTUM_DTYPES, stochastic_round
-from .newton_schulz import (
-    GRAM_METHODS,
-    METHODS,
-    NS_PRESETS,
-    GramVariant,
-    NSPreset,
-    ns_flops,
-    orthogonalize,
-    singular_value_band,
-)
-from .normuon import VARIANTS, normuon_normalize
-from .optimizer import Muon, NonFiniteGradientError
-from .per_example import PerExampleNorms, linear_grad_norms, norm_grad_norms, per_example_noise_scale
-from .precision import NS_DTYPES, NSDtypeChoice, describe_device, ns_dtype_choice, resolve_ns_dtype
-from .qk_clip import (
+from . import _deprecated
+from .configure import SCHEDULES, configure_muon, lr_lambda
+from .diagnostics.attention import (
     MultiheadAttentionQK,
     QKAttention,
     QKObserver,
@@ -35,32 +20,20 @@ from .qk_clip import (
     fused_qkv_project,
     fused_qkv_rows,
     qk_attention,
-    qk_clip_,
-    qk_clip_factors,
 )
-from .routing import (
-    DEFAULT_EMBEDDING_NAMES,
-    DEFAULT_HEAD_NAMES,
-    DEFAULT_QKV_NAMES,
-    SPLIT_QKV,
-    Route,
-    matching_pattern,
-    muon_param_groups,
-    route_named_parameters,
-    route_parameters,
-    routing_table,
-    why_not_muon,
-)
-from .spectral import (
+from .diagnostics.critical_batch import (
     CriticalBatch,
     NoiseScale,
+    muon_critical_batch_size,
+    noise_scale,
+    polar_sensitivity,
+)
+from .diagnostics.per_example import PerExampleNorms, linear_grad_norms, norm_grad_norms, per_example_noise_scale
+from .diagnostics.spectral import (
     delta_p,
     effective_rank,
     frames_sin_theta,
-    muon_critical_batch_size,
-    noise_scale,
     polar_misalignment,
-    polar_sensitivity,
     sin_theta,
     singular_values,
     spectral_entropy,
@@ -69,7 +42,45 @@ from .spectral import (
     top_frames,
     top_singular_value,
 )
-from .structure import MATRIX_RULES, MatrixView, matrix_view_for
+from .optim.functional import ADJUST_LR, adjusted_lr, apply_muon_update, muon_direction
+from .optim.muon import Muon, NonFiniteGradientError
+from .optim.newton_schulz import (
+    GRAM_METHODS,
+    METHODS,
+    NS_PRESETS,
+    GramVariant,
+    NSPreset,
+    ns_flops,
+    orthogonalize,
+    register_ns_method,
+    singular_value_band,
+)
+from .optim.ns_dtype import NS_DTYPES, NSDtypeChoice, describe_device, ns_dtype_choice, resolve_ns_dtype
+from .optim.qk_clip import qk_clip_, qk_clip_factors
+from .optim.stochastic_rounding import MOMENTUM_DTYPES, stochastic_round
+from .optim.variants import VARIANTS, Variant, VariantItem, register_variant
+from .optim.variants.normuon import NorMuon, normuon_normalize
+from .routing import (
+    DEFAULT_EMBEDDING_NAMES,
+    DEFAULT_HEAD_NAMES,
+    DEFAULT_QKV_NAMES,
+    MATRIX_RULES,
+    SPLIT_QKV,
+    MatrixView,
+    Route,
+    RoutingRules,
+    matching_pattern,
+    matrix_shape,
+    matrix_view,
+    matrix_view_for,
+    muon_param_groups,
+    route_named_parameters,
+    route_parameters,
+    routing_table,
+    why_not_muon,
+)
+
+_deprecated.install()
 
 __version__ = "0.1.0"
 
@@ -133,6 +144,7 @@ __all__ = [
     "QKScaling",
     "resolve_ns_dtype",
     "Route",
+    "RoutingRules",
     "route_named_parameters",
     "route_parameters",
     "routing_table",
@@ -146,5 +158,18 @@ __all__ = [
     "top_frames",
     "top_singular_value",
     "VARIANTS",
+    "NorMuon",
+    "Variant",
+    "VariantItem",
+    "register_ns_method",
+    "register_variant",
     "why_not_muon",
 ]
+
+
+def __getattr__(name: str):
+    """``lightning_muon.<old module>`` (e.g. ``lightning_muon.newton_schulz``): the moved module, with a warning."""
+    old = f"{__name__}.{name}"
+    if old in _deprecated.MOVED:
+        return _deprecated.load(old, stacklevel=3)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

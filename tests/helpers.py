@@ -9,6 +9,12 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+#: tests/, the repository root, and the folders of the scripts tests start as subprocesses
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+DIST_SCRIPTS = TESTS / "dist_scripts"
+SCRIPTS = TESTS / "scripts"
+
 
 def teacher_data(n: int, d: int, seed: int = 0) -> TensorDataset:
     """``n`` examples ``x ~ N(0, I_d)`` with targets ``tanh(x @ T)`` for a fixed random teacher ``T`` (d x 4)."""

@@ -1,4 +1,4 @@
-"""Lightning callbacks that log Muon's spectral diagnostics (thin adapters over ``lightning_muon.spectral``).
+"""Lightning callbacks that log Muon's spectral diagnostics (thin adapters over ``lightning_muon.diagnostics``).
 
 Each works alone or with the others; together they share one decomposition per matrix per step.
 New monitors subclass :class:`MonitorCallback` (layer selection, logging, checkpoint state) or
@@ -14,10 +14,10 @@ Example:
     ['SpectralEntropyMonitor', 'StableRankMonitor']
 """
 
-from ._base import MonitorCallback, SpectralMonitor
-from ._cache import CacheRequest, SpectralCache
 from .attention_logit import AttentionLogitMonitor
+from .base import AttentionCallback, MonitorCallback, SpectralMonitor
 from .batch_size_warmup import BatchSizeWarmup
+from .cache import CacheRequest, SpectralCache
 from .critical_batch_size import CriticalBatchSizeMonitor
 from .polar_misalignment import PolarMisalignmentMonitor
 from .qk_clip import QKClip
@@ -25,6 +25,7 @@ from .spectral_entropy import SpectralEntropyMonitor
 from .stable_rank import StableRankMonitor
 
 __all__ = [
+    "AttentionCallback",
     "AttentionLogitMonitor",
     "BatchSizeWarmup",
     "CacheRequest",

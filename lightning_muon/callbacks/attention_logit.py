@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
 from typing_extensions import override
 
-from ..qk_clip import QKObserver
-from ._base import check_patterns, check_positive_int
-from ._qk import all_reduce_max, attach_observer, log_metrics, per_head_metrics
+from .base import AttentionCallback
 
 
-class AttentionLogitMonitor(Callback):
+class AttentionLogitMonitor(AttentionCallback):
     """Log the max attention logit ``max q.k / sqrt(d)`` of every head (MuonClip's ``S_h``).
 
     Under Muon these logits can grow without bound (Kimi K2); this shows whether they do, and
@@ -23,11 +20,12 @@ class AttentionLogitMonitor(Callback):
     optimizer step, forward hooks take the max over the step's training forward passes (all
     micro-batches under gradient accumulation, all ranks under DDP/FSDP2: MAX all-reduce) and rank 0
     logs ``attn_logit_max/<layer>/head_<h>``, ``attn_logit_max/<layer>/max`` and
-    ``attn_logit_max/max`` at that step. Other steps cost nothing; a logging step recomputes q and k
-    (one extra q/k projection and ``q k^T`` per attention layer, under ``no_grad``).
+    ``attn_logit_max/max`` at that step (also in ``trainer.callback_metrics``, for EarlyStopping).
+    Other steps cost nothing; a logging step recomputes q and k (one extra q/k projection and
+    ``q k^T`` per attention layer, under ``no_grad``).
 
     Works out of the box on ``torch.nn.MultiheadAttention`` (torchvision's ViT), on the example
-    GPT, and on any module implementing the protocol of :mod:`lightning_muon.qk_clip`.
+    GPT, and on any module implementing the protocol of :mod:`lightning_muon.diagnostics.attention`.
 
     Args:
         every_n_steps: log every this many optimizer steps (from step 0).
@@ -36,7 +34,7 @@ class AttentionLogitMonitor(Callback):
 
     Raises:
         ValueError: at construction, for a bad ``every_n_steps`` or patterns.
-        MisconfigurationException: at fit start, when the Trainer has no logger or no attention module
+        MisconfigurationException: at setup, when the Trainer has no logger or no attention module
             is selected.
         RuntimeError: on the first logging step, when query/key weights are tensor-parallel DTensors.
 
@@ -45,52 +43,31 @@ class AttentionLogitMonitor(Callback):
         >>> trainer = L.Trainer(callbacks=[AttentionLogitMonitor(every_n_steps=50)], logger=False)
     """
 
-    prefix = "attn_logit_max"
+    prefix = "attn_logit_max/"
+    charts = {"max over heads, per layer": r"^attn_logit_max/.*/max$", "max over layers": r"^attn_logit_max/max$"}
 
     def __init__(self, every_n_steps: int = 50, include: Sequence[str] | None = None, exclude: Sequence[str] = ()):
-        super().__init__()
-        where = type(self).__name__
-        self.every_n_steps = check_positive_int(every_n_steps, "every_n_steps", where)
-        self.include = check_patterns(include, "include", where)
-        self.exclude = check_patterns(exclude, "exclude", where) or ()
-        self.observer: QKObserver | None = None
-        self._step = -1
-
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps, include=self.include, exclude=self.exclude)
+        super().__init__(every_n_steps, include, exclude)
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        where = type(self).__name__
-        if not trainer.loggers:
-            raise MisconfigurationException(f"{where}: the Trainer has no logger; pass logger=TensorBoardLogger(...).")
-        self.observer = attach_observer(pl_module, self.include, self.exclude, where)
-
-    @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.observer is not None:
-            self.observer.remove()
-            self.observer = None
-
-    @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
-        self._step = trainer.global_step
-        if self.observer is not None:
-            self.observer.enabled = self._step % self.every_n_steps == 0
-
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    def on_step_maxima(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, maxima: dict[str, Tensor]
     ) -> None:
-        obs = self.observer
-        if obs is None:
-            return
-        obs.enabled = False
-        if trainer.global_step == self._step:  # accumulating: the optimizer has not stepped yet
-            return
-        if self._step % self.every_n_steps == 0:
-            maxima = obs.reduced(all_reduce_max(trainer))  # every rank takes part
-            log_metrics(trainer, per_head_metrics(self.prefix, maxima), step=self._step)
-        obs.reset()
+        self.log_metrics(trainer, per_head_metrics(self.prefix.rstrip("/"), maxima), step=step)
+
+
+def per_head_metrics(prefix: str, maxima: dict[str, Tensor]) -> dict[str, float]:
+    """``prefix/<layer>/head_<h>``, ``prefix/<layer>/max`` and ``prefix/max`` over observed heads."""
+    out: dict[str, float] = {}
+    overall = -math.inf
+    for layer, values in maxima.items():
+        vals = values.tolist()
+        if all(v == -math.inf for v in vals):
+            continue  # not called in this step
+        for h, v in enumerate(vals):
+            out[f"{prefix}/{layer}/head_{h}"] = v
+        out[f"{prefix}/{layer}/max"] = max(vals)
+        overall = max(overall, max(vals))
+    if out:
+        out[f"{prefix}/max"] = overall
+    return out

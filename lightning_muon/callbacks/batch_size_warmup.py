@@ -11,7 +11,8 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from ._base import restore_attributes, save_attributes
+from ..validation import check_choice, check_number, check_positive_int
+from .base import restore_attributes, save_attributes
 from .critical_batch_size import CriticalBatchSizeMonitor
 
 LR_RULES = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
@@ -84,17 +85,12 @@ class BatchSizeWarmup(Callback):
         min_measurements: int = 3,
     ) -> None:
         where = "BatchSizeWarmup"
-        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
-            raise ValueError(f"{where}: max_batch_size must be an integer >= 1 (examples), got {max_batch_size!r}")
-        if isinstance(safety, bool) or not isinstance(safety, (int, float)) or not (0 < safety < math.inf):
-            raise ValueError(f"{where}: safety must be a finite number > 0, got {safety!r}")
-        for name, value in (("min_interval", min_interval), ("min_measurements", min_measurements)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{where}: {name} must be an integer >= 0, got {value!r}")
-        if lr_rule not in LR_RULES:
-            raise ValueError(f"{where}: lr_rule must be one of {tuple(LR_RULES)}, got {lr_rule!r}")
-        if source not in SOURCES:
-            raise ValueError(f"{where}: source must be one of {SOURCES}, got {source!r}")
+        check_positive_int(max_batch_size, "max_batch_size (examples)", where)
+        check_number(safety, "safety", where, low=0, low_open=True)
+        check_positive_int(min_interval, "min_interval", where, minimum=0)
+        check_positive_int(min_measurements, "min_measurements", where, minimum=0)
+        check_choice(lr_rule, "lr_rule", where, LR_RULES)
+        check_choice(source, "source", where, SOURCES)
         self.max_batch_size = max_batch_size
         self.safety = float(safety)
         self.min_interval = min_interval

@@ -15,10 +15,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from ..per_example import LINEAR_METHODS, linear_grad_norms, norm_grad_norms
-from ..spectral import NoiseScale, muon_critical_batch_size, noise_scale
-from ._base import MonitorCallback, aggregates
-from ._cache import CacheRequest, SpectralCache, step_cache
+from ..diagnostics.critical_batch import NoiseScale, muon_critical_batch_size, noise_scale
+from ..diagnostics.per_example import LINEAR_METHODS, linear_grad_norms, norm_grad_norms
+from ..validation import check_choice, check_number, check_positive_int
+from .base import MonitorCallback, aggregates
+from .cache import CacheRequest, SpectralCache, step_cache
 
 ESTIMATORS = ("auto", "per_example", "layernorm", "two_batch")
 _NORMS = (nn.LayerNorm, nn.RMSNorm)
@@ -32,7 +33,7 @@ class CriticalBatchSizeMonitor(MonitorCallback):
     * ``"per_example"``: inside one micro-batch, small batch = one example, large batch = the
       micro-batch (``B`` examples). Each monitored ``nn.Linear`` weight's per-example gradient norms
       come from its input activations and output gradients (forward and backward hooks, see
-      :mod:`lightning_muon.per_example`). Needs nothing of the Trainer: one device, no accumulation,
+      :mod:`lightning_muon.diagnostics.per_example`). Needs nothing of the Trainer: one device, no accumulation,
       DDP, FSDP2 (activations are local: no gather), manual optimization. Layers that are not
       ``nn.Linear`` weights get no estimate.
     * ``"layernorm"``: the same for the gains and biases of the model's ``nn.LayerNorm`` /
@@ -132,18 +133,13 @@ class CriticalBatchSizeMonitor(MonitorCallback):
     ) -> None:
         super().__init__(every_n_steps, include, exclude)
         where = "CriticalBatchSizeMonitor"
-        if not isinstance(ema, (int, float)) or isinstance(ema, bool) or not 0 <= ema < 1:
-            raise ValueError(f"{where}: ema must be a decay in [0, 1), got {ema!r}")
-        if batch_size is not None and not _positive_int(batch_size):
-            raise ValueError(f"{where}: batch_size must be an integer >= 1 or None, got {batch_size!r}")
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"{where}: estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        if sample_every_n_steps is not None and not _positive_int(sample_every_n_steps):
-            raise ValueError(
-                f"{where}: sample_every_n_steps must be an integer >= 1 or None, got {sample_every_n_steps!r}"
-            )
-        if method not in LINEAR_METHODS:
-            raise ValueError(f"{where}: method must be one of {LINEAR_METHODS}, got {method!r}")
+        check_number(ema, "ema", where, low=0, high=1, high_open=True)
+        if batch_size is not None:
+            check_positive_int(batch_size, "batch_size", where)
+        check_choice(estimator, "estimator", where, ESTIMATORS)
+        if sample_every_n_steps is not None:
+            check_positive_int(sample_every_n_steps, "sample_every_n_steps", where)
+        check_choice(method, "method", where, LINEAR_METHODS)
         self.ema = float(ema)
         self.batch_size = batch_size
         self.estimator = estimator
@@ -463,10 +459,6 @@ class CriticalBatchSizeMonitor(MonitorCallback):
         if state_dict.get("ema_counts") is None:
             self.ema_counts = None if self.ema_small is None else torch.full_like(self.ema_small, float(self.ema_steps))
         self.last["b_simple"] = self.b_simple()
-
-
-def _positive_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
 
 
 def _linear_module(named: dict[str, nn.Module], param_name: str) -> nn.Linear | None:

@@ -10,25 +10,15 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from ..distributed import full
-from ..functional import muon_direction
-from ..newton_schulz import orthogonalize
-from ..spectral import delta_p, frames_sin_theta
-from ._base import SpectralMonitor, aggregates, check_positive_int
-from ._cache import CacheRequest, SpectralCache
+from ..diagnostics.spectral import delta_p, frames_sin_theta
+from ..optim.newton_schulz import orthogonalize
+from ..parallel.dtensor import full
+from ..routing.matrix_view import matrix_view
+from ..validation import check_positive_int
+from .base import SpectralMonitor, aggregates
+from .cache import CacheRequest, SpectralCache
 
 METRICS = ("grad_sin_theta", "update_sin_theta", "grad_delta_p", "update_delta_p")
-
-
-def muon_update(grad: Tensor, group: dict, state: dict) -> Tensor:
-    """The matrix Muon orthogonalises this step (:func:`lightning_muon.muon_direction` with the
-    group's ``momentum`` and ``nesterov``), computed on a copy of the momentum buffer so that the
-    optimizer state is untouched. For a param outside a Muon group (another optimizer), the gradient."""
-    if not group.get("use_muon") or "momentum" not in group:
-        return grad
-    buf = state.get("momentum_buffer")
-    buf = torch.zeros_like(grad) if buf is None else full(buf).reshape(grad.shape).to(grad.dtype, copy=True)
-    return muon_direction([grad], [buf], group["momentum"], group.get("nesterov", False))[0]
 
 
 class PolarMisalignmentMonitor(SpectralMonitor):
@@ -38,16 +28,18 @@ class PolarMisalignmentMonitor(SpectralMonitor):
     ``.../<metric>/{mean,min,max}``:
 
     * ``grad_sin_theta``, ``update_sin_theta``: ``||sin Theta||_F`` between the top-``k``
-      singular frames of W and of G (or of the update: Muon's momentum/Nesterov matrix, whose
-      singular vectors its orthogonalised step shares), the larger of left and right; 0 aligned,
-      ``sqrt(k)`` orthogonal. Meaningful when W has a spectral gap after ``s_k``.
+      singular frames of W and of G (or of the update direction: the momentum/Nesterov matrix Muon
+      orthogonalises, whose singular vectors its step shares), the larger of left and right; 0
+      aligned, ``sqrt(k)`` orthogonal. Meaningful when W has a spectral gap after ``s_k``.
     * ``grad_delta_p``, ``update_delta_p``: the basis-free ``delta_P`` of W with ``P = polar(G)``
-      (or the orthogonalised update), in [0, 1]; well defined for flat spectra too.
+      (or the update the optimizer applies), in [0, 1]; well defined for flat spectra too.
 
     Gradients are read in ``on_before_optimizer_step``: accumulated, unscaled, all-reduced, not yet
-    clipped. The update uses the optimizer's ``momentum_buffer`` and group settings when the
-    optimizer is :class:`lightning_muon.Muon`, else the gradient. Cost per logging step: top-k
-    frames by ``svd_lowrank`` of W, G and the update, and two Newton–Schulz polar factors (fp32).
+    clipped. With :class:`lightning_muon.Muon` the update direction and the update are the
+    optimizer's own (:meth:`lightning_muon.Muon.preview`: its momentum, matrix views, variant and
+    ``ns_dtype``, computed on a copy of its state); with another optimizer, the gradient and its
+    polar factor. Cost per logging step: top-k frames by ``svd_lowrank`` of W, G and the update
+    direction, one Newton–Schulz polar factor of G and the optimizer's own preview of the step.
 
     Args:
         every_n_steps: log at every ``every_n_steps``-th optimizer step (from step 0).
@@ -94,12 +86,16 @@ class PolarMisalignmentMonitor(SpectralMonitor):
     ) -> dict[str, float]:
         groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         names = [n for n, p in params.items() if p.grad is not None]
+        preview = optimizer.preview([params[n] for n in names]) if hasattr(optimizer, "preview") else {}
+        polar: dict[str, Tensor] = {}
         for n in names:
             p = params[n]
             cache.matrix("weight", n, p)
-            G = cache.matrix("grad", n, p.grad)
-            group = groups.get(id(p), {})
-            cache.matrix("update", n, muon_update(G, group, optimizer.state.get(p, {})))
+            cache.matrix("grad", n, p.grad)
+            direction, update = preview.get(p, (p.grad, None))
+            cache.matrix("update", n, direction)
+            if update is not None:
+                polar[n] = matrix_view(full(update.detach())).float()
         if not trainer.is_global_zero or not names:
             return {}
         metrics: dict[str, float] = {}
@@ -113,12 +109,13 @@ class PolarMisalignmentMonitor(SpectralMonitor):
                 )
         for n in names:
             W, group = cache.matrix("weight", n), groups.get(id(params[n]), {})
-            # a Muon group's Newton–Schulz settings; elsewhere orthogonalize's defaults
+            # polar(G) with a Muon group's Newton–Schulz settings; elsewhere orthogonalize's defaults
             muon = group.get("use_muon") and "ns_method" in group
             ns = {"method": group["ns_method"], "steps": group["ns_steps"]} if muon else {}
-            for kind in ("grad", "update"):
-                P = orthogonalize(cache.matrix(kind, n), **ns, dtype=torch.float32)
-                metrics[f"{self.prefix}{kind}_delta_p/{n}"] = float(delta_p(W, P))
+            P = orthogonalize(cache.matrix("grad", n), **ns, dtype=torch.float32)
+            metrics[f"{self.prefix}grad_delta_p/{n}"] = float(delta_p(W, P))
+            U = polar.get(n, P)  # the applied update, or (another optimizer) polar(G)
+            metrics[f"{self.prefix}update_delta_p/{n}"] = float(delta_p(W, U))
         for m in METRICS:
             metrics.update(
                 aggregates(

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
 from typing_extensions import override
 
-from ..qk_clip import QKObserver, _check_tau, qk_clip_
-from ._base import check_patterns
-from ._qk import all_reduce_max, attach_observer, log_metrics
+from ..optim.qk_clip import check_tau, qk_clip_
+from .base import AttentionCallback
 
 
-class QKClip(Callback):
+class QKClip(AttentionCallback):
     """QK-clip (Kimi K2's MuonClip): after an optimizer step, scale the query and key rows of every
     head whose largest pre-softmax logit ``S_h`` exceeded ``tau`` by ``sqrt(tau / S_h)`` each.
 
@@ -31,7 +29,8 @@ class QKClip(Callback):
     ``tau`` is left bit for bit as it is; values, outputs and other heads are never touched.
 
     Logs ``qk_clip/clipped_heads`` (heads clipped at that step), ``qk_clip/clipped_heads_total`` and
-    ``qk_clip/max_logit`` (before clipping) every ``trainer.log_every_n_steps`` steps.
+    ``qk_clip/max_logit`` (before clipping) every ``every_n_steps`` steps (default: the Trainer's
+    ``log_every_n_steps``), also into ``trainer.callback_metrics``. No logger is needed.
 
     Sharded weights: FSDP2 (``Shard(0)`` DTensors) is supported, each rank scaling its own rows;
     tensor-parallel attention (DTensor q/k weights inside the forward) is refused with a RuntimeError
@@ -41,31 +40,37 @@ class QKClip(Callback):
         tau: the logit threshold (Kimi K2 used 100).
         include: fnmatch patterns on attention module names (all clippable modules when ``None``).
         exclude: patterns of modules to leave out.
+        every_n_steps: log every this many optimizer steps (None: ``trainer.log_every_n_steps``).
 
     Raises:
         ValueError: at construction, for ``tau`` not a finite number > 0 or bad patterns.
-        MisconfigurationException: at fit start, when no attention module is selected.
+        MisconfigurationException: at setup, when no attention module is selected.
 
     Example:
         >>> import lightning as L
         >>> trainer = L.Trainer(callbacks=[QKClip(tau=100.0)], logger=False)
     """
 
-    prefix = "qk_clip"
+    prefix = "qk_clip/"
+    charts = {"clipped heads": r"^qk_clip/clipped_heads", "max logit before clipping": r"^qk_clip/max_logit$"}
+    state_attributes = ("clipped_total",)
+    requires_logger = False
 
-    def __init__(self, tau: float = 100.0, include: Sequence[str] | None = None, exclude: Sequence[str] = ()):
-        super().__init__()
-        where = type(self).__name__
+    def __init__(
+        self,
+        tau: float = 100.0,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] = (),
+        every_n_steps: int | None = None,
+    ):
         try:
-            _check_tau(tau)
+            check_tau(tau)
         except ValueError as err:
-            raise ValueError(f"{where}: {err}") from None
+            raise ValueError(f"{type(self).__name__}: {err}") from None
+        super().__init__(1 if every_n_steps is None else every_n_steps, include, exclude)
+        self._log_every = every_n_steps
         self.tau = float(tau)
-        self.include = check_patterns(include, "include", where)
-        self.exclude = check_patterns(exclude, "exclude", where) or ()
-        self.observer: QKObserver | None = None
         self.clipped_total = 0
-        self._step = -1
 
     @property
     @override
@@ -73,60 +78,35 @@ class QKClip(Callback):
         return self._generate_state_key(tau=self.tau, include=self.include, exclude=self.exclude)
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.observer = attach_observer(pl_module, self.include, self.exclude, type(self).__name__)
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._log_every is None:
+            self.every_n_steps = trainer.log_every_n_steps
+        super().setup(trainer, pl_module, stage)
 
     @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.observer is not None:
-            self.observer.remove()
-            self.observer = None
+    def observes(self, step: int) -> bool:
+        return True  # every step is clipped
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
-        self._step = trainer.global_step
-        if self.observer is not None:
-            self.observer.enabled = True
-
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    def on_step_maxima(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, maxima: dict[str, Tensor]
     ) -> None:
-        obs = self.observer
-        if obs is None:
-            return
-        obs.enabled = False
-        if trainer.global_step == self._step:  # accumulating: the optimizer has not stepped yet
-            return
-        maxima = obs.reduced(all_reduce_max(trainer))  # every rank takes part, every rank gets the same
-        obs.reset()
         clipped, top = 0, -math.inf
         for name, s in maxima.items():
             bad = torch.isnan(s) | (s == math.inf)
             if bad.any():
                 rank_zero_warn(
                     f"QKClip: non-finite max logit in {name} heads {bad.nonzero().flatten().tolist()} at step "
-                    f"{self._step}; those heads are not clipped."
+                    f"{step}; those heads are not clipped."
                 )
             observed = torch.isfinite(s)
             if observed.any():
                 top = max(top, float(s[observed].max()))
             safe = torch.where(observed, s, torch.zeros_like(s))  # 0 <= tau: not clipped
-            clipped += int(qk_clip_(obs.modules[name][1].qk_clip_rows(), safe, self.tau).sum())
+            clipped += int(qk_clip_(self.observer.modules[name][1].qk_clip_rows(), safe, self.tau).sum())
         self.clipped_total += clipped
-        if self._step % trainer.log_every_n_steps == 0:
-            metrics = {
-                f"{self.prefix}/clipped_heads": clipped,
-                f"{self.prefix}/clipped_heads_total": self.clipped_total,
-            }
+        if self.is_logging_step(step):
+            metrics = {f"{self.prefix}clipped_heads": clipped, f"{self.prefix}clipped_heads_total": self.clipped_total}
             if top > -math.inf:
-                metrics[f"{self.prefix}/max_logit"] = top
-            log_metrics(trainer, metrics, step=self._step)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"clipped_total": self.clipped_total}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.clipped_total = int(state_dict.get("clipped_total", 0))
+                metrics[f"{self.prefix}max_logit"] = top
+            self.log_metrics(trainer, metrics, step=step)

@@ -11,9 +11,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from ..spectral import spectrum_entropy
-from ._base import SpectralMonitor, aggregates, tensorboard
-from ._cache import CacheRequest, SpectralCache
+from ..diagnostics.spectral import spectrum_entropy
+from ..validation import check_bool
+from .base import SpectralMonitor, aggregates, tensorboard
+from .cache import CacheRequest, SpectralCache
 
 
 class SpectralEntropyMonitor(SpectralMonitor):
@@ -60,9 +61,7 @@ class SpectralEntropyMonitor(SpectralMonitor):
         log_spectra: bool = True,
     ) -> None:
         super().__init__(every_n_steps, include, exclude)
-        if not isinstance(log_spectra, bool):
-            raise ValueError(f"SpectralEntropyMonitor: log_spectra must be True or False, got {log_spectra!r}")
-        self.log_spectra = log_spectra
+        self.log_spectra = check_bool(log_spectra, "log_spectra", "SpectralEntropyMonitor")
         self._figure = log_spectra and importlib.util.find_spec("matplotlib") is not None
         if log_spectra and not self._figure:
             rank_zero_warn("SpectralEntropyMonitor: matplotlib is not installed; no spectra figure")

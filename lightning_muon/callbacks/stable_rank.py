@@ -9,8 +9,9 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from ._base import SpectralMonitor, aggregates, check_positive_int
-from ._cache import CacheRequest, SpectralCache
+from ..validation import check_positive_int
+from .base import SpectralMonitor, aggregates
+from .cache import CacheRequest, SpectralCache
 
 
 class StableRankMonitor(SpectralMonitor):

@@ -57,11 +57,11 @@ def assert_same_training(got: Path, want: Path, epoch: int) -> None:
 
 def record_orthogonalized() -> list[tuple[int, int]]:
     """Record, from now on in this process, the ``(rows, cols)`` of every matrix that Muon's bucket loop
-    (``lightning_muon.buckets``) orthogonalises on this rank, one entry per matrix, in the returned list.
+    (``lightning_muon.parallel.buckets``) orthogonalises on this rank, one entry per matrix, in the returned list.
 
     The patched function calls through, so results are unchanged.
     """
-    import lightning_muon.buckets as buckets
+    import lightning_muon.parallel.buckets as buckets
 
     record: list[tuple[int, int]] = []
     original = buckets.orthogonalize

@@ -1,4 +1,4 @@
-"""Worker for tests/test_ecosystem.py: Muon under Lightning Fabric, 1 process or 2-process DDP (gloo, CPU).
+"""Worker for tests/integration/test_ecosystem.py: Muon under Lightning Fabric, 1 process or 2-process DDP (gloo, CPU).
 
 Every rank builds the same model (seed 0), wraps it and a ``Muon`` with ``fabric.setup``, and takes
 STEPS steps on its share of each global batch (rank r: rows r, r + world, ...; with 2 ranks DDP's

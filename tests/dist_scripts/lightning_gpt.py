@@ -1,4 +1,4 @@
-"""Worker for tests/test_distributed.py: a tiny GPT trained by Muon under Lightning on CPU/gloo.
+"""Worker for tests/parallel/test_distributed.py: a tiny GPT trained by Muon under Lightning on CPU/gloo.
 
 Trains EPOCHS epochs (4 optimizer steps each, global batch 8 split over the ranks with a
 non-shuffling DistributedSampler, so every world size sees the same global batches), optionally

@@ -1,4 +1,4 @@
-"""Worker for tests/test_precision.py: ranks whose hardware resolves different ``ns_dtype="auto"``.
+"""Worker for tests/optim/test_ns_dtype.py: ranks whose hardware resolves different ``ns_dtype="auto"``.
 
 Rank 0 is told its CPU has native bf16 (AVX512-BF16), rank 1 that it has only AVX2; both run
 Muon steps under DDP (plain tensors), then FSDP2 (DTensors Shard(0)), with the default
@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-import lightning_muon.precision as precision  # noqa: E402
+import lightning_muon.optim.ns_dtype as precision  # noqa: E402
 from lightning_muon import Muon  # noqa: E402
 
 SHAPES = [(8, 12), (8, 12), (12, 8), (5, 4)]

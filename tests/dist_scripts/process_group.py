@@ -1,4 +1,4 @@
-"""Worker for tests/test_process_group.py: ``Muon(process_group=...)`` in a 2-rank gloo world.
+"""Worker for tests/parallel/test_process_group.py: ``Muon(process_group=...)`` in a 2-rank gloo world.
 
 In one launch, in order:
 
@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-import raw_step  # noqa: E402  (parameters, gradients and groups shared with tests/test_distributed.py)
+import raw_step  # noqa: E402  (parameters, gradients and groups shared with tests/parallel/test_distributed.py)
 from _launch import record_orthogonalized  # noqa: E402
 
 from lightning_muon import Muon  # noqa: E402

@@ -1,4 +1,4 @@
-"""Worker for tests/test_qk_clip.py: the example GPT (tiny) trained by Muon with QKClip and
+"""Worker for tests/callbacks/test_qk_clip.py: the example GPT (tiny) trained by Muon with QKClip and
 AttentionLogitMonitor under Lightning on CPU/gloo, one process or two (DDP or FSDP2).
 
 Global batch 8 split over the ranks by a non-shuffling DistributedSampler (every world size sees

@@ -1,4 +1,4 @@
-"""Worker for tests/test_distributed.py: Muon steps under torch.distributed (gloo), no Lightning.
+"""Worker for tests/parallel/test_distributed.py: Muon steps under torch.distributed (gloo), no Lightning.
 
 Every rank builds the same parameters and per-step gradients, runs Muon with plain tensors (DDP
 layout) or with DTensors Shard(0) (FSDP2 layout), and writes its final parameters, momentum,
@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from _launch import record_orthogonalized  # noqa: E402
 
-import lightning_muon.distributed as lmd  # noqa: E402
+import lightning_muon.parallel.dtensor as lmd  # noqa: E402
 from lightning_muon import Muon  # noqa: E402
 
 # Shapes with uneven and empty row shards at 2 and 4 ranks, a conv kernel, and repeated shapes.

@@ -1,4 +1,4 @@
-"""Worker for tests/test_matrix_structure_distributed.py: a tiny GPT whose Muon matrices have structure.
+"""Worker for tests/parallel/test_matrix_structure_distributed.py: a tiny GPT whose Muon matrices have structure.
 
 Each block has a fused q/k/v projection with rows ordered (head, q/k/v, head_dim), declared in
 ``muon_qkv_layout`` and split by ``split_qkv``, and a bank of 3 expert matrices (a stack). Trains
@@ -26,7 +26,7 @@ torch.set_num_threads(1)
 import lightning as L  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # noqa: E402
 
-import lightning_muon.buckets as lmb  # noqa: E402
+import lightning_muon.parallel.buckets as lmb  # noqa: E402
 from lightning_muon import configure_muon  # noqa: E402
 
 VOCAB, CONTEXT, DIM, HEADS, EXPERTS = 65, 16, 32, 4, 3  # 3 experts: uneven FSDP2 shards of the stack

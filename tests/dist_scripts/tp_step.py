@@ -1,4 +1,4 @@
-"""Worker for tests/test_tensor_parallel.py: Muon steps on DTensors of 2-D meshes (gloo), no Lightning.
+"""Worker for tests/parallel/test_tensor_parallel.py: Muon steps on DTensors of 2-D meshes (gloo), no Lightning.
 
 Every rank builds the same parameters and per-step gradients and places each on a (dp, tp) mesh
 with the layouts of FSDP2 x tensor parallelism (column-wise, row-wise, replicated over tp, on the
@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from _launch import record_orthogonalized  # noqa: E402
 
-import lightning_muon.distributed as lmd  # noqa: E402
+import lightning_muon.parallel.dtensor as lmd  # noqa: E402
 from lightning_muon import Muon  # noqa: E402
 
 # (shape, mesh, placements by name). "dp"/"tp": the sub-mesh; "2d": the whole (dp, tp) mesh.

@@ -17,7 +17,7 @@ Score = killed / (killed + survived). Usage, from the repository root::
     OMP_NUM_THREADS=1 python tests/mutation/run.py               # all mutations
     python tests/mutation/run.py --list                           # names, files, tests
     python tests/mutation/run.py --only nesterov_weight ema_weight --json results.json
-    python tests/mutation/run.py --only nesterov_weight --tests tests/test_optimizer.py   # another test set
+    python tests/mutation/run.py --only nesterov_weight --tests tests/optim/test_optimizer.py   # another test set
 
 Exit status 1 if a mutation survived that is not marked equivalent. Record the score and every
 survivor in docs/testing.md.
@@ -40,20 +40,24 @@ ROOT = Path(__file__).resolve().parents[2]
 COPY = ("lightning_muon", "tests", "examples", "benchmarks", "pyproject.toml")
 IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "runs", "lightning_logs", ".pytest_cache")
 
-NS = "lightning_muon/newton_schulz.py"
+NS = "lightning_muon/optim/newton_schulz.py"
 OPT = "lightning_muon/optimizer.py"
-FUNC = "lightning_muon/functional.py"
+FUNC = "lightning_muon/optim/functional.py"
 SPEC = "lightning_muon/spectral.py"
-BUCKETS = "lightning_muon/buckets.py"
-SHARDED = "lightning_muon/sharded.py"
+BUCKETS = "lightning_muon/parallel/buckets.py"
+SHARDED = "lightning_muon/parallel/placement.py"
 CBS = "lightning_muon/callbacks/critical_batch_size.py"
 ROUTING = "lightning_muon/routing.py"
 MISALIGN = "lightning_muon/callbacks/polar_misalignment.py"
 
-T_NS = ["tests/test_newton_schulz.py", "tests/test_reference_updates.py"]
-T_OPT = ["tests/test_optimizer.py", "tests/test_reference_updates.py"]
-T_SPEC = ["tests/test_spectral.py"]
-T_CBS = ["tests/test_critical_batch_values.py", "tests/test_callbacks.py", "tests/test_spectral.py"]
+T_NS = ["tests/optim/test_newton_schulz.py", "tests/optim/test_reference_updates.py"]
+T_OPT = ["tests/optim/test_optimizer.py", "tests/optim/test_reference_updates.py"]
+T_SPEC = ["tests/diagnostics/test_spectral.py"]
+T_CBS = [
+    "tests/diagnostics/test_critical_batch.py",
+    "tests/callbacks/test_callbacks.py",
+    "tests/diagnostics/test_spectral.py",
+]
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,7 @@ class Mutation:
 
 
 MUTATIONS: list[Mutation] = [
-    # ---- Newton–Schulz (lightning_muon/newton_schulz.py)
+    # ---- Newton–Schulz (lightning_muon/optim/newton_schulz.py)
     Mutation(
         "pe_coefficient_third_digit",
         NS,
@@ -102,7 +106,7 @@ MUTATIONS: list[Mutation] = [
         "torch.addmm(A, A, A, beta=c, alpha=b)",
         T_NS,
     ),
-    # ---- Muon step (lightning_muon/functional.py; AdamW settings in lightning_muon/optimizer.py)
+    # ---- Muon step (lightning_muon/optim/functional.py; AdamW settings in lightning_muon/optimizer.py)
     Mutation(
         "ema_weight",
         FUNC,
@@ -141,13 +145,13 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation("adamw_betas_swapped", OPT, 'beta1, beta2 = group["betas"]', 'beta2, beta1 = group["betas"]', T_OPT),
     Mutation("adamw_lr_ignored", OPT, "lr=lr if adamw_lr is None else adamw_lr", "lr=lr", T_OPT),
-    # ---- DDP / FSDP2 work split (lightning_muon/buckets.py, lightning_muon/sharded.py)
+    # ---- DDP / FSDP2 work split (lightning_muon/parallel/buckets.py, lightning_muon/parallel/placement.py)
     Mutation(
         "ddp_owner_most_loaded",
         BUCKETS,
         "rank = min(range(world), key=lambda r: (load[r], r))",
         "rank = max(range(world), key=lambda r: (load[r], r))",
-        ["tests/test_distributed.py"],
+        ["tests/parallel/test_distributed.py"],
         ("-k", "assign_owners or shard_rows"),
     ),
     Mutation(
@@ -155,7 +159,7 @@ MUTATIONS: list[Mutation] = [
         SHARDED,
         "size = math.ceil(rows / world) if rows else 0",
         "size = rows // world if rows else 0",
-        ["tests/test_distributed.py"],
+        ["tests/parallel/test_distributed.py"],
         ("-k", "assign_owners or shard_rows"),
     ),
     # ---- spectral diagnostics (lightning_muon/spectral.py)
@@ -228,7 +232,7 @@ MUTATIONS: list[Mutation] = [
         MISALIGN,
         'group["momentum"], group.get("nesterov", False))[0]',
         'group["momentum"], False)[0]',
-        ["tests/test_callbacks.py"],
+        ["tests/callbacks/test_callbacks.py"],
     ),
     # ---- routing (lightning_muon/routing.py)
     Mutation(
@@ -236,7 +240,11 @@ MUTATIONS: list[Mutation] = [
         ROUTING,
         '("lm_head", "head", "heads", "classifier", "fc_out", "out_head")',
         '("lm_head", "heads", "classifier", "fc_out", "out_head")',
-        ["tests/test_routing_defaults.py", "tests/test_routing.py", "tests/test_bad_inputs.py"],
+        [
+            "tests/routing/test_routing_defaults.py",
+            "tests/routing/test_routing.py",
+            "tests/integration/test_bad_inputs.py",
+        ],
     ),
 ]
 

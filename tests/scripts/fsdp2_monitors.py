@@ -1,5 +1,5 @@
 """Two-process FSDP2 (ModelParallelStrategy) run with the weight/gradient monitors; launched by
-tests/test_callbacks.py in a subprocess. Usage: python fsdp2_monitors.py LOG_DIR"""
+tests/callbacks/test_callbacks.py in a subprocess. Usage: python fsdp2_monitors.py LOG_DIR"""
 
 import sys
 

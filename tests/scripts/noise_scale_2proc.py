@@ -3,7 +3,7 @@
 Usage: python noise_scale_2proc.py OUT_DIR {ddp,fsdp2}. Each rank writes OUT_DIR/rank<r>.json:
 the warmup history, (micro-batches, accumulation) per optimizer step, the final smoothed B_simple
 and the first measurement's per-layer small/large-batch squared norms. Launched by
-tests/test_critical_batch_size.py.
+tests/callbacks/test_critical_batch_size.py.
 """
 
 import json

@@ -1,0 +1,67 @@
+"""What the monitors compute, as plain torch functions on tensors (no Lightning).
+
+* :mod:`.spectral`: singular values, stable rank, spectral entropy, frame misalignment ``sin Theta``
+  and the basis-free ``delta_P``; batched over leading dims;
+* :mod:`.critical_batch`: the gradient noise scale ``B_simple`` and Muon's ``B_crit``;
+* :mod:`.per_example`: per-example gradient norms from a layer's activations and output gradients;
+* :mod:`.attention`: each head's largest attention logit, and which rows of the weights are whose.
+"""
+
+from .attention import (
+    MultiheadAttentionQK,
+    QKAttention,
+    QKObserver,
+    QKScaling,
+    attention_logit_max,
+    find_qk_attention,
+    fused_qkv_project,
+    fused_qkv_rows,
+    qk_attention,
+)
+from .critical_batch import CriticalBatch, NoiseScale, muon_critical_batch_size, noise_scale, polar_sensitivity
+from .per_example import PerExampleNorms, linear_grad_norms, norm_grad_norms, per_example_noise_scale
+from .spectral import (
+    delta_p,
+    effective_rank,
+    frames_sin_theta,
+    polar_misalignment,
+    sin_theta,
+    singular_values,
+    spectral_entropy,
+    spectrum_entropy,
+    stable_rank,
+    top_frames,
+    top_singular_value,
+)
+
+__all__ = [
+    "CriticalBatch",
+    "MultiheadAttentionQK",
+    "NoiseScale",
+    "PerExampleNorms",
+    "QKAttention",
+    "QKObserver",
+    "QKScaling",
+    "attention_logit_max",
+    "delta_p",
+    "effective_rank",
+    "find_qk_attention",
+    "frames_sin_theta",
+    "fused_qkv_project",
+    "fused_qkv_rows",
+    "linear_grad_norms",
+    "muon_critical_batch_size",
+    "noise_scale",
+    "norm_grad_norms",
+    "per_example_noise_scale",
+    "polar_misalignment",
+    "polar_sensitivity",
+    "qk_attention",
+    "sin_theta",
+    "singular_values",
+    "spectral_entropy",
+    "spectrum_entropy",
+    "stable_rank",
+    "top_frames",
+    "top_singular_value",
+]
