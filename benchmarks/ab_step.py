@@ -4,12 +4,15 @@ Each round runs one worker process per checkout, alternating A, B, A, B, ... (so
 machine load hits both alike); a worker imports ``lightning_muon`` from its checkout, builds the
 parameters of the example GPT (``examples/gpt.py``: tied embedding ``wte``, ``wpe``, per block
 LayerNorms, fused ``c_attn``, ``c_proj``, MLP ``c_fc`` and ``c_proj``; routed by name), fixes random
-gradients, and reports the median CPU time (``time.process_time``, 1 thread) of ``optimizer.step()``
-over ``--steps`` steps after a warmup. The table gives the median over rounds per checkout and
-the ratio B / A.
+gradients, and reports the median CPU time (``time.process_time``, ``--threads`` threads, default 1)
+of ``optimizer.step()`` over ``--steps`` steps after a warmup. ``--target orthogonalize`` times
+instead one ``orthogonalize`` call per same-shape stack of the Muon matrices (quintic, the default
+kernel), as the optimizer's buckets call it. The table gives the median over rounds per checkout
+and the ratio B / A.
 
     python -m benchmarks.ab_step --a /path/to/main --b . --rounds 7
     python -m benchmarks.ab_step --a ../main --b . --config 12x768
+    python -m benchmarks.ab_step --a ../main --b . --config 4x512 --target orthogonalize --ns-dtype bfloat16
 """
 
 from __future__ import annotations
@@ -22,16 +25,25 @@ import subprocess
 import sys
 import time
 
-CONFIGS = {"demo": (4, 128, 65, 128), "4x384": (4, 384, 65, 256), "12x768": (12, 768, 50304, 1024)}
+#: name -> (layers, width, vocabulary, context); 4x512 is the issue's matrix-heavy GPT, 1x768 GPT-small's block
+CONFIGS = {
+    "demo": (4, 128, 65, 128),
+    "4x384": (4, 384, 65, 256),
+    "4x512": (4, 512, 8192, 1024),
+    "1x768": (1, 768, 50304, 1024),
+    "12x768": (12, 768, 50304, 1024),
+}
 
 
-def worker(config: str, steps: int, warmup: int) -> None:
-    """Time ``Muon.step`` with the ``lightning_muon`` first on ``sys.path``; print JSON to stdout."""
+def worker(
+    config: str, steps: int, warmup: int, target: str = "step", ns_dtype: str = "auto", threads: int = 1
+) -> None:
+    """Time ``Muon.step`` (or ``orthogonalize``) with the ``lightning_muon`` first on ``sys.path``; print JSON."""
     import torch
 
-    from lightning_muon import Muon
+    from lightning_muon import Muon, orthogonalize
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     n_layer, c, vocab, block = CONFIGS[config]
     shapes = {"wte.weight": (vocab, c), "wpe.weight": (block, c), "ln_f.weight": (c,), "ln_f.bias": (c,)}
     for i in range(n_layer):
@@ -54,13 +66,24 @@ def worker(config: str, steps: int, warmup: int) -> None:
     params = {n: torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for n, s in shapes.items()}
     for p in params.values():
         p.grad = torch.randn(p.shape, generator=gen) * 1e-3
-    opt = Muon(list(params.items()), lr=0.02, adjust_lr="original", adamw_lr=1e-3, weight_decay=0.1)
+    opt = Muon(list(params.items()), lr=0.02, adjust_lr="original", adamw_lr=1e-3, weight_decay=0.1, ns_dtype=ns_dtype)
+    if target == "orthogonalize":
+        dtype = opt.resolved_ns_dtype() if ns_dtype == "auto" else getattr(torch, ns_dtype)
+        matrices = [p.grad for g in opt.param_groups if g["use_muon"] for p in g["params"]]
+        shapes = list(dict.fromkeys(tuple(m.shape) for m in matrices))
+        stacks = [torch.stack([m for m in matrices if tuple(m.shape) == s]) for s in shapes]
+
+        def call() -> None:
+            for stack in stacks:
+                orthogonalize(stack, "quintic", 5, dtype=dtype)
+    else:
+        call = opt.step
     for _ in range(warmup):
-        opt.step()
+        call()
     times = []
     for _ in range(steps):
         start = time.process_time()
-        opt.step()
+        call()
         times.append(time.process_time() - start)
     print(json.dumps({"median_s": statistics.median(times), "file": sys.modules["lightning_muon"].__file__}))
 
@@ -73,19 +96,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--target", choices=("step", "orthogonalize"), default="step")
+    parser.add_argument("--ns-dtype", default="auto", help="Muon's ns_dtype (default auto)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads per worker (CPU time is summed over them)"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        worker(args.config, args.steps, args.warmup)
+        worker(args.config, args.steps, args.warmup, args.target, args.ns_dtype, args.threads)
         return
     roots = {"A": os.path.abspath(args.a), "B": os.path.abspath(args.b)}
     times: dict[str, list[float]] = {"A": [], "B": []}
     files = {}
     for r in range(args.rounds):
         for label in ("A", "B") if r % 2 == 0 else ("B", "A"):
-            env = dict(os.environ, PYTHONPATH=roots[label], OMP_NUM_THREADS="1")
+            env = dict(os.environ, PYTHONPATH=roots[label], OMP_NUM_THREADS=str(args.threads))
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--a", "", "--b", ""]
             cmd += ["--config", args.config, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            cmd += ["--target", args.target, "--ns-dtype", args.ns_dtype, "--threads", str(args.threads)]
             out = subprocess.run(cmd, env=env, cwd=roots[label], capture_output=True, text=True, check=True)
             result = json.loads(out.stdout.strip().splitlines()[-1])
             times[label].append(result["median_s"])
@@ -93,7 +122,11 @@ def main(argv: list[str] | None = None) -> None:
     with open("/proc/loadavg") as f:
         load = f.read().split()[0]
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"config {args.config} {CONFIGS[args.config]}; {args.rounds} rounds x {args.steps} steps; load {load}")
+    what = "Muon.step" if args.target == "step" else "orthogonalize per same-shape stack (quintic)"
+    print(
+        f"{what}, config {args.config} {CONFIGS[args.config]}, ns_dtype {args.ns_dtype}, {args.threads} thread(s); "
+        f"{args.rounds} rounds x {args.steps} steps; load {load}"
+    )
     for label in ("A", "B"):
         per_round = ", ".join(f"{t * 1e3:.2f}" for t in times[label])
         print(f"{label}: {files[label]}: median {med[label] * 1e3:.2f} ms ({per_round})")

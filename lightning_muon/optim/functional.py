@@ -104,6 +104,8 @@ def apply_muon_update(
                 [1.0000, 0.5000]])
     """
     shapes = [p.shape for p in params] if shapes is None else shapes
+    decay = 1 - lr * weight_decay
     for w, update, shape in zip(params, updates, shapes):
-        w.mul_(1 - lr * weight_decay)
+        if decay != 1:  # without decay, no pass over the weights multiplying them by 1
+            w.mul_(decay)
         w.add_(update.view_as(w).to(w.dtype), alpha=-adjusted_lr(lr, shape, adjust_lr))

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..optim.newton_schulz import CUSTOM_METHODS, GRAM_METHODS, ns_flops, orthogonalize
+from ..optim.newton_schulz import CUSTOM_METHODS, GRAM_METHODS, ns_flops, polar_stack
 from ..routing.matrix_view import MatrixView
 from .dtensor import is_dtensor
 from .groups import AUTO, mesh_domain, process_group_of
@@ -172,7 +172,11 @@ class BucketPlan:
                 pieces[e][j] = result
         out = []
         for (_, shape, view, param), got in zip(self._entries, pieces):
-            out.append(got[0].reshape(shape) if param is not None else view.from_matrices(torch.stack(got), shape)[0])
+            if param is not None:
+                out.append(got[0].reshape(shape))
+            else:  # a plain matrix's one result is used as it is (a view), a stack's are stacked again
+                matrices = got[0].unsqueeze(0) if len(got) == 1 else torch.stack(got)
+                out.append(view.from_matrices(matrices, shape)[0])
         return out
 
 
@@ -208,15 +212,23 @@ def _comm_dtype(bucket: Bucket, dtype: torch.dtype) -> torch.dtype:
 
 
 def _orthogonalize(bucket: Bucket, matrices: list[Tensor]) -> Tensor:
-    return orthogonalize(_tame(torch.stack(matrices)), bucket.method, bucket.steps, dtype=bucket.dtype)
+    """The bucket's matrices orthogonalised, as one new ``(len(matrices), m, n)`` tensor.
+
+    Newton–Schulz reads the matrices where they are (:func:`lightning_muon.optim.newton_schulz.polar_stack`:
+    no stacked copy) and takes any finite scale; ``"svd"`` and registered methods get a stack with
+    huge entries tamed first (:func:`_tame`).
+    """
+    if bucket.method == "svd" or bucket.method in CUSTOM_METHODS:
+        return polar_stack(_tame(torch.stack(matrices)), bucket.method, bucket.steps, dtype=bucket.dtype)
+    return polar_stack(matrices, bucket.method, bucket.steps, dtype=bucket.dtype)
 
 
 def _tame(X: Tensor) -> Tensor:
     """``X`` (a fresh stack, scaled in place): matrices with entries >= 2**32 divided by an exact
     power of two, the others multiplied by 1 (bit for bit unchanged).
 
-    The polar factor is scale-invariant, but Newton–Schulz's Frobenius norm of a finite matrix
-    with entries near 1e20 overflows float32 and would turn the update into zeros.
+    The polar factor is scale-invariant, but a registered method gets its input unnormalised, and
+    a Frobenius norm of a finite float32 matrix with entries near 1e20 overflows.
     """
     low, high = torch.aminmax(X.reshape(X.shape[0], -1), dim=1)
     _, exponent = torch.frexp(torch.maximum(high, -low).float())

@@ -57,18 +57,19 @@ def assert_same_training(got: Path, want: Path, epoch: int) -> None:
 
 def record_orthogonalized() -> list[tuple[int, int]]:
     """Record, from now on in this process, the ``(rows, cols)`` of every matrix that Muon's bucket loop
-    (``lightning_muon.parallel.buckets``) orthogonalises on this rank, one entry per matrix, in the returned list.
+    (``lightning_muon.parallel.buckets``, through ``polar_stack``) orthogonalises on this rank, one entry
+    per matrix, in the returned list.
 
     The patched function calls through, so results are unchanged.
     """
     import lightning_muon.parallel.buckets as buckets
 
     record: list[tuple[int, int]] = []
-    original = buckets.orthogonalize
+    original = buckets.polar_stack
 
-    def recording(G, *args, **kwargs):
-        record.extend([tuple(G.shape[-2:])] * G.shape[0])
-        return original(G, *args, **kwargs)
+    def recording(matrices, *args, **kwargs):  # a (batch, m, n) stack or a list of (m, n) matrices
+        record.extend([tuple(matrices[0].shape[-2:])] * len(matrices))
+        return original(matrices, *args, **kwargs)
 
-    buckets.orthogonalize = recording
+    buckets.polar_stack = recording
     return record

@@ -42,7 +42,8 @@ def test_orthogonalize_script_prints_a_table(capsys):
     bench_ortho.main(["--sets", "vit-small", "--repeats", "1", "--warmup", "0", "--mm-size", "64"])
     out = capsys.readouterr().out
     assert "| vit-small (16 matrices) | torch.optim.Muon NS (bf16, per matrix) |" in out
-    assert out.count("| vit-small") == 5  # the peak probe and four methods
+    assert out.count("| vit-small") == 6  # the peak probe, the matmul floor and four methods
+    assert "| vit-small (16 matrices) | matmul floor (NS's products only), faster kernel |" in out
 
 
 def test_markdown_table():
@@ -116,3 +117,43 @@ def test_peers_state_bytes_count_nested_state():
     assert peers.state_bytes([opt]) == flat_state_bytes(opt) > 0
     opt.state[next(iter(opt.state))]["nested"] = {"a": [torch.zeros(3)]}
     assert peers.state_bytes([opt]) == flat_state_bytes(opt) + 12
+
+
+def test_kernel_choice_script_prints_both_kernels_and_the_default(capsys):
+    from benchmarks import kernel_choice
+    from lightning_muon.optim.newton_schulz import default_kernel
+
+    kernel_choice.main(
+        ["--widths", "8", "16", "--layers", "1", "--repeats", "1", "--warmup", "0", "--dtype", "float32"]
+    )
+    rows = [
+        line.split(" | ")
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| 8 ") or line.startswith("| 16 ")
+    ]
+    assert [r[0].strip("| ") for r in rows] == ["8", "16"]
+    for r in rows:  # 4 matrices per width (one block), both times, and the kernel the default picks
+        assert r[1] == "4" and float(r[2]) > 0 and float(r[3]) > 0
+        assert r[-1].strip(" |") == default_kernel("cpu", int(r[0].strip("| ")), torch.float32)
+
+
+def test_cpu_kinds_limits_each_child_and_skips_kinds_the_host_lacks(monkeypatch, capsys):
+    from benchmarks import cpu_kinds
+
+    seen = []
+    monkeypatch.setattr(cpu_kinds.subprocess, "run", lambda cmd, env, check: seen.append((cmd, env)) or _Done())
+    monkeypatch.setattr(cpu_kinds, "host_flags", lambda: {"avx2": True, "avx512_bf16": True})  # no AMX
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX512")
+    with pytest.raises(SystemExit) as done:
+        cpu_kinds.main(["--", "orthogonalize", "--sets", "vit-small"])
+    assert done.value.code == 0
+    assert "CPU kind amx_bf16: not available here (this CPU lacks amx_bf16)" in capsys.readouterr().out
+    (cmd2, env2), (cmd512, env512) = seen  # avx2 and avx512_bf16 ran, in that order
+    assert cmd2[-4:] == ["-m", "benchmarks.orthogonalize", "--sets", "vit-small"]
+    assert env2["ONEDNN_MAX_CPU_ISA"] == "AVX2" and env2["MKL_ENABLE_INSTRUCTIONS"] == "AVX2"
+    assert env2["LIGHTNING_MUON_CPU_KIND"] == "avx2" and env512["LIGHTNING_MUON_CPU_KIND"] == "avx512_bf16"
+    assert env512["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE_BF16" and "MKL_ENABLE_INSTRUCTIONS" not in env512
+
+
+class _Done:
+    returncode = 0

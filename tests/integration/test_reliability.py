@@ -64,11 +64,11 @@ class Counting(L.LightningModule):
 
 
 def test_accumulation_orthogonalises_once_per_optimizer_step(tmp_path, monkeypatch):
-    import lightning_muon.parallel.buckets as mod  # the bucket loop calls orthogonalize there
+    import lightning_muon.parallel.buckets as mod  # the bucket loop calls polar_stack there
 
     calls = []
-    real = mod.orthogonalize
-    monkeypatch.setattr(mod, "orthogonalize", lambda G, *a, **k: calls.append(G.shape[0]) or real(G, *a, **k))
+    real = mod.polar_stack
+    monkeypatch.setattr(mod, "polar_stack", lambda M, *a, **k: calls.append(len(M)) or real(M, *a, **k))
     data = TensorDataset(torch.randn(64, 8), torch.randn(64, 1))
     trainer = L.Trainer(
         accelerator="cpu",

@@ -112,11 +112,11 @@ def test_conv_kernel_flattened_and_scaled_by_flat_shape():
 
 
 def test_same_shape_matrices_orthogonalised_in_one_batched_call(monkeypatch):
-    import lightning_muon.parallel.buckets as mod  # the bucket loop calls orthogonalize there
+    import lightning_muon.parallel.buckets as mod  # the bucket loop calls polar_stack there
 
     calls = []
-    real = mod.orthogonalize
-    monkeypatch.setattr(mod, "orthogonalize", lambda G, *a, **k: calls.append(tuple(G.shape)) or real(G, *a, **k))
+    real = mod.polar_stack
+    monkeypatch.setattr(mod, "polar_stack", lambda M, *a, **k: calls.append((len(M), *M[0].shape)) or real(M, *a, **k))
     params = [nn.Parameter(torch.randn(16, 16)) for _ in range(3)] + [nn.Parameter(torch.randn(16, 64))]
     for p in params:
         p.grad = torch.randn_like(p)

@@ -116,15 +116,21 @@ class _MatmulShapes(TorchFunctionMode):
 @pytest.mark.parametrize("kernel", ["batched", "looped"])
 @pytest.mark.parametrize("method", ["polar_express", "quintic"])
 def test_tall_matrices_iterate_on_the_smaller_side(kernel, method):
-    # A 96 x 12 input must be iterated as 12 x 96: every Gram matrix is 12 x 12, never 96 x 96
-    # (the same result, about (96/12)^2 more work; a behaviour test, not a timing).
+    # A 96 x 12 input must be iterated on its 12-wide side: every Gram matrix is 12 x 12, never
+    # 96 x 96 (the same result, about (96/12)^2 more work; a behaviour test, not a timing). The
+    # iteration runs on X^T through transposed BLAS operands, so the other products are 96 x 12.
     G = torch.randn(2, 96, 12)
     with _MatmulShapes() as spy:
         out = orthogonalize(G, method, dtype=torch.float32, kernel=kernel)
     assert spy.shapes, "no matrix product recorded"
-    assert all(s[-2:] in ((12, 12), (12, 96)) for s in spy.shapes), sorted(set(spy.shapes))
-    # And the tall result is exactly the transpose of the wide one (same computation).
-    assert torch.equal(out, orthogonalize(G.mT, method, dtype=torch.float32, kernel=kernel).mT)
+    assert all(s[-2:] in ((12, 12), (96, 12)) for s in spy.shapes), sorted(set(spy.shapes))
+    # And the tall result is the transpose of the wide one: the same products with transposed
+    # operands, equal up to float32 round-off (measured: <= 7.2e-7 relative; each is 0.6-3.7e-6 from
+    # the float64 iteration, which a 96 x 96 Gram matrix would not change).
+    wide = orthogonalize(G.mT, method, dtype=torch.float32, kernel=kernel).mT
+    assert (out - wide).norm() / wide.norm() < 1e-5
+    exact = orthogonalize(G.double(), method, dtype=torch.float64, kernel=kernel)
+    assert (out.double() - exact).norm() / exact.norm() < 1e-5
 
 
 # ------------------------------------------------------------------ Muon against torch.optim.Muon
@@ -136,9 +142,10 @@ def _grads(shapes, step):
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_multi_step_muon_matches_torch_optim_muon(nesterov):
     # Same quintic coefficients in bf16, "original" scaling, decoupled decay, 8 steps (momentum is
-    # non-zero from step 2 on). Measured: bitwise equal (torch 2.14.1). Tolerance 1e-2 of how far
-    # the weights moved: running our Newton–Schulz in float32 instead moves the result by 0.5% of
-    # that; a wrong Nesterov or EMA weight by 30-45%.
+    # non-zero from step 2 on). Tolerance 2e-2 of how far the weights moved. Measured (torch 2.14.1):
+    # the two bf16 runs are 0.68-1.03% apart; each is 0.49-0.71% from the same steps in float64
+    # (ours: scaled in float32 and iterated without transposing tall matrices, torch: its own
+    # order), so two independent bf16 round-offs; a wrong Nesterov or EMA weight moves it 30-45%.
     shapes = [(32, 16), (16, 32), (24, 24), (24, 24)]
     torch.manual_seed(0)
     ours_p = [nn.Parameter(torch.randn(s)) for s in shapes]
@@ -164,7 +171,7 @@ def test_multi_step_muon_matches_torch_optim_muon(nesterov):
     for a, b, w0 in zip(ours_p, ref_p, start):
         moved = (b - w0).norm()
         assert moved > 0.3  # the test is not vacuous: the weights did move
-        assert (a - b).norm() <= 1e-2 * moved, (float((a - b).norm()), float(moved))
+        assert (a - b).norm() <= 2e-2 * moved, (float((a - b).norm()), float(moved))
         torch.testing.assert_close(ours.state[a]["momentum_buffer"], ref.state[b]["momentum_buffer"], atol=1e-6, rtol=0)
 
 
