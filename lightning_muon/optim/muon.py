@@ -414,7 +414,7 @@ class Muon(torch.optim.Optimizer):
 
     def _muon_step(self, groups: list[dict]) -> None:
         """Every Muon group's update (:meth:`_updates`), scaled and applied with decoupled decay."""
-        live, updates, _ = self._updates(groups, self.state, self.process_group, self._compute_dtype)
+        live, updates, _ = self._updates(groups, self.state, self.process_group, self._compute_dtype, in_place=True)
         for group in groups:
             mine = [x for x in live if x.group is group]
             apply_muon_update(
@@ -432,10 +432,12 @@ class Muon(torch.optim.Optimizer):
         state: dict[Tensor, dict[str, Any]],
         process_group: Any,
         compute_dtype: Callable[[BucketKey], torch.dtype],
+        in_place: bool = False,
     ) -> tuple[list[_Live], list[Tensor], list[Tensor]]:
         """Momentum of every Muon parameter with a gradient (in ``state``), one orthogonalisation per
         bucket (:class:`~lightning_muon.parallel.BucketPlan`), then each variant's transform.
-        Returns the live parameters, and per plan entry the update and the direction it came from."""
+        Returns the live parameters, and per plan entry the update and the direction it came from
+        (with ``in_place``, a direction that is a new tensor may hold its update instead)."""
         plan = BucketPlan()
         live: list[_Live] = []
         directions: list[Tensor] = []
@@ -455,8 +457,12 @@ class Muon(torch.optim.Optimizer):
             found = _momentum(group, [p for p, _ in params], state, self._positions())
             ns = (group["ns_method"], group["ns_steps"], group["ns_dtype"])
             for (p, view), d in zip(params, found):
-                live.append(_Live(group, p, view, plan.add(local(d), view, *ns, param=p)))
-                directions.append(local(d))
+                d = local(d)
+                # A direction that is not the momentum buffer itself (Nesterov's is a new tensor) can
+                # take its own update: no new tensor per step. preview returns the directions: keep them.
+                scratch = in_place and d.data_ptr() != local(state[p]["momentum_buffer"]).data_ptr()
+                live.append(_Live(group, p, view, plan.add(d, view, *ns, param=p, scratch=scratch)))
+                directions.append(d)
         updates = plan.run(compute_dtype, process_group)
         for name, variant in VARIANTS.items():
             mine = [x for x in live if x.group["variant"] == name]

@@ -15,13 +15,15 @@ Example:
 
 from __future__ import annotations
 
+import math
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .ns_dtype import resolve_ns_dtype
+from .ns_dtype import _cpu_flags, resolve_ns_dtype
 
 __all__ = [
     "NSPreset",
@@ -31,9 +33,12 @@ __all__ = [
     "METHODS",
     "orthogonalize",
     "polar_stack",
+    "clear_workspace",
     "ns_flops",
     "singular_value_band",
+    "cpu_kind",
     "default_kernel",
+    "LOOP_MIN_SIDE",
     "default_gram",
     "register_ns_method",
     "available_methods",
@@ -230,21 +235,23 @@ def _products(tall: bool, batched: bool) -> tuple[Callable[..., Tensor], Callabl
 _FOLD_DTYPES = (torch.float32, torch.float64)
 
 
-def _newton_schulz_batched(X: Tensor, coefficients: list[Coefficients], tall: bool = False) -> Tensor:
+def _newton_schulz_batched(
+    X: Tensor, coefficients: list[Coefficients], tall: bool = False, Y: Tensor | None = None
+) -> Tensor:
     """Iterate on a (batch, m, n) stack (on its transpose when ``tall``): three bmm per step.
 
     ``X <- a X + B X`` with ``B = b A + c A^2``; in float32/float64 as ``(B + a I) X``
     (:data:`_FOLD_DTYPES`): adding ``a`` to the diagonal of the k x k ``B`` replaces the copy of
     the k x n ``X`` that ``baddbmm(X, B, X, beta=a)`` makes into its output at every step. ``X``
-    (a scaled copy made by :func:`polar_stack`) is overwritten; the result is ``X`` or one more
-    buffer of its shape.
+    (a scaled copy made by :func:`polar_stack`) is overwritten, and so is ``Y``, a buffer of its
+    shape (None: a new one); the result is one of the two.
     """
     gram, left = _products(tall, batched=True)
     fold = X.dtype in _FOLD_DTYPES
     k = X.shape[-1] if tall else X.shape[-2]
     A = X.new_empty(X.shape[0], k, k)
     B = torch.empty_like(A)
-    Y = torch.empty_like(X)
+    Y = torch.empty_like(X) if Y is None else Y
     for a, b, c in coefficients:
         gram(X, out=A)
         torch.baddbmm(A, A, A, beta=b, alpha=c, out=B)  # b A + c A^2
@@ -255,14 +262,16 @@ def _newton_schulz_batched(X: Tensor, coefficients: list[Coefficients], tall: bo
     return X
 
 
-def _newton_schulz_looped(X: Tensor, coefficients: list[Coefficients], tall: bool = False) -> Tensor:
+def _newton_schulz_looped(
+    X: Tensor, coefficients: list[Coefficients], tall: bool = False, Y: Tensor | None = None
+) -> Tensor:
     """The same iteration, one matrix at a time with mm/addmm (see :func:`default_kernel`)."""
     gram, left = _products(tall, batched=False)
     fold = X.dtype in _FOLD_DTYPES
     k = X.shape[-1] if tall else X.shape[-2]
     A = X.new_empty(k, k)
     B = torch.empty_like(A)
-    Y = torch.empty_like(X)
+    Y = torch.empty_like(X) if Y is None else Y
     for x, y in zip(X, Y):
         for a, b, c in coefficients:
             gram(x, out=A)
@@ -274,7 +283,7 @@ def _newton_schulz_looped(X: Tensor, coefficients: list[Coefficients], tall: boo
     return X if len(coefficients) % 2 == 0 else Y  # every matrix ends in the same buffer
 
 
-_KERNELS: dict[str, Callable[[Tensor, list[Coefficients], bool], Tensor]] = {
+_KERNELS: dict[str, Callable[[Tensor, list[Coefficients], bool, Tensor | None], Tensor]] = {
     "batched": _newton_schulz_batched,
     "looped": _newton_schulz_looped,
 }
@@ -329,17 +338,60 @@ _GRAM_KERNELS: dict[str, Callable[[Tensor, list[Coefficients], frozenset[int], b
 }
 
 
-#: On CPU, matrices whose smaller side is at least this are iterated one at a time.
-LOOP_MIN_SIDE = 512
+#: Per kind of CPU (:func:`cpu_kind`): matrices whose smaller side is at least this are iterated
+#: one at a time (``"looped"``), smaller ones as one batched stack; ``math.inf``: always batched.
+#: Measured with ``benchmarks/kernel_choice.py`` on GPT matrices of each width, 2 threads
+#: (``benchmarks/RESULTS.md``, "Newton–Schulz kernel choice"): with AMX batched bf16 NS took
+#: 0.63-0.79x the looped time at every width from 128 to 768 (oneDNN multiplies ``X X^T`` with
+#: its transposed operand at 0.93 TFLOP/s in ``mm``, at full speed in ``bmm``); on AVX-512-BF16
+#: and AVX2 (float32) batched won below 512 (0.83-0.97x) and the two tied from 512 on (0.99-1.03x),
+#: where an AMD EPYC had run 768-wide NS 5-15% faster looped (one thread; RESULTS.md).
+LOOP_MIN_SIDE: dict[str, float] = {
+    "avx2": 512,
+    "avx512": 512,
+    "avx512_bf16": 512,
+    "amx_bf16": math.inf,
+    "other": 512,  # CPUs of no kind above (Arm, older x86): the former single threshold
+}
 
 
-def default_kernel(device: torch.device | str, side: int, dtype: torch.dtype | None = None, gram: bool = False) -> str:
+def cpu_kind() -> str:
+    """The kind of this CPU, as :data:`LOOP_MIN_SIDE` is keyed: ``"amx_bf16"``, ``"avx512_bf16"``,
+    ``"avx512"``, ``"avx2"`` or ``"other"``.
+
+    Read from the flags ``ns_dtype="auto"`` reads (:mod:`lightning_muon.optim.ns_dtype`), so
+    ``LIGHTNING_MUON_CPU_KIND`` makes it the simulated kind.
+
+    Example:
+        >>> cpu_kind() in LOOP_MIN_SIDE
+        True
+    """
+    flags = _cpu_flags()
+    if flags.get("simulated"):
+        return str(flags["simulated"])
+    if flags.get("amx_bf16"):
+        return "amx_bf16"
+    if flags.get("avx512_bf16"):
+        return "avx512_bf16"
+    if flags.get("avx512_f") or flags.get("capability") == "AVX512":
+        return "avx512"
+    if flags.get("avx2") or flags.get("capability") == "AVX2":
+        return "avx2"
+    return "other"
+
+
+def default_kernel(
+    device: torch.device | str,
+    side: int,
+    dtype: torch.dtype | None = None,
+    gram: bool = False,
+    kind: str | None = None,
+) -> str:
     """The Newton–Schulz kernel for matrices whose smaller side is ``side``.
 
-    ``"looped"`` (mm/addmm per matrix) on CPU for ``side >= LOOP_MIN_SIDE`` (512), else
-    ``"batched"`` (bmm on the stack): on CPU one large matmul at a time beats a batched one, while
-    small matrices, and every size on a GPU, gain from batching. The measurements behind the
-    threshold are in ``benchmarks/RESULTS.md`` ("Newton–Schulz kernel choice").
+    On CPU ``"looped"`` (mm/addmm per matrix) for ``side >= LOOP_MIN_SIDE[kind]``, else
+    ``"batched"`` (bmm on the stack); ``kind`` defaults to :func:`cpu_kind`. Every size on a GPU
+    is ``"batched"``. The measurements behind the thresholds are in :data:`LOOP_MIN_SIDE`.
 
     Gram Newton–Schulz in 16 bits on CPU (``gram=True``, ``dtype`` float16 or bfloat16) is always
     ``"looped"``: with native 16-bit matmuls (AMX) a batched k x k product rounds differently
@@ -347,15 +399,18 @@ def default_kernel(device: torch.device | str, side: int, dtype: torch.dtype | N
     matrices a DDP rank owns would not come out as one process computes them; one at a time they do.
 
     Example:
-        >>> default_kernel("cpu", 768), default_kernel("cpu", 128), default_kernel("cuda", 768)
-        ('looped', 'batched', 'batched')
+        >>> default_kernel("cpu", 768, kind="avx2"), default_kernel("cpu", 128, kind="avx2")
+        ('looped', 'batched')
+        >>> default_kernel("cpu", 768, kind="amx_bf16"), default_kernel("cuda", 768)
+        ('batched', 'batched')
         >>> default_kernel("cpu", 128, torch.float16, gram=True)
         'looped'
     """
-    cpu = torch.device(device).type == "cpu"
-    if cpu and gram and dtype in (torch.float16, torch.bfloat16):
+    if torch.device(device).type != "cpu":
+        return "batched"
+    if gram and dtype in (torch.float16, torch.bfloat16):
         return "looped"
-    return "looped" if cpu and side >= LOOP_MIN_SIDE else "batched"
+    return "looped" if side >= LOOP_MIN_SIDE.get(kind or cpu_kind(), LOOP_MIN_SIDE["other"]) else "batched"
 
 
 #: On CPU in float32/float64, a standard preset runs as its Gram form when max(m, n) >= this * min(m, n)
@@ -398,7 +453,7 @@ def default_gram(device: torch.device | str, dtype: torch.dtype, m: int, n: int)
 _COMPILED: dict[str, Callable[..., Tensor]] = {}
 
 
-def _compiled(kernel: str) -> Callable[[Tensor, list[Coefficients], bool], Tensor]:
+def _compiled(kernel: str) -> Callable[[Tensor, list[Coefficients], bool, Tensor | None], Tensor]:
     """``torch.compile`` of a Newton–Schulz kernel, built once per kernel (compiling takes seconds)."""
     if kernel not in _COMPILED:
         _COMPILED[kernel] = torch.compile(_KERNELS[kernel], dynamic=False)
@@ -488,23 +543,28 @@ def polar_stack(
     kernel: str | None = None,
     compile: bool = False,
     gram: bool | None = None,
-) -> Tensor:
+    out: Sequence[Tensor] | None = None,
+) -> Tensor | Sequence[Tensor]:
     """:func:`orthogonalize` of a ``(batch, m, n)`` stack or a list of same-shape ``(m, n)`` matrices.
 
     What :class:`lightning_muon.Muon` calls per bucket: a list is read in place (no stacked copy
     of the inputs). Arguments are :func:`orthogonalize`'s, not checked again. Returns a new
-    contiguous ``(batch, m, n)`` tensor in the inputs' dtype.
+    contiguous ``(batch, m, n)`` tensor in the inputs' dtype, or, with ``out`` (one ``(m, n)``
+    tensor per matrix, any dtype; may be the inputs themselves), writes each result into its
+    ``out`` tensor and returns ``out``.
 
-    For the Newton–Schulz methods the inputs are read twice and the result written once: the
-    Frobenius norms (accumulated in float64, so entries up to float32's maximum neither overflow
-    nor need rescaling first), then one fused scale-and-cast into the compute dtype. Tall matrices
-    are not transposed: the iteration runs on ``X^T`` through transposed BLAS operands
-    (:func:`_products`).
+    The Newton–Schulz methods read the inputs twice (a cast, the norms, see :func:`_scaled_copy`)
+    and write the result once; tall matrices are not transposed (the iteration runs on ``X^T``
+    through transposed BLAS operands, :func:`_products`); on CPU the iteration's two buffers are
+    reused from call to call (:func:`clear_workspace`).
 
     Example:
         >>> A, B = torch.randn(8, 16), torch.randn(8, 16)
         >>> out = polar_stack([A, B], "polar_express", dtype=torch.float32)
         >>> torch.allclose(out[1], orthogonalize(B, "polar_express", dtype=torch.float32), atol=1e-6)
+        True
+        >>> _ = polar_stack([A, B], "polar_express", dtype=torch.float32, out=[A, B])  # in place
+        >>> torch.equal(A, out[0])
         True
     """
     first = matrices[0]
@@ -514,34 +574,76 @@ def polar_stack(
         X = matrices if isinstance(matrices, Tensor) else torch.stack(list(matrices))
         X = X.mT if tall else X  # both take (batch, k, n) with k <= n
         if method == "svd":
-            out = _polar_svd(X.to(dtype or (torch.float64 if first.dtype == torch.float64 else torch.float32)))
+            result = _polar_svd(X.to(dtype or (torch.float64 if first.dtype == torch.float64 else torch.float32)))
         else:
             X = X.to(dtype or resolve_ns_dtype(first.device))
-            out = CUSTOM_METHODS[method](X, steps)
-            if not isinstance(out, Tensor) or out.shape != X.shape:
-                got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            result = CUSTOM_METHODS[method](X, steps)
+            if not isinstance(result, Tensor) or result.shape != X.shape:
+                got = tuple(result.shape) if isinstance(result, Tensor) else type(result).__name__
                 raise ValueError(f"orthogonalize: ns_method {method!r} returned {got} for input {tuple(X.shape)}")
-        out = out.mT if tall else out
-        return out.to(first.dtype, memory_format=torch.contiguous_format)
-    preset = _preset(method)
-    compute = dtype or resolve_ns_dtype(first.device)
-    if method in NS_PRESETS and (default_gram(first.device, compute, m, n) if gram is None else gram):
-        method = _GRAM_OF[method]  # before the dtype rule below, which every Gram form follows
-    if method in GRAM_METHODS and compute == torch.bfloat16:
-        compute = torch.float16  # see GRAM_METHODS: the Gram matrix needs float16's mantissa
-    X = _scaled_copy(matrices, compute, preset)
-    kernel = kernel or default_kernel(first.device, min(m, n), compute, method in GRAM_METHODS)
-    if method in GRAM_METHODS:
-        gram_ns = _compiled_gram(kernel) if compile else _GRAM_KERNELS[kernel]
-        out = gram_ns(X, preset.coefficients(steps), GRAM_METHODS[method].restart_steps(steps), tall)
+        result = result.mT if tall else result
+        if out is None:
+            return result.to(first.dtype, memory_format=torch.contiguous_format)
     else:
-        ns = _compiled(kernel) if compile else _KERNELS[kernel]
-        out = ns(X, preset.coefficients(steps), tall)
-    return out.to(first.dtype)  # out is a new contiguous tensor: cast only if the dtypes differ
+        preset = _preset(method)
+        compute = dtype or resolve_ns_dtype(first.device)
+        if method in NS_PRESETS and (default_gram(first.device, compute, m, n) if gram is None else gram):
+            method = _GRAM_OF[method]  # before the dtype rule below, which every Gram form follows
+        if method in GRAM_METHODS and compute == torch.bfloat16:
+            compute = torch.float16  # see GRAM_METHODS: the Gram matrix needs float16's mantissa
+        X, Y = _workspace(len(matrices), (m, n), compute, first.device)
+        _scaled_copy(matrices, X, preset)
+        kernel = kernel or default_kernel(first.device, min(m, n), compute, method in GRAM_METHODS)
+        if method in GRAM_METHODS:
+            gram_ns = _compiled_gram(kernel) if compile else _GRAM_KERNELS[kernel]
+            result = gram_ns(X, preset.coefficients(steps), GRAM_METHODS[method].restart_steps(steps), tall)
+        else:
+            ns = _compiled(kernel) if compile else _KERNELS[kernel]
+            result = ns(X, preset.coefficients(steps), tall, Y)
+        if out is None:  # never hand out the workspace: a new tensor (a cast, or a copy)
+            return result.to(first.dtype, copy=result is X or result is Y)
+    for target, r in zip(out, result):
+        target.copy_(r)
+    return out
 
 
-def _scaled_copy(matrices: Tensor | Sequence[Tensor], compute: torch.dtype, preset: NSPreset) -> Tensor:
-    """``X / (||X||_F * norm_scale + norm_eps)`` of each matrix, in a new contiguous ``compute`` stack.
+_LOCAL = threading.local()
+
+
+def _workspace(count: int, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Two new ``(count, *shape)`` buffers of ``dtype`` for one Newton–Schulz call.
+
+    On CPU they are views of one flat buffer per thread, device and dtype that later calls reuse
+    (grown to the largest call so far): a new large allocation costs its page faults each time
+    (measured: casting 6.3 M values into new memory took 2.8 ms, into reused memory 0.74 ms).
+    Elsewhere (CUDA's allocator caches already) they are new tensors.
+    """
+    size = count * shape[0] * shape[1]
+    if torch.device(device).type != "cpu":
+        return tuple(torch.empty((count, *shape), dtype=dtype, device=device) for _ in range(2))
+    cache: dict[tuple[str, torch.dtype], Tensor] = _LOCAL.__dict__.setdefault("buffers", {})
+    flat = cache.get((str(device), dtype))
+    if flat is None or flat.numel() < 2 * size:
+        cache[(str(device), dtype)] = flat = torch.empty(2 * size, dtype=dtype, device=device)
+    return flat[:size].view(count, *shape), flat[size : 2 * size].view(count, *shape)
+
+
+def clear_workspace() -> None:
+    """Free the buffers :func:`polar_stack` keeps for reuse on CPU (this thread's).
+
+    They hold two copies of the largest bucket (same-shape matrices orthogonalised together) in the
+    Newton–Schulz dtype: with bfloat16 4 bytes per element of that bucket. The next call allocates
+    them again.
+
+    Example:
+        >>> _ = orthogonalize(torch.randn(4, 8), dtype=torch.float32)
+        >>> clear_workspace()
+    """
+    _LOCAL.__dict__.pop("buffers", None)
+
+
+def _scaled_copy(matrices: Tensor | Sequence[Tensor], X: Tensor, preset: NSPreset) -> None:
+    """``M / (||M||_F * norm_scale + norm_eps)`` of each matrix ``M`` into the stack ``X`` (its dtype).
 
     Into a wider or same-range dtype (float32 to bfloat16, float32 to float64): cast first, then
     the norms of the cast values and an in-place multiply, so the result depends on the input
@@ -554,17 +656,16 @@ def _scaled_copy(matrices: Tensor | Sequence[Tensor], compute: torch.dtype, pres
     """
     mats = list(matrices)
     first = mats[0]
-    X = torch.empty((len(mats), *first.shape[-2:]), dtype=compute, device=first.device)
-    narrow = torch.finfo(compute).max < 0.5 * torch.finfo(first.dtype).max  # float16
-    cast_first = compute != first.dtype and not narrow
+    narrow = torch.finfo(X.dtype).max < 0.5 * torch.finfo(first.dtype).max  # float16
+    cast_first = X.dtype != first.dtype and not narrow
     if cast_first:
         for x, source in zip(X, mats):
             x.copy_(source)
     sources = list(X) if cast_first else mats
-    rows = [torch.linalg.vector_norm(m, dim=-1) for m in sources]
-    if not all(bool(r.isfinite().all()) for r in rows):  # one host sync; entries beyond ~1e19 overflow
-        rows = [torch.linalg.vector_norm(m, dim=-1, dtype=torch.float64) for m in sources]
-    norms = torch.linalg.vector_norm(torch.stack(rows).double(), dim=-1)
+    rows = torch.stack([torch.linalg.vector_norm(m, dim=-1) for m in sources])
+    if not bool(rows.isfinite().all()):  # one host sync; entries beyond ~1e19 overflow a float32 norm
+        rows = torch.stack([torch.linalg.vector_norm(m, dim=-1, dtype=torch.float64) for m in sources])
+    norms = torch.linalg.vector_norm(rows.double(), dim=-1)
     scale = (1.0 / (norms * preset.norm_scale + preset.norm_eps)).to(
         torch.promote_types(sources[0].dtype, torch.float32)
     )
@@ -573,7 +674,6 @@ def _scaled_copy(matrices: Tensor | Sequence[Tensor], compute: torch.dtype, pres
             x.mul_(factor)  # a 0-dim float32 factor: applied unrounded, no temporary
         else:
             torch.mul(source, factor, out=x)
-    return X
 
 
 def ns_flops(m: int, n: int, steps: int, method: str | None = None) -> int:

@@ -27,7 +27,7 @@ Example:
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +65,7 @@ class Bucket:
     mesh: Any = None
     layout: Any = None
     view: Any = None
+    in_place: bool = False  # plain updates only: the results may overwrite them (nothing else reads them)
 
     def count(self) -> int:
         """Matrices per update: more than 1 for a DTensor stack or split."""
@@ -118,16 +119,26 @@ class BucketPlan:
         #: key -> [(entry, slot)]: slot j of a plain entry is its j-th matrix
         self.buckets: dict[BucketKey, list[tuple[int, int]]] = defaultdict(list)
         self._entries: list[tuple[Tensor, tuple[int, ...], MatrixView, Tensor | None]] = []
+        self._scratch: list[bool] = []
 
     def add(
-        self, direction: Tensor, view: MatrixView, method: str, steps: int, ns_dtype: str, param: Tensor | None = None
+        self,
+        direction: Tensor,
+        view: MatrixView,
+        method: str,
+        steps: int,
+        ns_dtype: str,
+        param: Tensor | None = None,
+        scratch: bool = False,
     ) -> int:
         """Add one direction; returns its index in :meth:`run`'s result.
 
         ``param``: the DTensor parameter whose local piece ``direction`` is (its global shape and
-        placements key the bucket); None for a whole tensor.
+        placements key the bucket); None for a whole tensor. ``scratch``: nothing reads
+        ``direction`` after :meth:`run`, so its update may be written into it (no new tensor).
         """
         entry = len(self._entries)
+        self._scratch.append(scratch)
         if param is None or not is_dtensor(param):
             matrices = view.to_matrices(direction.unsqueeze(0))
             self._entries.append((matrices, tuple(direction.shape), view, None))
@@ -163,6 +174,7 @@ class BucketPlan:
                 key.mesh,
                 key.layout,
                 key.view,
+                in_place=all(self._scratch[e] for e, _ in slots),
             )
             for key, slots in self.buckets.items()
         ]
@@ -211,16 +223,16 @@ def _comm_dtype(bucket: Bucket, dtype: torch.dtype) -> torch.dtype:
     return bucket.dtype
 
 
-def _orthogonalize(bucket: Bucket, matrices: list[Tensor]) -> Tensor:
-    """The bucket's matrices orthogonalised, as one new ``(len(matrices), m, n)`` tensor.
+def _orthogonalize(bucket: Bucket, matrices: list[Tensor], out: list[Tensor] | None = None) -> Sequence[Tensor]:
+    """The bucket's matrices orthogonalised: a new ``(len(matrices), m, n)`` tensor, or written into ``out``.
 
     Newton–Schulz reads the matrices where they are (:func:`lightning_muon.optim.newton_schulz.polar_stack`:
     no stacked copy) and takes any finite scale; ``"svd"`` and registered methods get a stack with
     huge entries tamed first (:func:`_tame`).
     """
     if bucket.method == "svd" or bucket.method in CUSTOM_METHODS:
-        return polar_stack(_tame(torch.stack(matrices)), bucket.method, bucket.steps, dtype=bucket.dtype)
-    return polar_stack(matrices, bucket.method, bucket.steps, dtype=bucket.dtype)
+        matrices = _tame(torch.stack(matrices))
+    return polar_stack(matrices, bucket.method, bucket.steps, dtype=bucket.dtype, out=out)
 
 
 def _tame(X: Tensor) -> Tensor:
@@ -267,7 +279,7 @@ def orthogonalize_buckets(buckets: list[Bucket], group: Any = AUTO) -> list[list
             results.append(_replicated_bucket(bucket, own, group))
         else:
             flat = [u.reshape(bucket.shape) for u in bucket.updates]
-            results.append(list(_orthogonalize(bucket, flat)))
+            results.append(list(_orthogonalize(bucket, flat, out=flat if bucket.in_place else None)))
     return results
 
 

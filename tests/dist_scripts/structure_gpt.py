@@ -131,13 +131,13 @@ RECORD: dict = {"orthogonalized": []}
 
 def main() -> None:
     L.seed_everything(0, verbose=False)
-    original = lmb.orthogonalize
+    original = lmb.polar_stack
 
-    def counting(G, *args, **kwargs):  # calls through; records the matrices computed on this rank
-        RECORD["orthogonalized"].extend([list(G.shape[-2:])] * (G.numel() // (G.shape[-2] * G.shape[-1])))
-        return original(G, *args, **kwargs)
+    def counting(matrices, *args, **kwargs):  # calls through; records the matrices computed on this rank
+        RECORD["orthogonalized"].extend([list(matrices[0].shape[-2:])] * len(matrices))
+        return original(matrices, *args, **kwargs)
 
-    lmb.orthogonalize = counting
+    lmb.polar_stack = counting
     if ARGS.strategy in ("fsdp", "tp"):
         from lightning.pytorch.strategies import ModelParallelStrategy
 

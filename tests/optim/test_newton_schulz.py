@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_muon import NS_PRESETS, ns_flops, orthogonalize, singular_value_band
-from lightning_muon.optim.newton_schulz import default_kernel
+from lightning_muon.optim.newton_schulz import cpu_kind, default_kernel
 
 # What this module tests depends on the dtype paths: .ci/run runs it again under every simulated CPU kind.
 pytestmark = pytest.mark.cpu_kinds
@@ -107,10 +107,18 @@ def test_looped_and_batched_kernels_agree(method):
     assert (looped - _exact_polar(G)).norm() / _exact_polar(G).norm() < 0.3
 
 
-def test_default_kernel_per_device():
-    assert default_kernel(torch.device("cpu"), 768) == "looped"
-    assert default_kernel("cpu", 128) == "batched"
-    assert default_kernel("cuda", 768) == "batched"  # no GPU needed to ask
+def test_default_kernel_per_device_and_cpu_kind(monkeypatch):
+    # The thresholds measured per kind (benchmarks/kernel_choice.py): AMX batches every width,
+    # the others loop from a smaller side of 512 on; a GPU always batches.
+    assert default_kernel(torch.device("cpu"), 768, kind="avx2") == "looped"
+    assert default_kernel("cpu", 511, kind="avx512_bf16") == "batched"
+    assert default_kernel("cpu", 512, kind="avx512_bf16") == "looped"
+    assert default_kernel("cpu", 4096, kind="amx_bf16") == "batched"
+    assert default_kernel("cuda", 768, kind="avx2") == "batched"  # no GPU needed to ask
+    # Without kind: the kind LIGHTNING_MUON_CPU_KIND names (the flags ns_dtype="auto" reads).
+    for kind, expected in (("avx2", "looped"), ("amx_bf16", "batched")):
+        monkeypatch.setenv("LIGHTNING_MUON_CPU_KIND", kind)
+        assert cpu_kind() == kind and default_kernel("cpu", 768) == expected
 
 
 @pytest.mark.requires_torch("2.9", "torch.optim._muon")
@@ -120,8 +128,13 @@ def test_quintic_matches_torch_muon_newton_schulz():
     G = torch.randn(32, 80)
     ref = _zeropower_via_newtonschulz(G, (3.4445, -4.7750, 2.0315), 5, 1e-7).float()
     ours = orthogonalize(G, "quintic", steps=5, dtype=torch.bfloat16).float()
-    # Both bf16; the normalisation differs in form (clamp vs + eps), so allow bf16 rounding.
-    assert (ours - ref).norm() / ref.norm() < 2e-2
+    # Both bf16, rounded in different places (torch divides by a bf16-rounded norm, we scale by an
+    # unrounded float32 factor), so two independent bf16 round-offs: over 30 Gaussian inputs of this
+    # shape 1.9% apart (median, max 2.3%), each 1.6% from the float64 iteration (ours 1.58%, torch
+    # 1.64%). Wrong coefficients or normalisation move it by far more than 3%.
+    assert (ours - ref).norm() / ref.norm() < 3e-2
+    exact = orthogonalize(G.double(), "quintic", steps=5, dtype=torch.float64)
+    assert (ours - exact).norm() / exact.norm() < 2.5e-2
 
 
 @pytest.mark.parametrize(
