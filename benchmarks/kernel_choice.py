@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         shapes = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)]
         stacks = [torch.randn(args.layers, m, n, device=device) / n**0.5 for m, n in shapes]
         fns = {
-            kernel: (lambda k=kernel: [orthogonalize(s, "quintic", 5, dtype=dtype, kernel=k) for s in stacks])
+            kernel: (lambda k=kernel, st=stacks: [orthogonalize(s, "quintic", 5, dtype=dtype, kernel=k) for s in st])
             for kernel in ("looped", "batched")
         }
         t = interleaved_medians(fns, warmup=args.warmup, repeats=args.repeats, device=device)
