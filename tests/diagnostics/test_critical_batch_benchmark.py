@@ -136,3 +136,15 @@ def test_quick_run_end_to_end(tmp_path):
         steps_final = dict(final.points)
         assert all(steps <= steps_final[b] for b, steps in early.points if b in steps_final)
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_student_t95_against_the_printed_table():
+    # Student's t 95% quantiles as printed in statistics tables (3 decimals): beyond 10 degrees of
+    # freedom the expansion is used, below it the stored values.
+    from benchmarks.critical_batch_fit import student_t95
+
+    table = {1: 6.314, 3: 2.353, 4: 2.132, 5: 2.015, 11: 1.796, 15: 1.753, 20: 1.725, 60: 1.671, 120: 1.658}
+    for dof, value in table.items():
+        assert student_t95(dof) == pytest.approx(value, abs=6e-4)
+    with pytest.raises(ValueError, match="dof >= 1"):
+        student_t95(0)
