@@ -461,7 +461,7 @@ def predict_one(task: Task, optimizer: str, k: int, seed: int, ns_dtype: str, th
         "estimator": monitor.mode,
         "monitor": {"every_n_steps": monitor.every_n_steps, "ema": monitor.ema, "estimator": monitor.estimator},
         "curve": sorted(set(curve)),
-        "logged": {str(s): v for s, v in sorted(capture.logged.items())},
+        "logged": logged_table(capture.logged),
         "wall_s": time.perf_counter() - t0,
     }
 
@@ -519,17 +519,35 @@ class Row:
     missing: list[int] = field(default_factory=list)  # batch sizes that never reached the target
     fit: StepsFit | None = None
     b_simple: float = float("nan")
+    b_simple_range: list[float] = field(default_factory=lambda: [math.nan, math.nan])  # last fifth of the steps
     b_crit: float = float("nan")
     step: float = float("nan")  # the reference run's step at this loss
 
 
-def _logged_at(result: dict[str, Any], step: float, tag: str) -> float:
-    """The monitor's last logged value of ``tag`` at or before ``step``."""
-    value = float("nan")
-    for s, row in result["logged"].items():
-        if int(s) <= step and tag in row:
-            value = row[tag]
-    return value
+def logged_table(by_step: dict[int, dict[str, float]]) -> dict[str, Any]:
+    """What the monitor logged, as ``{"steps": [...], "values": {tag: [value or NaN per step]}}``
+    (tag names once: the per-layer tags are long), values to 5 significant digits."""
+    steps = sorted(by_step)
+    tags = sorted({t for row in by_step.values() for t in row})
+    return {
+        "steps": steps,
+        "values": {t: [float(f"{by_step[s].get(t, math.nan):.5g}") for s in steps] for t in tags},
+    }
+
+
+def logged_series(result: dict[str, Any], tag: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of one logged tag (NaN where it was not logged)."""
+    values = result["logged"]["values"].get(tag, [math.nan] * len(result["logged"]["steps"]))
+    return list(zip(result["logged"]["steps"], values))
+
+
+def _logged_at(result: dict[str, Any], step: float, tag: str) -> tuple[float, float, float]:
+    """The monitor's last logged value of ``tag`` at or before ``step``, and the range of its finite
+    values over the logging steps in the last fifth of the way there (how much it moves)."""
+    series = [(s, v) for s, v in logged_series(result, tag) if s <= step]
+    last = series[-1][1] if series else math.nan
+    window = [v for s, v in series if s >= 0.8 * step and math.isfinite(v)]
+    return last, min(window, default=math.nan), max(window, default=math.nan)
 
 
 def analyse(results: dict[str, Any]) -> list[Row]:
@@ -553,8 +571,8 @@ def analyse(results: dict[str, Any]) -> list[Row]:
                     reached = steps_to_target(steps, losses, target)
                     if reached is not None:
                         row.step = reached
-                        row.b_simple = _logged_at(pred, reached, "critical_batch_size/b_simple")
-                        row.b_crit = _logged_at(pred, reached, "critical_batch_size/b_crit/mean")
+                        row.b_simple, *row.b_simple_range = _logged_at(pred, reached, "critical_batch_size/b_simple")
+                        row.b_crit, *_ = _logged_at(pred, reached, "critical_batch_size/b_crit/mean")
                 rows.append(row)
     return rows
 
@@ -568,7 +586,8 @@ def _fmt(x: float, digits: int = 3) -> str:
 def table(rows: list[Row]) -> str:
     head = (
         "| task | optimizer | target loss | batch sizes reached | S_min | E_min | measured B_crit [90% interval] "
-        "| fit rms | monitor step | b_simple | b_simple / B_crit | b_crit (mean) | b_crit / B_crit |"
+        "| fit rms | monitor step | b_simple [range, last fifth] | b_simple / B_crit | b_crit (mean) "
+        "| b_crit / B_crit |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -581,7 +600,8 @@ def table(rows: list[Row]) -> str:
         lines.append(
             f"| {r.task} | {r.optimizer} | {r.which} {r.target:g} | {reached} | {_fmt(f.s_min if f else math.nan)} "
             f"| {_fmt(f.e_min if f else math.nan)} | {_fmt(measured)} {interval} | {_fmt(f.rms if f else math.nan, 2)} "
-            f"| {_fmt(r.step)} | {_fmt(r.b_simple)} | {_fmt(r.b_simple / measured, 2)} | {_fmt(r.b_crit)} "
+            f"| {_fmt(r.step)} | {_fmt(r.b_simple)} [{_fmt(r.b_simple_range[0])}, {_fmt(r.b_simple_range[1])}] "
+            f"| {_fmt(r.b_simple / measured, 2)} | {_fmt(r.b_crit)} "
             f"| {_fmt(r.b_crit / measured, 2)} |"
         )
     return "\n".join(lines)
@@ -615,14 +635,14 @@ def plot(rows: list[Row], path: str) -> None:
         ax.legend(fontsize=7)
     ax = axes[-1]
     markers = {"b_simple": "o", "b_crit": "s"}
-    values = []
+    measured = []
     for r in rows:
         if not (r.fit and math.isfinite(r.fit.b_crit)):
             continue
+        measured.append(r.fit.b_crit)
         for key in ("b_simple", "b_crit"):
             pred = getattr(r, key)
             if math.isfinite(pred) and pred > 0:
-                values += [pred, r.fit.b_crit]
                 lo, hi = (min(v, 1e12) for v in r.fit.interval)
                 xerr = [[r.fit.b_crit - lo], [hi - r.fit.b_crit]] if math.isfinite(lo) else None
                 ax.errorbar(
@@ -634,18 +654,24 @@ def plot(rows: list[Row], path: str) -> None:
                     alpha=1.0 if r.which == "final" else 0.45,
                     mfc="none" if r.task != tasks[0] else None,
                     elinewidth=0.8,
-                    label=f"{key} {r.task} {r.optimizer} {r.which}",
                 )
-    if values:
-        lo, hi = min(values) / 3, max(values) * 3
-        line = np.geomspace(lo, hi, 10)
+    if measured:
+        line = np.geomspace(min(measured) / 3, max(measured) * 3, 10)
         ax.plot(line, line, "k-", lw=0.8)
-        ax.fill_between(line, line / 2, line * 2, color="0.85", zorder=0, label="within 2x")
-    ax.set(xscale="log", yscale="log", xlabel="measured B_crit", ylabel="monitor's estimate")
-    ax.set_title(
-        f"monitor vs measured, 90% intervals (filled: {tasks[0]}; open: others; faint: early target)", fontsize=8
-    )
-    ax.legend(fontsize=6)
+        ax.fill_between(line, line / 2, line * 2, color="0.85", zorder=0)
+    from matplotlib.lines import Line2D
+
+    proxies = [
+        Line2D([], [], color="0.85", lw=6, label="estimate = measured, within 2x"),
+        Line2D([], [], marker="o", ls="", color="k", label="b_simple"),
+        Line2D([], [], marker="s", ls="", color="k", label="b_crit (mean over layers)"),
+        *(Line2D([], [], marker="o", ls="", color=c, label=o) for o, c in colors.items()),
+        Line2D([], [], marker="o", ls="", color="k", mfc="none", label=", ".join(tasks[1:]) or "-"),
+        Line2D([], [], marker="o", ls="", color="k", alpha=0.45, label="early target"),
+    ]
+    ax.set(xscale="log", yscale="log", xlabel="measured B_crit (90% interval)", ylabel="monitor's estimate")
+    ax.set_title(f"monitor at the reference batch vs measured (filled: {tasks[0]})", fontsize=9)
+    ax.legend(handles=proxies, fontsize=7)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -120,7 +120,7 @@ def test_quick_run_end_to_end(tmp_path):
             assert np.allclose([a[s] for s in common], [b[s] for s in common], rtol=1e-5, atol=0)
             # What the monitor logged is kept by step; the GPT's matrices are all nn.Linear, so
             # its per-example B_simple is measured and positive at some logging step.
-            values = [row.get("critical_batch_size/b_simple", math.nan) for row in predicted["logged"].values()]
+            values = [v for _, v in critical_batch.logged_series(predicted, "critical_batch_size/b_simple")]
             if name == "gpt":
                 assert any(math.isfinite(v) and v > 0 for v in values)
     # Rows: (task, optimizer) x (early, final target). A curve crosses the early (higher) loss
