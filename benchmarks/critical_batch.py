@@ -18,22 +18,31 @@ Three phases, each rerunnable alone from the JSON the previous one wrote:
   print the table of measured vs predicted; save the plot (steps vs examples with the fitted
   curves; predicted vs measured).
 
-Learning rate, our choice: the centre of the grid follows the square-root rule from the reference
-batch, ``lr(B) = lr_ref * sqrt(B / B_ref)`` (Muon's ``lr`` and ``adamw_lr`` alike), and the grid is
-``centre * 2^k`` for ``k`` in -1, 0, 1, extended to -2 / +2 when the best is at an edge. The runs of
-one batch size race: after the first, each stops once it has taken as many steps as the best so
-far (it cannot win). Constant LR, no warmup, no weight decay. A run whose loss is not finite or
-rises above 1.5x its initial value is stopped as diverged.
+Learning rate, our choice: the centre of the grid follows a scaling rule from the reference batch,
+``lr(B) = lr_ref * (B / B_ref) ** p`` (Muon's ``lr`` and ``adamw_lr`` alike; ``p = 1/2``, except
+AdamW on the GPT, ``p = 0``: in a pilot its square-root-rule LR stalled on a plateau at B = 64), and
+the grid is ``centre * 2^k`` for ``k`` in 0, -1, 1, extended to -2 / +2 when the best is at an
+edge. The runs of one batch size race: after the first, each stops once it has taken as many steps
+as the best so far (it cannot win). Constant LR, no warmup, no weight decay. A run whose loss is
+not finite or rises above 1.5x its initial value is stopped as diverged.
 
 Target losses, our choice (per task, the same for both optimizers): the final target is a loss
-every batch size reaches with both optimizers within the step cap at this model size (found in a
-pilot run); the early target is about a third of the way from the initial loss to it, where a
-batch-size warmup would act. Both are read from the same runs.
+every batch size reaches with both optimizers within the step cap at this model size (from pilot
+runs); the early target one the reference runs pass after about a sixth (GPT) to a half (ViT) of
+their steps to the final one. Both are read from the same runs: ``report`` fits any target the
+curves reach without training again.
 
-    python -m benchmarks.critical_batch --jobs 2 --plot docs/img/critical_batch.png        # ~1 h
-    python -m benchmarks.critical_batch --phase predict --json runs/critical_batch.json   # re-measure the monitor
-    python -m benchmarks.critical_batch --phase report --json runs/critical_batch.json --plot out.png
-    python -m benchmarks.critical_batch --quick                                           # seconds: tiny settings
+The full run, and how to re-measure only the monitor (e.g. after its estimators change) on the
+recorded runs (the committed ``benchmarks/critical_batch_results.json``; a few CPU minutes):
+
+    python -m benchmarks.critical_batch --jobs 2 --json runs/critical_batch.json --plot docs/img/critical_batch.png
+    python -m benchmarks.critical_batch --phase predict --json benchmarks/critical_batch_results.json \
+        --plot docs/img/critical_batch.png
+    python -m benchmarks.critical_batch --phase report --json benchmarks/critical_batch_results.json
+    python -m benchmarks.critical_batch --quick --json /tmp/cb.json     # tiny settings, no LR tuning: a test
+
+The full run took 1,224 s of CPU time (2 processes of 1 thread); its wall time depends on the
+machine's load (``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
