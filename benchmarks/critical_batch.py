@@ -525,6 +525,7 @@ class Row:
     target: float
     which: str  # "early" or "final"
     points: list[tuple[int, float]] = field(default_factory=list)  # (batch size, steps) of the best LR
+    lrs: list[float] = field(default_factory=list)  # that best LR, per point
     missing: list[int] = field(default_factory=list)  # batch sizes that never reached the target
     fit: StepsFit | None = None
     b_simple: float = float("nan")
@@ -567,9 +568,13 @@ def analyse(results: dict[str, Any]) -> list[Row]:
             for which, target in zip(("early", "final"), task.targets):
                 row = Row(name, optimizer, target, which)
                 for B in task.batch_sizes[optimizer]:
-                    steps = [s for r in runs if r["batch_size"] == B and (s := _steps(r, target)) is not None]
+                    steps = [
+                        (s, r["lr"]) for r in runs if r["batch_size"] == B and (s := _steps(r, target)) is not None
+                    ]
                     if steps:
-                        row.points.append((B, min(steps)))
+                        best, lr = min(steps)
+                        row.points.append((B, best))
+                        row.lrs.append(lr)
                     elif any(r["batch_size"] == B for r in runs):
                         row.missing.append(B)
                 if len(row.points) >= 2:
@@ -692,6 +697,10 @@ def report(results: dict[str, Any], plot_path: str | None) -> list[Row]:
     units = {name: _task(entry).unit for name, entry in results.items()}
     print("\nbatch sizes and B_crit in " + "; ".join(f"{n}: {u}" for n, u in units.items()))
     print(table(rows))
+    print("\nsteps to the target at each batch size (the best learning rate of the grid)")
+    for r in rows:
+        cells = ", ".join(f"{B}: {S:.0f} ({lr:.2g})" for (B, S), lr in zip(r.points, r.lrs))
+        print(f"- {r.task} {r.optimizer} {r.which} {r.target:g}: {cells}")
     if plot_path:
         plot(rows, plot_path)
         print(f"plot: {plot_path}")
