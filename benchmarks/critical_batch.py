@@ -722,7 +722,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--phase", choices=PHASES, default="all")
     p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=sorted(TASKS))
     p.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS))
-    p.add_argument("--json", default="runs/critical_batch.json", help="raw results (written by measure/predict)")
+    p.add_argument(
+        "--json",
+        default=None,
+        help="raw results, written by measure/predict (default runs/critical_batch[_quick].json)",
+    )
     p.add_argument("--plot", default=None, help="save the plot here (report)")
     p.add_argument("--jobs", type=int, default=1, help="processes (one thread each by default)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
@@ -741,7 +745,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     torch.set_num_threads(args.threads)
     command = " ".join(["python -m benchmarks.critical_batch", *(sys.argv[1:] if argv is None else argv)])
     print(f"machine: {machine()}\ncommand: {command}")
-    path = Path(args.json)
+    path = Path(args.json or ("runs/critical_batch_quick.json" if args.quick else "runs/critical_batch.json"))
     t0 = time.perf_counter()
     if args.phase in ("measure", "all"):
         results = measure(args, tasks)
