@@ -31,6 +31,7 @@ from .validation import check_choice, check_number, check_positive_int
 
 __all__ = ["configure_muon", "lr_lambda", "SCHEDULES"]
 
+#: Values of ``schedule``: the LR multiplier after the warmup (constant, or a decay to ``min_lr_ratio``).
 SCHEDULES = ("constant", "cosine", "linear")
 #: The keywords of :func:`configure_muon` that are routing options (the fields of :class:`RoutingRules`).
 ROUTING_OPTIONS = frozenset(f.name for f in dataclasses.fields(RoutingRules))
