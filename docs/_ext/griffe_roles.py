@@ -15,11 +15,11 @@ this turns it into what mkdocstrings renders, without changing a package file:
 
 from __future__ import annotations
 
+import contextlib
 import html
 import re
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 import griffe
 
@@ -117,14 +117,13 @@ def convert_roles(obj: griffe.Object, text: str, rendered: dict[str, str]) -> st
         shown = target.rsplit(".", 1)[-1] if short else target.lstrip(".")
         path = _resolve(obj, target)
         if path is not None and path not in rendered:
-            try:
+            with contextlib.suppress(KeyError, ValueError):
                 path = _canonical(obj.modules_collection[path]) or path
-            except (KeyError, ValueError):
-                pass
         if path is None or path not in rendered:
             return f"`{shown}`"
         path = rendered[path]
-        return f'<autoref identifier="{html.escape(path)}" optional><code class="lm-role">{html.escape(shown)}</code></autoref>'
+        code = f'<code class="lm-role">{html.escape(shown)}</code>'
+        return f'<autoref identifier="{html.escape(path)}" optional>{code}</autoref>'
 
     return _ROLE.sub(replace, text)
 
