@@ -329,9 +329,9 @@ class LitGPT(L.LightningModule):
 
 def cli_main(args: list[str] | None = None):
     """LightningCLI over ``LitGPT`` and ``GPTDataModule`` (vocab and block size linked)."""
-    from lightning.pytorch.cli import LightningCLI
+    from examples.common import ExampleCLI
 
-    class GPTCLI(LightningCLI):
+    class GPTCLI(ExampleCLI):
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments("model.block_size", "data.block_size")
             parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
