@@ -3,6 +3,7 @@ and at the end where the logs are and the command that opens them (examples/comm
 
 from __future__ import annotations
 
+import re
 import shlex
 import warnings
 
@@ -63,3 +64,24 @@ def test_demo_run_counts_steps_stays_quiet_and_ends_with_where_the_logs_are(tmp_
 def test_a_progress_bar_from_the_config_is_kept(tmp_path):
     cli = _run(tmp_path, "--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar")
     assert type(cli.trainer.progress_bar_callback) is TQDMProgressBar
+
+
+def test_gpt_size_and_data_errors_advise_values_that_work():
+    import numpy as np
+    import torch
+
+    from examples.gpt import GPT, GPTConfig, TokenBlocks
+
+    with pytest.raises(ValueError, match=r"e\.g\. --model\.n_embd=(\d+)") as err:
+        GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=4, n_embd=30))
+    n_embd = int(re.search(r"--model\.n_embd=(\d+)", str(err.value)).group(1))
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=4, n_embd=n_embd))
+    with pytest.raises(ValueError, match=r"idx\[:, -8:\]"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    assert model(torch.zeros(1, 9, dtype=torch.long)[:, -8:]).shape == (1, 8, 11)
+    tokens = np.arange(6)
+    with pytest.raises(ValueError, match=r"--model\.block_size=(\d+) or less") as err:
+        TokenBlocks(tokens, block_size=8)
+    block = int(re.search(r"block_size=(\d+) or less", str(err.value)).group(1))
+    x, y = TokenBlocks(tokens, block_size=block)[0]
+    assert x.tolist() == list(range(block)) and y.tolist() == list(range(1, block + 1))
