@@ -307,7 +307,7 @@ def as_groups(params: Iterable[Any]) -> list[dict]:
             warnings.warn(
                 f"Muon received {len(items)} parameters without names (model.parameters(), or "
                 f"LightningCLI's top-level optimizer:) and routed them by shape alone: {len(muon)} "
-                f"tensors with >= 2 dims to Muon, {len(other)} to AdamW. Shape cannot tell an embedding "
+                f"tensors with >= 2 dims to Muon, {len(other)} to AdamW. Shape alone cannot tell an embedding "
                 "or output head from a hidden matrix, so those are trained by Muon here. "
                 f"{_PREFER_GROUPS} (with LightningCLI: inject the optimizer into the module and return "
                 "configure_muon(self, optimizer=self.optimizer)).",
