@@ -12,6 +12,12 @@ collect_ignore_glob = ["dist_scripts/*", "scripts/*"]
 os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# No test's verdict may depend on the CPU that runs it. ns_dtype="auto" reads the CPU's flags, so the
+# suite resolves it as on the kind LIGHTNING_MUON_CPU_KIND names (default: avx2, i.e. float32), in
+# this process and in every subprocess a test starts. Tests about the dtype paths are marked
+# cpu_kinds; .ci/run runs them again under each kind, with oneDNN limited as on that CPU.
+os.environ.setdefault("LIGHTNING_MUON_CPU_KIND", "avx2")
+
 
 def pytest_runtest_setup(item):
     # @pytest.mark.requires_torch("2.9", "torch.optim.Muon"): skipped, with the reason, on an older

@@ -16,6 +16,12 @@ are ambiguous (x86 AVX-512 without BF16, CUDA before 7.0, ROCm, other device typ
 a one-off probe times a small matmul in each candidate dtype and in float32 (a few milliseconds)
 and keeps the candidate only if it is at least ~10% faster. Results are cached per device.
 
+To see what ``auto`` would choose on another CPU (or to test every path on one machine), set
+the environment variable ``LIGHTNING_MUON_CPU_KIND`` to one of :data:`CPU_KINDS` (``avx2``,
+``avx512``, ``avx512_bf16``, ``amx_bf16``): the flags are then that kind's instead of this CPU's.
+It changes the choice, not the kernels; to run the matmuls as that CPU would, also limit oneDNN
+before the process starts (``ONEDNN_MAX_CPU_ISA``, see ``docs/hardware.md``).
+
 Distributed: Muon exchanges orthogonalised updates in the Newton–Schulz dtype, so every rank must
 use the same one. :class:`lightning_muon.Muon` calls :func:`agree_ns_dtype` at its first step, one
 ``all_reduce`` over the data-parallel group that keeps the most conservative choice
@@ -42,6 +48,8 @@ import torch.distributed as dist
 from ..parallel.groups import rank
 
 __all__ = [
+    "CPU_KINDS",
+    "CPU_KIND_VARIABLE",
     "NS_DTYPES",
     "NSDtypeChoice",
     "agree_ns_dtype",
@@ -80,6 +88,41 @@ class NSDtypeChoice:
 
 _CACHE: dict[str, NSDtypeChoice] = {}
 
+#: The environment variable that makes ``auto`` resolve as on another kind of CPU.
+CPU_KIND_VARIABLE = "LIGHTNING_MUON_CPU_KIND"
+#: The CPU kinds seen on this project's machines (and the Arm-free x86 ones users have), with the
+#: flags torch's cpuinfo reports on each: what ``auto`` reads.
+CPU_KINDS: dict[str, dict[str, object]] = {
+    "avx2": {"capability": "AVX2", "avx2": True},  # AMD EPYC without bf16: bf16 emulated, ~150x slower
+    "avx512": {"capability": "AVX512", "avx2": True, "avx512_f": True},  # no bf16 flag: the probe decides
+    "avx512_bf16": {"capability": "AVX512", "avx2": True, "avx512_f": True, "avx512_bf16": True},
+    "amx_bf16": {
+        "capability": "AVX512",
+        "avx2": True,
+        "avx512_f": True,
+        "avx512_bf16": True,
+        "amx_tile": True,
+        "amx_bf16": True,
+    },
+}
+
+
+def simulated_cpu_kind() -> str | None:
+    """The CPU kind named by ``LIGHTNING_MUON_CPU_KIND``, or None when unset.
+
+    Raises:
+        ValueError: the variable names no kind of :data:`CPU_KINDS`.
+
+    Example:
+        >>> import os
+        >>> os.environ.get(CPU_KIND_VARIABLE) == simulated_cpu_kind()
+        True
+    """
+    kind = os.environ.get(CPU_KIND_VARIABLE) or None
+    if kind is not None and kind not in CPU_KINDS:
+        raise ValueError(f"{CPU_KIND_VARIABLE}={kind!r}: expected one of {tuple(CPU_KINDS)} (or unset)")
+    return kind
+
 
 def _device_key(device: torch.device | str | None) -> torch.device:
     device = torch.device("cpu" if device is None else device)
@@ -89,7 +132,13 @@ def _device_key(device: torch.device | str | None) -> torch.device:
 
 
 def _cpu_flags() -> dict[str, object]:
-    """The CPU's feature flags as torch's cpuinfo reports them (``torch.cpu.get_capabilities``)."""
+    """The flags ``auto`` reads: those of the kind ``LIGHTNING_MUON_CPU_KIND`` names, else this CPU's."""
+    kind = simulated_cpu_kind()
+    return {**CPU_KINDS[kind], "simulated": kind} if kind is not None else _host_flags()
+
+
+def _host_flags() -> dict[str, object]:
+    """This CPU's feature flags as torch's cpuinfo reports them (``torch.cpu.get_capabilities``)."""
     get = getattr(torch.cpu, "get_capabilities", None)
     if get is not None:
         flags = dict(get())
@@ -183,18 +232,25 @@ def ns_dtype_choice(device: torch.device | str | None = None) -> NSDtypeChoice:
         True
     """
     device = _device_key(device)
-    key = str(device)
+    kind = simulated_cpu_kind() if device.type == "cpu" else None
+    key = str(device) if kind is None else f"{device} as {kind}"  # the cache knows which CPU was asked about
     if key in _CACHE:
         return _CACHE[key]
     decided, candidate, reason = _from_flags(device)
+    if kind is not None:
+        reason += f" ({CPU_KIND_VARIABLE}={kind})"
     if decided is not None:
-        choice = NSDtypeChoice(key, decided, "flags", reason)
+        choice = NSDtypeChoice(str(device), decided, "flags", reason)
     else:
         ratio = _probe(device, candidate)
         dtype = candidate if ratio <= PROBE_MARGIN else torch.float32
         verdict = "faster" if dtype is candidate else "not faster"
         choice = NSDtypeChoice(
-            key, dtype, "probe", f"{reason}; probe: {candidate} matmul {ratio:.2g}x the float32 time ({verdict})", ratio
+            str(device),
+            dtype,
+            "probe",
+            f"{reason}; probe: {candidate} matmul {ratio:.2g}x the float32 time ({verdict})",
+            ratio,
         )
     _CACHE[key] = choice
     if rank() == 0:
@@ -253,9 +309,14 @@ def describe_device(device: torch.device | str | None = None) -> str:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     except OSError:
         pass
-    flags = _cpu_flags()
+    flags = _host_flags()
     native = any(flags.get(k) for k in ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16"))
+    kind = simulated_cpu_kind()
+    simulated = f", ns_dtype='auto' as on {kind}" if kind else ""
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    limited = f", oneDNN limited to {isa}" if isa else ""
     return (
         f"{model or platform.processor() or platform.machine()} ({flags.get('capability')}, "
-        f"{'native' if native else 'no native'} bf16, {os.cpu_count()} cores), {torch.get_num_threads()} threads"
+        f"{'native' if native else 'no native'} bf16, {os.cpu_count()} cores{simulated}{limited}), "
+        f"{torch.get_num_threads()} threads"
     )

@@ -1,10 +1,14 @@
 """Property tests (hypothesis) for orthogonalize: random shapes and conditioning up to 1e6."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_muon import orthogonalize, singular_value_band
+
+# What this module tests depends on the dtype paths: .ci/run runs it again under every simulated CPU kind.
+pytestmark = pytest.mark.cpu_kinds
 
 
 @st.composite

@@ -17,6 +17,9 @@ sys.path.insert(0, str(DIST_SCRIPTS))
 import raw_step  # noqa: E402
 from _launch import launch, wait  # noqa: E402
 
+# What this module tests depends on the dtype paths: .ci/run runs it again under every simulated CPU kind.
+pytestmark = pytest.mark.cpu_kinds
+
 PAIRS = [(name, variant.preset) for name, variant in GRAM_METHODS.items()]
 
 

@@ -6,6 +6,9 @@ import torch
 from lightning_muon import NS_PRESETS, ns_flops, orthogonalize, singular_value_band
 from lightning_muon.optim.newton_schulz import default_kernel
 
+# What this module tests depends on the dtype paths: .ci/run runs it again under every simulated CPU kind.
+pytestmark = pytest.mark.cpu_kinds
+
 
 def _exact_polar(G: torch.Tensor) -> torch.Tensor:
     U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)

@@ -17,6 +17,9 @@ from torch import nn
 import lightning_muon.optim.ns_dtype as precision
 from lightning_muon import Muon, orthogonalize, resolve_ns_dtype, singular_value_band
 
+# What this module tests depends on the dtype paths: .ci/run runs it again under every simulated CPU kind.
+pytestmark = pytest.mark.cpu_kinds
+
 AVX2 = {"capability": "AVX2", "avx2": True}
 AVX512 = {"capability": "AVX512", "avx2": True, "avx512_f": True}
 AVX512_BF16 = {**AVX512, "avx512_bf16": True}
@@ -112,8 +115,10 @@ def test_resolved_once_per_device_and_logged_once(hardware, caplog):
     assert len(lines) == 1 and "float32" in lines[0] and "AVX512" in lines[0]
 
 
-def test_real_probe_and_flags_on_this_machine():
-    # The real capability query and probe (not patched) return sane values on whatever runs CI.
+def test_real_probe_and_flags_on_this_machine(monkeypatch):
+    # The real capability query and probe (not patched, no simulated kind) return sane values on
+    # whatever runs CI: the one test here that reads the host on purpose.
+    monkeypatch.delenv(precision.CPU_KIND_VARIABLE, raising=False)
     precision._CACHE.clear()
     flags = precision._cpu_flags()
     assert isinstance(flags["capability"], str)
@@ -155,6 +160,29 @@ def test_muon_auto_uses_the_resolved_dtype(hardware, flags, expected):
     torch.testing.assert_close(W, W0 - update, atol=1e-6, rtol=0)
     other = torch.float32 if expected == torch.bfloat16 else torch.bfloat16
     assert (W - (W0 - 0.1 * (16 / 32) ** 0.5 * orthogonalize(G, "polar_express", dtype=other))).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize(
+    "kind, flags, expected",
+    [("avx2", AVX2, torch.float32), ("avx512_bf16", AVX512_BF16, torch.bfloat16), ("amx_bf16", AMX, torch.bfloat16)],
+)
+def test_a_simulated_cpu_kind_resolves_as_that_cpu(monkeypatch, kind, flags, expected):
+    # LIGHTNING_MUON_CPU_KIND replaces the host's flags with the kind's: auto resolves as there, the
+    # cache keeps kinds apart, and the real flags of this host are not read at all.
+    monkeypatch.setattr(precision, "_host_flags", lambda: pytest.fail("the host's flags were read"))
+    monkeypatch.setenv(precision.CPU_KIND_VARIABLE, kind)
+    precision._CACHE.clear()
+    assert flags.items() <= precision._cpu_flags().items()  # the kind's flags as torch reports them there
+    choice = precision.ns_dtype_choice("cpu")
+    assert (choice.dtype, choice.source, choice.device) == (expected, "flags", "cpu")
+    assert f"LIGHTNING_MUON_CPU_KIND={kind}" in choice.reason
+    other = "amx_bf16" if kind == "avx2" else "avx2"
+    monkeypatch.setenv(precision.CPU_KIND_VARIABLE, other)
+    assert precision.ns_dtype_choice("cpu").dtype != expected  # not the cached answer for the first kind
+    monkeypatch.setenv(precision.CPU_KIND_VARIABLE, "pentium")
+    with pytest.raises(ValueError, match=r"LIGHTNING_MUON_CPU_KIND='pentium': expected one of \('avx2'"):
+        precision.ns_dtype_choice("cpu")
+    precision._CACHE.clear()
 
 
 def test_explicit_ns_dtype_wins(hardware):

@@ -14,6 +14,9 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_muon import Muon, orthogonalize
 
+# What this module tests depends on the dtype paths: .ci/run runs it again under every simulated CPU kind.
+pytestmark = pytest.mark.cpu_kinds
+
 # Published Polar Express list (Amsel, Persson, Musco & Gower 2025; as used by modded-nanogpt and
 # microsoft/dion; docs/muon-theory.md section 1), copied from the docs, not from the package.
 PUBLISHED_POLAR_EXPRESS = [

@@ -10,6 +10,9 @@ from torch import nn
 from lightning_muon import Muon
 from lightning_muon.optim.stochastic_rounding import random_bits16, stochastic_round
 
+# What this module tests depends on the dtype paths: .ci/run runs it again under every simulated CPU kind.
+pytestmark = pytest.mark.cpu_kinds
+
 
 def _neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The bfloat16 values just below and above each float32 ``x`` (by magnitude), computed by truncation."""

@@ -121,6 +121,7 @@ def _matrices():
     return [(s[0], int(torch.Size(s[1:]).numel())) for s in raw_step.SHAPES if len(s) >= 2]
 
 
+@pytest.mark.cpu_kinds
 @pytest.mark.parametrize("run", list(RAW_RUNS))
 def test_raw_steps_match_one_process(raw_runs, run: str) -> None:
     params, momentum = _raw_reference()
@@ -131,6 +132,7 @@ def test_raw_steps_match_one_process(raw_runs, run: str) -> None:
             torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
 
 
+@pytest.mark.cpu_kinds
 @pytest.mark.parametrize("run", list(RAW_RUNS))
 def test_raw_each_rank_orthogonalises_only_its_share(raw_runs, run: str) -> None:
     ranks = raw_runs[run]
@@ -142,6 +144,7 @@ def test_raw_each_rank_orthogonalises_only_its_share(raw_runs, run: str) -> None
     assert max(loads) - min(loads) <= max(ns_flops(m, n, 5) for m, n in _matrices())
 
 
+@pytest.mark.cpu_kinds
 def test_raw_collectives_per_step(raw_runs) -> None:
     buckets = len(set(_matrices()))
     for rank in raw_runs["ddp2"]:  # one all_gather per shape bucket, nothing else
@@ -165,12 +168,9 @@ RESUMED = {
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Every subprocess of this module, started in two concurrent waves; returns the folders."""
-    dirs = {n: tmp_path_factory.mktemp(n) for n in [*RAW_RUNS, *FIRST, *RESUMED]}
-    _wait(
-        [_launch("raw_step.py", str(dirs[n]), world, mode, "bfloat16") for n, (world, mode) in RAW_RUNS.items()]
-        + [_launch("lightning_gpt.py", str(dirs[n]), s, str(e)) for n, (s, e) in FIRST.items()]
-    )
+    """The Lightning GPT subprocesses of this module, started in two concurrent waves; returns the folders."""
+    dirs = {n: tmp_path_factory.mktemp(n) for n in [*FIRST, *RESUMED]}
+    _wait([_launch("lightning_gpt.py", str(dirs[n]), s, str(e)) for n, (s, e) in FIRST.items()])
     _wait(
         [
             _launch("lightning_gpt.py", str(dirs[n]), s, "3", "--resume", str(dirs[src] / ckpt))
@@ -181,8 +181,11 @@ def runs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def raw_runs(runs):
-    return {n: [torch.load(f, weights_only=False) for f in sorted(runs[n].glob("rank*.pt"))] for n in RAW_RUNS}
+def raw_runs(tmp_path_factory):
+    """The raw torch.distributed runs (bf16 Newton-Schulz), concurrently; what each rank saved."""
+    dirs = {n: tmp_path_factory.mktemp(n) for n in RAW_RUNS}
+    _wait([_launch("raw_step.py", str(dirs[n]), world, mode, "bfloat16") for n, (world, mode) in RAW_RUNS.items()])
+    return {n: [torch.load(f, weights_only=False) for f in sorted(dirs[n].glob("rank*.pt"))] for n in RAW_RUNS}
 
 
 @pytest.mark.parametrize("run", ["ddp", "fsdp"])

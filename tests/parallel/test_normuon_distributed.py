@@ -35,18 +35,23 @@ RESUMED = {"fsdp_dcp_resumed": ("fsdp", "fsdp"), "ddp_then_single": ("single", "
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Every subprocess of this module, in two concurrent waves; returns the folders."""
-    dirs = {n: tmp_path_factory.mktemp(n) for n in [*RAW, *FIRST, *RESUMED]}
-    wait(
-        [launch("raw_step.py", str(dirs[n]), w, mode, "bfloat16", json.dumps(EXTRA)) for n, (w, mode) in RAW.items()]
-        + [launch("lightning_gpt.py", str(dirs[n]), s, str(e), *GPT) for n, (s, e) in FIRST.items()]
-    )
+    """The Lightning GPT subprocesses, in two concurrent waves; returns the folders."""
+    dirs = {n: tmp_path_factory.mktemp(n) for n in [*FIRST, *RESUMED]}
+    wait([launch("lightning_gpt.py", str(dirs[n]), s, str(e), *GPT) for n, (s, e) in FIRST.items()])
     wait(
         [
             launch("lightning_gpt.py", str(dirs[n]), s, "3", "--resume", str(dirs[src] / "e1.ckpt"), *GPT)
             for n, (s, src) in RESUMED.items()
         ]
     )
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def raw_runs(tmp_path_factory):
+    """The raw torch.distributed runs (NorMuon, bf16 momentum and Newton-Schulz); their folders."""
+    dirs = {n: tmp_path_factory.mktemp(n) for n in RAW}
+    wait([launch("raw_step.py", str(dirs[n]), w, mode, "bfloat16", json.dumps(EXTRA)) for n, (w, mode) in RAW.items()])
     return dirs
 
 
@@ -66,11 +71,12 @@ def _raw_reference():
     )
 
 
+@pytest.mark.cpu_kinds
 @pytest.mark.parametrize("run", list(RAW))
-def test_raw_normuon_bf16_steps_match_one_process(runs, run):
+def test_raw_normuon_bf16_steps_match_one_process(raw_runs, run):
     params, momentum, second = _raw_reference()
     assert all(m.dtype == torch.bfloat16 for m in momentum)
-    for f in sorted(runs[run].glob("rank*.pt")):
+    for f in sorted(raw_runs[run].glob("rank*.pt")):
         rank = torch.load(f, weights_only=False)
         # the same gradients on every rank: momentum and its stochastic rounding are bit for bit
         # those of one process (the rounding bits hash each element's global index)
