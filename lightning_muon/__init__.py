@@ -9,7 +9,7 @@ Example:
 """
 
 from . import _deprecated
-from .configure import SCHEDULES, configure_muon, lr_lambda
+from .configure import SCHEDULES, configure_muon, lr_lambda, muon_optimizer
 from .diagnostics.attention import (
     MultiheadAttentionQK,
     QKAttention,
@@ -119,6 +119,7 @@ __all__ = [
     "Muon",
     "muon_critical_batch_size",
     "muon_direction",
+    "muon_optimizer",
     "muon_param_groups",
     "MultiheadAttentionQK",
     "noise_scale",

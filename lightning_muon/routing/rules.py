@@ -164,7 +164,10 @@ class RoutingRules:
         base = rules if rules is not None else cls()
         unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise TypeError(f"lightning_muon routing: unknown routing option(s) {unknown}")
+            raise TypeError(
+                f"lightning_muon routing: unknown routing option(s) {unknown}; the options are "
+                f"{[f.name for f in dataclasses.fields(cls)]}"
+            )
         return dataclasses.replace(base, **options) if options else base
 
     def __reduce__(self):  # picklable despite the read-only mapping (a LightningModule's hparams may hold one)
@@ -310,23 +313,26 @@ def _with_view(route: Route, view: MatrixView, why: str | None) -> Route:
     return dataclasses.replace(route, matrix=str(view), reason=text + (f" (tied: {aliases}" if aliases else ""))
 
 
-def _warn_suspicious(routes: list[Route], head_found: bool, has_modules: bool) -> None:
+def _warn_suspicious(routes: list[Route], head_found: bool, has_modules: bool, rules: RoutingRules) -> None:
     if has_modules and not head_found and any(r.use_muon for r in routes):
+        last = next((r.name for r in reversed(routes) if r.use_muon), "")
         warnings.warn(
-            "lightning_muon: no output head or classifier was recognised, neither by name "
-            f"(patterns {DEFAULT_HEAD_NAMES}) nor by structure (a last layer outside the repeated blocks); "
-            "if the model has one it is being trained by Muon. "
-            "Pass adamw_names=['<head name>'] to route it to AdamW.",
+            "lightning_muon routing: no output head or classifier was recognised, neither by name "
+            f"(head_names {rules.head_names}) nor by structure (the last matrix layer outside the repeated "
+            "blocks), so if the model has one it is trained by Muon. Name it: "
+            f"muon_param_groups(model, adamw_names=[{last.rsplit('.', 1)[0] or last!r}]) (the last Muon "
+            "matrix here; any parameter or module name works), and check with routing_table(model).",
             stacklevel=3,
         )
     for r in routes:
-        if r.use_muon and r.param.ndim == 2:  # embeddings and heads are 2-D; conv kernels never warn
+        if r.use_muon and r.param.ndim == 2 and not r.reason.startswith("muon_names"):  # 2-D: conv kernels never warn
             rows, cols = r.param.shape
             if max(rows, cols) >= 16 * min(rows, cols) and max(rows, cols) >= 1024:
                 warnings.warn(
-                    f"lightning_muon: {r.name} ({rows} x {cols}) is routed to Muon but its shape "
+                    f"lightning_muon: {r.name} ({rows} x {cols}) is routed to Muon ({r.reason}) but its shape "
                     "looks like an embedding or output head (one side >= 16x the other). If it is "
-                    f"one, pass adamw_names=[{r.name!r}].",
+                    f"one, pass adamw_names=[{r.name!r}] (to muon_param_groups or configure_muon); if it is "
+                    f"a hidden matrix, muon_names=[{r.name!r}] keeps it on Muon without this warning.",
                     stacklevel=3,
                 )
 
@@ -419,7 +425,11 @@ def route_parameters(
     trainable = [key for key in aliases if params[key].requires_grad]
     for pattern in rules.matrix_rules:
         if not any(matching_pattern(n, [pattern]) for key in trainable for n in aliases[key]):
-            raise ValueError(f"lightning_muon routing: matrix_rules pattern {pattern!r} matches no trainable parameter")
+            names = [aliases[key][0] for key in trainable]
+            raise ValueError(
+                f"lightning_muon routing: matrix_rules pattern {pattern!r} matches no trainable parameter; "
+                f"patterns match a dotted name, a component or a module prefix, e.g. {names[:3]}"
+            )
     tree = analyse(module) if rules.structure else None
     verdicts, roles, head_found = _head_and_roles(tree, trainable, aliases, rules)
     routes: list[Route] = []
@@ -450,7 +460,7 @@ def route_parameters(
             routes[i] = _with_view(r, view, why)
     head_found = head_found or any(matching_pattern(n, rules.adamw_names) for key in aliases for n in aliases[key])
     if warn:
-        _warn_suspicious(routes, head_found, has_modules=True)
+        _warn_suspicious(routes, head_found, has_modules=True, rules=rules)
     return routes
 
 
