@@ -41,6 +41,14 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..validation import check_bool, check_choice, check_patterns, check_positive_int
+from .layers import (
+    DEFAULT_ROUTER_NAMES,
+    conv_groups,
+    fused_gate_up,
+    is_depthwise_conv,
+    is_moe_router,
+    is_transposed_linear,
+)
 from .matrix_view import MatrixView, matrix_view_for
 from .patterns import matching_pattern, why_not_muon
 from .tree import Structure, analyse, find_aux_heads, head_by_name
@@ -58,6 +66,9 @@ __all__ = [
     "routing_table",
     "DEFAULT_QKV_NAMES",
     "SPLIT_QKV",
+    "STEMS",
+    "GROUPED_CONVS",
+    "ROUTERS",
 ]
 
 
@@ -89,6 +100,16 @@ DEFAULT_QKV_NAMES: tuple[str, ...] = ("qkv", "c_attn", "in_proj", "in_proj_weigh
 #: Values of ``split_qkv``: False (keep fused projections whole), True (three blocks), "per_head".
 SPLIT_QKV = (False, True, "per_head")
 
+#: Values of ``stem``: the input stem (first layer before the repeated blocks) to AdamW or Muon.
+STEMS = ("adamw", "muon")
+
+#: Values of ``grouped_conv`` (convs with ``groups > 1`` and more than one input channel per group):
+#: Muon on each group's block, Muon on the whole ``(out, rest)`` kernel, or AdamW.
+GROUPED_CONVS = ("per_group", "whole", "adamw")
+
+#: Values of ``router``: a mixture-of-experts router's weight to AdamW or Muon.
+ROUTERS = ("adamw", "muon")
+
 MUON, ADAMW, ADAMW_NO_DECAY = "muon", "adamw", "adamw_no_decay"
 
 
@@ -119,6 +140,16 @@ class RoutingRules:
         matrix_rules: ``{pattern: matrix view}``: how Muon sees the matching matrices.
         split_qkv: ``False``, ``True`` (fused q/k/v as three blocks) or ``"per_head"``.
         num_heads: heads of the fused q/k/v projections (default: the modules' own attribute).
+        stem: ``"adamw"`` (default) or ``"muon"``: where the input stem goes (the first matrix layer
+            before the repeated blocks, or a first convolution; see :func:`route_parameters`).
+        grouped_conv: ``"per_group"`` (default: Muon on each group's ``(out/G, rest)`` block),
+            ``"whole"`` (one ``(out, rest)`` matrix) or ``"adamw"``, for convs with ``groups > 1`` and
+            more than one input channel per group. Depthwise convs always go to AdamW.
+        router: ``"adamw"`` (default) or ``"muon"``: a mixture-of-experts router (a weight named like
+            ``router_names`` next to a bank of experts).
+        router_names: fnmatch patterns of router module names (last component).
+        split_gate_up: orthogonalise a fused gate/up projection ``[W_gate; W_up]`` (``gate_up_proj``)
+            as two matrices, like the separate ``gate_proj`` and ``up_proj`` of an unfused model.
 
     Raises:
         ValueError: at construction, a pattern list that is not a list of strings, a malformed
@@ -142,12 +173,21 @@ class RoutingRules:
     matrix_rules: Mapping[str, str] = field(default_factory=dict)
     split_qkv: bool | str = False
     num_heads: int | None = None
+    stem: str = "adamw"
+    grouped_conv: str = "per_group"
+    router: str = "adamw"
+    router_names: tuple[str, ...] = DEFAULT_ROUTER_NAMES
+    split_gate_up: bool = True
 
     def __post_init__(self) -> None:
         where = "lightning_muon routing"
-        for name in ("embedding_names", "head_names", "adamw_names", "muon_names"):
+        for name in ("embedding_names", "head_names", "adamw_names", "muon_names", "router_names"):
             object.__setattr__(self, name, check_patterns(getattr(self, name), name, where))
         check_bool(self.structure, "structure", where)
+        check_bool(self.split_gate_up, "split_gate_up", where)
+        check_choice(self.stem, "stem", where, STEMS)
+        check_choice(self.grouped_conv, "grouped_conv", where, GROUPED_CONVS)
+        check_choice(self.router, "router", where, ROUTERS)
         rules = dict(self.matrix_rules or {})
         for pattern, spec in rules.items():
             if not isinstance(pattern, str):
@@ -186,6 +226,7 @@ def _route_one(
     head_verdict: tuple[str, str] | None = None,
     role: str | None = None,
     modules_known: bool = False,
+    layer_verdict: tuple[str, str] | None = None,
 ) -> Route:
     name = names[0]
     aliases = f" (tied: {', '.join(names[1:])})" if len(names) > 1 else ""
@@ -210,6 +251,8 @@ def _route_one(
     for n in names:
         if pattern := matching_pattern(n, rules.embedding_names):
             return Route(name, param, ADAMW, f"embedding (name matches {pattern!r}){aliases}")
+    if layer_verdict is not None and layer_verdict[0] == ADAMW:
+        return Route(name, param, ADAMW, layer_verdict[1] + aliases)
     if head_verdict is None:
         head_verdict = next((("head", p) for n in names if (p := matching_pattern(n, rules.head_names))), None)
     if head_verdict is not None:
@@ -224,6 +267,8 @@ def _route_one(
         )
     if role is not None:
         return Route(name, param, ADAMW, role + aliases)
+    if layer_verdict is not None:
+        return Route(name, param, MUON, layer_verdict[1] + aliases, "matrix")
     if (
         param.ndim > 2 and not modules_known
     ):  # without module information: flattened (route_parameters decides conv vs stack)
@@ -244,6 +289,28 @@ def _heads_near(name: str, modules: Mapping[str, nn.Module]) -> int | None:
     return None
 
 
+def _layer_verdict(
+    module_name: str | None,
+    module: nn.Module | None,
+    attr: str | None,
+    param: Tensor,
+    modules: Mapping[str, nn.Module],
+    rules: RoutingRules,
+) -> tuple[str, str] | None:
+    """``(group, reason)`` when the kind of layer decides (depthwise and grouped convs, MoE routers)."""
+    if attr == "weight" and is_depthwise_conv(module):
+        return ADAMW, (
+            f"depthwise conv (groups={module.groups}, one input channel per group): separate "
+            f"{'x'.join(map(str, module.kernel_size))} filters, not a map between feature spaces"
+        )
+    if attr == "weight" and conv_groups(module) > 1 and rules.grouped_conv == "adamw":
+        return ADAMW, f"grouped conv (groups={module.groups}; grouped_conv='adamw')"
+    if module_name is not None and param.ndim == 2 and is_moe_router(module_name, modules, rules.router_names):
+        what = f"MoE router ({param.shape[0]} expert logits; router={rules.router!r})"
+        return (ADAMW, what) if rules.router == "adamw" else (MUON, what)
+    return None
+
+
 def _choose_view(
     names: Sequence[str],
     param: Tensor,
@@ -251,10 +318,13 @@ def _choose_view(
     modules: Mapping[str, nn.Module],
     rules: RoutingRules,
     declared: Mapping[str, tuple[str, str]],
+    named_params: Mapping[str, Tensor] | None = None,
 ) -> tuple[MatrixView, str | None]:
     """The matrix view of a Muon parameter and what chose it (None: the default for its kind)."""
     shape = tuple(param.shape)
     module, attr = owner
+    transposed = attr == "weight" and is_transposed_linear(module)
+    seen = (shape[1], shape[0]) if transposed else shape  # the (out, in) map of a weight stored (in, out)
     split_qkv = rules.split_qkv
     for n in names:
         if pattern := matching_pattern(n, list(rules.matrix_rules)):
@@ -274,10 +344,12 @@ def _choose_view(
         heads = rules.num_heads
         if spec is None and isinstance(module, nn.MultiheadAttention) and attr == "in_proj_weight":
             heads, why = heads or module.num_heads, "split_qkv, nn.MultiheadAttention"
-        elif spec is None and any(matching_pattern(n, DEFAULT_QKV_NAMES) for n in names) and shape[0] == 3 * shape[1]:
+        elif spec is None and any(matching_pattern(n, DEFAULT_QKV_NAMES) for n in names) and seen[0] == 3 * seen[1]:
             heads, why = heads or _heads_near(names[0], modules), "split_qkv"
         if why is not None:
             view = MatrixView.parse(spec or (f"split=3,heads={heads}" if heads else "split=3"))
+            if transposed:
+                view, why = dataclasses.replace(view, transposed=True), why + ", Hugging Face Conv1D"
             if split_qkv == "per_head":
                 if not view.heads:
                     raise ValueError(
@@ -288,10 +360,18 @@ def _choose_view(
             if reason := view.why_not(shape):
                 raise ValueError(f"lightning_muon routing: split_qkv for {names[0]!r} of shape {shape}: {reason}")
             return view, why
-    if isinstance(module, nn.modules.conv._ConvTransposeNd) and attr == "weight":
-        return MatrixView("conv_transpose"), None
+    if transposed:
+        return MatrixView("matrix", transposed=True), "Hugging Face Conv1D"
     if isinstance(module, nn.modules.conv._ConvNd) and attr == "weight":
-        return MatrixView("conv"), None
+        rule = "conv_transpose" if isinstance(module, nn.modules.conv._ConvTransposeNd) else "conv"
+        groups = conv_groups(module)
+        if groups > 1 and rules.grouped_conv == "per_group":
+            return MatrixView(rule, parts=groups), f"groups={groups}, grouped_conv='per_group'"
+        return MatrixView(rule), (f"groups={groups}, grouped_conv='whole'" if groups > 1 else None)
+    if rules.split_gate_up and named_params is not None and fused_gate_up(names[0], param, named_params):
+        view = MatrixView("stack", parts=2) if param.ndim > 2 else MatrixView("split", parts=2)
+        if view.why_not(shape) is None:
+            return view, "split_gate_up: [W_gate; W_up]"
     if param.ndim > 2:
         stack = MatrixView("stack")
         return (stack, None) if stack.why_not(shape) is None else (MatrixView("flatten"), None)
@@ -303,6 +383,8 @@ def _with_view(route: Route, view: MatrixView, why: str | None) -> Route:
     if view.rule == "matrix" and why is None:
         return dataclasses.replace(route, matrix="matrix")
     reason = route.reason
+    if reason.startswith("hidden matrix") and view.rule == "stack":
+        reason = "hidden stack" + reason[len("hidden matrix") :]
     if reason.startswith("hidden matrix") and view.rule in ("conv", "conv_transpose"):
         reason = "hidden conv kernel" + reason[len("hidden matrix") :]
     head, _, aliases = reason.partition(" (tied: ")
@@ -406,10 +488,12 @@ def route_parameters(
     """
     rules = RoutingRules.of(rules, **options)
     owner: dict[int, nn.Module] = {}
+    owner_name: dict[int, str] = {}
     attr: dict[int, str] = {}
-    for mod in module.modules():
+    for mname, mod in module.named_modules():
         for a, p in mod.named_parameters(recurse=False):
             owner.setdefault(id(p), mod)
+            owner_name.setdefault(id(p), mname)
             attr.setdefault(id(p), a)
     aliases: dict[int, list[str]] = {}
     params: dict[int, Tensor] = {}
@@ -422,6 +506,7 @@ def route_parameters(
             raise ValueError(f"lightning_muon routing: matrix_rules pattern {pattern!r} matches no trainable parameter")
     tree = analyse(module) if rules.structure else None
     verdicts, roles, head_found = _head_and_roles(tree, trainable, aliases, rules)
+    modules = tree.modules if tree else dict(module.named_modules())
     routes: list[Route] = []
     for key in trainable:
         layer = tree.owner_layer.get(key) if tree else None
@@ -434,19 +519,22 @@ def route_parameters(
                 head_verdict=verdicts.get(key),
                 role=roles.get(layer) if layer is not None else None,
                 modules_known=True,
+                layer_verdict=_layer_verdict(
+                    owner_name.get(key), owner.get(key), attr.get(key), params[key], modules, rules
+                ),
             )
         )
-    modules = tree.modules if tree else dict(module.named_modules())
     declared: dict[str, tuple[str, str]] = {}
     for mname, mod in modules.items():
         layout = getattr(mod, "muon_qkv_layout", None)
         if isinstance(layout, Mapping):
             for rel, spec in layout.items():
                 declared[f"{mname}.{rel}" if mname else rel] = (spec, f"split_qkv, layout from {type(mod).__name__}")
+    named = {n: params[key] for key in trainable for n in aliases[key]}
     for i, (key, r) in enumerate(zip(trainable, routes)):
         if r.use_muon:
             owned = (owner.get(key), attr.get(key))
-            view, why = _choose_view(aliases[key], r.param, owned, modules, rules, declared)
+            view, why = _choose_view(aliases[key], r.param, owned, modules, rules, declared, named)
             routes[i] = _with_view(r, view, why)
     head_found = head_found or any(matching_pattern(n, rules.adamw_names) for key in aliases for n in aliases[key])
     if warn:
@@ -476,7 +564,7 @@ def _head_and_roles(
     head_found = any(v[0] == "head" for v in verdicts.values())
     roles: dict[str, str] = {}
     if tree is not None:
-        if tree.stem:
+        if tree.stem and rules.stem == "adamw":
             roles[tree.stem[0]] = tree.stem[1]
         head_layer = named_head_layer
         if not head_found and tree.head:
