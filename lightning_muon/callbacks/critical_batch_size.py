@@ -8,10 +8,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
@@ -571,9 +571,9 @@ def per_example_layer(named: dict[str, nn.Module], param_name: str) -> tuple[nn.
         return module, "linear"
     if isinstance(module, _CONVS) and type(module).forward in tuple(c.forward for c in _CONVS):
         return module, "conv"
-    if isinstance(module, nn.Embedding) and not (module.scale_grad_by_freq or module.sparse):
-        if type(module).forward is nn.Embedding.forward:
-            return module, "embedding"
+    plain_embedding = isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward
+    if plain_embedding and not (module.scale_grad_by_freq or module.sparse):
+        return module, "embedding"
     return None
 
 

@@ -213,9 +213,9 @@ def conv_grad_norms(
     kernel = _tuple(kernel_size, nd, "kernel_size", where)
     strides, dilations = _tuple(stride, nd, "stride", where), _tuple(dilation, nd, "dilation", where)
     pads = _padding_pairs(padding, kernel, dilations, where)
-    C, O = inputs.shape[1], grad_outputs.shape[1]
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or C % groups or O % groups:
-        raise ValueError(f"{where}: groups must divide C_in ({C}) and C_out ({O}), got {groups!r}")
+    C, C_out = inputs.shape[1], grad_outputs.shape[1]
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or C % groups or C_out % groups:
+        raise ValueError(f"{where}: groups must divide C_in ({C}) and C_out ({C_out}), got {groups!r}")
     x = inputs.detach()
     x = x if x.dtype == torch.float64 else x.float()
     g = grad_outputs.detach().to(x.dtype)
@@ -223,7 +223,7 @@ def conv_grad_norms(
     positions = grad_outputs.shape[2:].numel()
     patch = C // G * math.prod(kernel)
     chunk = max(1, _CHUNK // max(1, positions * C * math.prod(kernel)))
-    per_example, total = [], x.new_zeros(G, O // G, patch)
+    per_example, total = [], x.new_zeros(G, C_out // G, patch)
     for i in range(0, B, chunk):
         a = _patches(x[i : i + chunk], kernel, strides, pads, dilations, padding_mode)  # (b, L, C, k)
         b = a.shape[0]
@@ -233,7 +233,12 @@ def conv_grad_norms(
                 f"grad_outputs {tuple(grad_outputs.shape)} has {positions}"
             )
         a = a.reshape(b, positions, G, patch).transpose(1, 2).reshape(b * G, positions, patch)
-        o = g[i : i + chunk].reshape(b, G, O // G, positions).transpose(-1, -2).reshape(b * G, positions, O // G)
+        o = (
+            g[i : i + chunk]
+            .reshape(b, G, C_out // G, positions)
+            .transpose(-1, -2)
+            .reshape(b * G, positions, C_out // G)
+        )
         norms = linear_grad_norms(a, o, method)
         per_example.append(norms.per_example_sq.view(b, G).sum(1))
         total += torch.einsum("bglo,bgli->goi", o.view(b, G, positions, -1), a.view(b, G, positions, -1))
