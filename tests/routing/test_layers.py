@@ -284,3 +284,52 @@ def test_new_routing_options_are_validated():
         with pytest.raises(ValueError, match=field):
             RoutingRules(**{field: bad})
     assert copy.deepcopy(RoutingRules(router="muon")).router == "muon"
+
+
+@pytest.fixture
+def single_rank_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_transposed_weight_as_a_dtensor_follows_the_same_rows(single_rank_group):
+    # The DTensor path (FSDP2 layout; one rank here): NorMuon's row sums over the mesh and the
+    # orthogonalisation of the assembled tensor read the stored columns as rows, like a plain tensor.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    torch.manual_seed(5)
+    init, grads = torch.randn(8, 24), [torch.randn(8, 24) for _ in range(3)]
+    mesh = init_device_mesh("cpu", (1,))
+    results = []
+    for sharded in (False, True):
+        w = distribute_tensor(init.clone(), mesh, [Shard(0)]) if sharded else init.clone()
+        p = nn.Parameter(w)
+        group = {
+            "params": [("c_attn.weight", p)],
+            "use_muon": True,
+            "matrix_views": {"c_attn.weight": "split=3,transposed"},
+        }
+        opt = Muon([group], lr=0.05, ns_method="svd", ns_dtype="float32", variant="normuon", adjust_lr="original")
+        for g in grads:
+            p.grad = distribute_tensor(g, mesh, [Shard(0)]) if sharded else g.clone()
+            opt.step()
+        results.append((p.full_tensor() if sharded else p).detach())
+    torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-7)
+    # and the plain tensor is the transpose of the untransposed view's training
+    q = nn.Parameter(init.T.clone())
+    opt = Muon(
+        [{"params": [("w", q)], "use_muon": True, "matrix_views": {"w": "split=3"}}],
+        lr=0.05,
+        ns_method="svd",
+        ns_dtype="float32",
+        variant="normuon",
+        adjust_lr="original",
+    )
+    for g in grads:
+        q.grad = g.T.clone()
+        opt.step()
+    torch.testing.assert_close(results[0], q.detach().T, rtol=1e-5, atol=1e-6)
