@@ -383,8 +383,6 @@ def _with_view(route: Route, view: MatrixView, why: str | None) -> Route:
     if view.rule == "matrix" and why is None:
         return dataclasses.replace(route, matrix="matrix")
     reason = route.reason
-    if reason.startswith("hidden matrix") and view.rule == "stack":
-        reason = "hidden stack" + reason[len("hidden matrix") :]
     if reason.startswith("hidden matrix") and view.rule in ("conv", "conv_transpose"):
         reason = "hidden conv kernel" + reason[len("hidden matrix") :]
     head, _, aliases = reason.partition(" (tied: ")
