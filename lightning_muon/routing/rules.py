@@ -427,7 +427,11 @@ def route_parameters(
        its components, or a module prefix such as ``"decoder.proj"``);
     2. tensors that are not matrices (see :func:`why_not_muon`) to AdamW, without weight decay
        when 1-D;
-    3. ``nn.Embedding`` weights and names matching ``embedding_names`` to AdamW;
+    3. ``nn.Embedding`` weights and names matching ``embedding_names`` to AdamW; then depthwise conv
+       kernels (one input channel per group) to AdamW, grouped ones too with
+       ``grouped_conv="adamw"``, and mixture-of-experts routers (a weight of a module named like
+       ``router_names`` whose parent holds ``experts``) to AdamW or Muon as ``router`` says
+       (:mod:`lightning_muon.routing.layers`);
     4. names matching ``head_names`` to AdamW (a head tied to the embedding is one tensor, matched
        through either name); when the match is an ``nn.Sequential`` of several layers (VGG's
        ``classifier``), only its last layer is the output head, the earlier ones are hidden;
@@ -441,7 +445,8 @@ def route_parameters(
          output size (GoogLeNet's ``aux1.fc2``, Inception's ``AuxLogits.fc``);
        * **input stem**: the first matrix layer when repeated blocks follow it (ResNet's
          ``conv1``) or when it is a convolution (VGG's ``features.0``), to AdamW as Keller
-         Jordan keeps the first layer off Muon. A flat MLP's first ``Linear`` stays on Muon.
+         Jordan keeps the first layer off Muon (``stem="muon"``: to Muon). A flat MLP's first
+         ``Linear`` stays on Muon.
 
        A model with a single matrix layer has no head, stem or hidden layer to tell apart;
 
@@ -459,11 +464,16 @@ def route_parameters(
        names relative to that module), and 2-D ``(3d, d)`` weights named like
        :data:`DEFAULT_QKV_NAMES` (rows ``(q/k/v, head, head_dim)``). Heads: ``num_heads``, else the
        nearest enclosing module's ``num_heads``/``n_head``;
-    3. the ``weight`` of an ``nn.Conv*``: ``"conv"`` ``(out, rest)``; of an ``nn.ConvTranspose*``:
-       ``"conv_transpose"`` ``(in, rest)``, scaled as the ``(rest, in)`` map it applies;
-    4. any other tensor with more than 2 dims: ``"stack"``, each trailing 2-D slice on its own
+    3. the ``weight`` of a Hugging Face ``Conv1D`` (stored ``(in, out)``): ``"matrix,transposed"``
+       (with ``split_qkv``, its ``c_attn`` is split along the stored columns);
+    4. the ``weight`` of an ``nn.Conv*``: ``"conv"`` ``(out, rest)``; of an ``nn.ConvTranspose*``:
+       ``"conv_transpose"`` ``(in, rest)``, scaled as the ``(rest, in)`` map it applies; with
+       ``groups > 1`` one matrix per group (``"conv,groups=G"``) unless ``grouped_conv="whole"``;
+    5. a fused gate/up projection (``gate_up_proj`` next to its ``down_proj``) with
+       ``split_gate_up=True``: ``"stack,split=2"`` (``"split=2"`` for 2-D);
+    6. any other tensor with more than 2 dims: ``"stack"``, each trailing 2-D slice on its own
        (``"flatten"`` when the slices are vector-like);
-    5. a 2-D weight: ``"matrix"``.
+    7. a 2-D weight: ``"matrix"``.
 
     Example:
         >>> import torch.nn as nn
