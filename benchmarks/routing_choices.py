@@ -39,10 +39,10 @@ from lightning_muon import Muon, muon_param_groups
 from ._timing import run_header
 
 CNN_OPTIONS: dict[str, dict] = {
-    "grouped_conv=per_group, stem=adamw (defaults)": {},
+    "grouped_conv=per_group": {"grouped_conv": "per_group"},
     "grouped_conv=whole": {"grouped_conv": "whole"},
-    "grouped_conv=adamw": {"grouped_conv": "adamw"},
-    "stem=muon": {"stem": "muon"},
+    "grouped_conv=adamw, stem=adamw (defaults)": {},
+    "stem=muon (grouped_conv=per_group)": {"stem": "muon", "grouped_conv": "per_group"},
 }
 MOE_OPTIONS: dict[str, dict] = {
     "router=adamw, split_gate_up=True (defaults)": {},

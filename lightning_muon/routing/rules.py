@@ -104,8 +104,8 @@ SPLIT_QKV = (False, True, "per_head")
 STEMS = ("adamw", "muon")
 
 #: Values of ``grouped_conv`` (convs with ``groups > 1`` and more than one input channel per group):
-#: Muon on each group's block, Muon on the whole ``(out, rest)`` kernel, or AdamW.
-GROUPED_CONVS = ("per_group", "whole", "adamw")
+#: AdamW (the default), Muon on each group's block, or Muon on the whole ``(out, rest)`` kernel.
+GROUPED_CONVS = ("adamw", "per_group", "whole")
 
 #: Values of ``router``: a mixture-of-experts router's weight to AdamW or Muon.
 ROUTERS = ("adamw", "muon")
@@ -142,9 +142,10 @@ class RoutingRules:
         num_heads: heads of the fused q/k/v projections (default: the modules' own attribute).
         stem: ``"adamw"`` (default) or ``"muon"``: where the input stem goes (the first matrix layer
             before the repeated blocks, or a first convolution; see :func:`route_parameters`).
-        grouped_conv: ``"per_group"`` (default: Muon on each group's ``(out/G, rest)`` block),
-            ``"whole"`` (one ``(out, rest)`` matrix) or ``"adamw"``, for convs with ``groups > 1`` and
-            more than one input channel per group. Depthwise convs always go to AdamW.
+        grouped_conv: ``"adamw"`` (default, measured: ``benchmarks/routing_choices.py``),
+            ``"per_group"`` (Muon on each group's ``(out/G, rest)`` block) or ``"whole"`` (Muon on
+            one ``(out, rest)`` matrix), for convs with ``groups > 1`` and more than one input
+            channel per group. Depthwise convs always go to AdamW.
         router: ``"adamw"`` (default) or ``"muon"``: a mixture-of-experts router (a weight named like
             ``router_names`` next to a bank of experts).
         router_names: fnmatch patterns of router module names (last component).
@@ -174,7 +175,7 @@ class RoutingRules:
     split_qkv: bool | str = False
     num_heads: int | None = None
     stem: str = "adamw"
-    grouped_conv: str = "per_group"
+    grouped_conv: str = "adamw"
     router: str = "adamw"
     router_names: tuple[str, ...] = DEFAULT_ROUTER_NAMES
     split_gate_up: bool = True
@@ -428,8 +429,8 @@ def route_parameters(
     2. tensors that are not matrices (see :func:`why_not_muon`) to AdamW, without weight decay
        when 1-D;
     3. ``nn.Embedding`` weights and names matching ``embedding_names`` to AdamW; then depthwise conv
-       kernels (one input channel per group) to AdamW, grouped ones too with
-       ``grouped_conv="adamw"``, and mixture-of-experts routers (a weight of a module named like
+       kernels (one input channel per group) to AdamW, grouped ones too unless ``grouped_conv``
+       is ``"per_group"`` or ``"whole"``, and mixture-of-experts routers (a weight of a module named like
        ``router_names`` whose parent holds ``experts``) to AdamW or Muon as ``router`` says
        (:mod:`lightning_muon.routing.layers`);
     4. names matching ``head_names`` to AdamW (a head tied to the embedding is one tensor, matched
@@ -468,7 +469,8 @@ def route_parameters(
        (with ``split_qkv``, its ``c_attn`` is split along the stored columns);
     4. the ``weight`` of an ``nn.Conv*``: ``"conv"`` ``(out, rest)``; of an ``nn.ConvTranspose*``:
        ``"conv_transpose"`` ``(in, rest)``, scaled as the ``(rest, in)`` map it applies; with
-       ``groups > 1`` one matrix per group (``"conv,groups=G"``) unless ``grouped_conv="whole"``;
+       ``groups > 1`` one matrix per group (``"conv,groups=G"``, ``grouped_conv="per_group"``) or the
+       whole kernel (``grouped_conv="whole"``);
     5. a fused gate/up projection (``gate_up_proj`` next to its ``down_proj``) with
        ``split_gate_up=True``: ``"stack,split=2"`` (``"split=2"`` for 2-D);
     6. any other tensor with more than 2 dims: ``"stack"``, each trailing 2-D slice on its own

@@ -154,7 +154,10 @@ class ConvNet(nn.Module):
 
 
 def test_depthwise_to_adamw_grouped_per_group_and_the_options():
-    routes = {r.name: r for r in route_parameters(ConvNet(), warn=False)}
+    default = {r.name: r for r in route_parameters(ConvNet(), warn=False)}
+    assert default["blocks.0.grouped.weight"].group == "adamw"
+    assert default["blocks.0.grouped.weight"].reason == "grouped conv (groups=4; grouped_conv='adamw')"
+    routes = {r.name: r for r in route_parameters(ConvNet(), grouped_conv="per_group", warn=False)}
     dw = routes["blocks.0.dw.weight"]
     assert dw.group == "adamw" and dw.reason.startswith("depthwise conv (groups=16, one input channel per group)")
     grouped = routes["blocks.0.grouped.weight"]
@@ -183,7 +186,7 @@ def test_per_group_update_is_each_group_orthogonalised_on_its_own():
     torch.manual_seed(2)
     conv = nn.Conv2d(16, 24, 3, groups=4, bias=False)
     model = nn.Sequential(conv)
-    groups = muon_param_groups(model, warn=False)
+    groups = muon_param_groups(model, grouped_conv="per_group", warn=False)
     opt = Muon(
         groups,
         lr=1.0,

@@ -109,7 +109,14 @@ def test_torchvision_zoo_routing(name):
     }
     for n in depthwise:
         assert by_name[n].group == "adamw" and by_name[n].reason.startswith("depthwise conv"), (n, by_name[n].reason)
-    special = {stem, *classifiers, *embeddings, *depthwise}
+    grouped = {  # more than one input channel per group (ResNeXt, RegNet): AdamW by default (grouped_conv)
+        f"{m}.weight"
+        for m, mod in model.named_modules()
+        if isinstance(mod, nn.modules.conv._ConvNd) and 1 < mod.groups < mod.in_channels
+    }
+    for n in grouped:
+        assert by_name[n].group == "adamw" and by_name[n].reason.startswith("grouped conv"), (n, by_name[n].reason)
+    special = {stem, *classifiers, *embeddings, *depthwise, *grouped}
     for n in matrices:
         if n not in special:
             assert by_name[n].group == "muon", (n, by_name[n].reason)
