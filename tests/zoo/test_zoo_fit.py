@@ -1,7 +1,7 @@
 """Every zoo model trains under Lightning with ``configure_muon`` and the four monitors at their defaults.
 
-Per model (tiny config, random init, 2 fixed batches of 4): a 3-epoch run that checkpoints at every
-epoch end; its epoch-1 checkpoint, loaded with ``torch.load(..., weights_only=True)``, resumed to 3
+Per model (tiny config, random init, 2 fixed batches of 4): a 2-epoch run that checkpoints at every
+epoch end; its epoch-1 checkpoint, loaded with ``torch.load(..., weights_only=True)``, resumed to 2
 epochs, must end bit for bit where the uninterrupted run ended (an epoch boundary: the loader
 restarts from its first batch either way). Asserted: the training loss goes down (each batch's loss
 in the last epoch below its loss in the first), every monitor logged finite values at step 0,
@@ -32,7 +32,7 @@ from lightning_muon.callbacks import (
 )
 
 pytestmark = pytest.mark.slow
-BATCH, EPOCHS = 4, 3
+BATCH, EPOCHS = 4, 2
 
 #: parameters the critical-batch-size monitor leaves out at its defaults (no per-example form), by model
 NO_PER_EXAMPLE = {

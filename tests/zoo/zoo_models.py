@@ -171,7 +171,10 @@ def timm_resnet() -> nn.Module:
     from timm.models.resnet import BasicBlock, ResNet
 
     torch.manual_seed(0)
-    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=CLASSES, channels=(16, 32, 64, 128), stem_width=16)
+    # zero_init_last=False: timm zeroes the last BatchNorm gain of each block by default, which makes the
+    # residual branches' gradients exactly zero at step 0 (their singular frames, hence the polar
+    # misalignment, are then undefined: NaN, as documented for a zero gradient)
+    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=CLASSES, channels=(16, 32, 64, 128), zero_init_last=False)
 
 
 def timm_convnext() -> nn.Module:
