@@ -109,11 +109,15 @@ def fused_gate_up(name: str, param: Tensor, named_params: Mapping[str, Tensor]) 
         >>> ps = {"mlp.experts.gate_up_proj": torch.zeros(4, 32, 8), "mlp.experts.down_proj": torch.zeros(4, 8, 16)}
         >>> fused_gate_up("mlp.experts.gate_up_proj", ps["mlp.experts.gate_up_proj"], ps)
         True
+        >>> fused_gate_up("weight", torch.zeros(4, 4), {})  # a bare module's own weight
+        False
     """
     parts = name.split(".")
     in_module = parts[-1] == "weight"  # (2I, H) weight of a Linear, else a parameter held by the experts module
+    if in_module and len(parts) < 2:
+        return False
     own = parts[-2] if in_module else parts[-1]
-    if len(parts) < (2 if in_module else 1) or not any(fnmatch.fnmatchcase(own, pat) for pat in DEFAULT_GATE_UP_NAMES):
+    if not any(fnmatch.fnmatchcase(own, pat) for pat in DEFAULT_GATE_UP_NAMES):
         return False
     sibling = parts[:-2] + ["down_proj", "weight"] if in_module else parts[:-1] + ["down_proj"]
     down = named_params.get(".".join(sibling))
