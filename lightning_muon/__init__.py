@@ -28,7 +28,14 @@ from .diagnostics.critical_batch import (
     noise_scale,
     polar_sensitivity,
 )
-from .diagnostics.per_example import PerExampleNorms, linear_grad_norms, norm_grad_norms, per_example_noise_scale
+from .diagnostics.per_example import (
+    PerExampleNorms,
+    conv_grad_norms,
+    embedding_grad_norms,
+    linear_grad_norms,
+    norm_grad_norms,
+    per_example_noise_scale,
+)
 from .diagnostics.spectral import (
     delta_p,
     effective_rank,
@@ -132,6 +139,8 @@ __all__ = [
     "NonFiniteGradientError",
     "ns_flops",
     "per_example_noise_scale",
+    "conv_grad_norms",
+    "embedding_grad_norms",
     "PerExampleNorms",
     "NSPreset",
     "orthogonalize",

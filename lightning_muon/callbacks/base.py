@@ -398,7 +398,8 @@ class AttentionCallback(MonitorCallback):
             raise MisconfigurationException(
                 f"{type(self).__name__}: no attention module to watch"
                 + (f" among {list(found)} with include={self.include}, exclude={list(self.exclude)}" if found else "")
-                + ". Supported: torch.nn.MultiheadAttention and modules implementing the QK-clip protocol "
+                + ". Supported: torch.nn.MultiheadAttention, Hugging Face attention (Llama-style q_proj/k_proj, "
+                "BERT's query/key, GPT-2's c_attn) and modules implementing the QK-clip protocol "
                 "(n_head, qk_logit_max(args, kwargs), qk_clip_rows(); see lightning_muon.diagnostics.attention "
                 "and docs/qk-clip.md)."
             )

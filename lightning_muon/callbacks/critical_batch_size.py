@@ -8,15 +8,24 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
 from ..diagnostics.critical_batch import NoiseScale, muon_critical_batch_size, noise_scale
-from ..diagnostics.per_example import LINEAR_METHODS, linear_grad_norms, norm_grad_norms
+from ..diagnostics.per_example import (
+    LINEAR_METHODS,
+    PerExampleNorms,
+    conv_grad_norms,
+    embedding_grad_norms,
+    linear_grad_norms,
+    norm_grad_norms,
+)
+from ..routing.layers import is_transposed_linear
 from ..validation import check_choice, check_number, check_positive_int
 from .base import MonitorCallback, aggregates
 from .cache import CacheRequest, SpectralCache, step_cache
@@ -31,11 +40,13 @@ class CriticalBatchSizeMonitor(MonitorCallback):
     ``estimator`` chooses how the gradient noise is measured:
 
     * ``"per_example"``: inside one micro-batch, small batch = one example, large batch = the
-      micro-batch (``B`` examples). Each monitored ``nn.Linear`` weight's per-example gradient norms
-      come from its input activations and output gradients (forward and backward hooks, see
-      :mod:`lightning_muon.diagnostics.per_example`). Needs nothing of the Trainer: one device, no accumulation,
-      DDP, FSDP2 (activations are local: no gather), manual optimization. Layers that are not
-      ``nn.Linear`` weights get no estimate.
+      micro-batch (``B`` examples). Each monitored weight's per-example gradient norms come from
+      its input activations and output gradients (forward and backward hooks, see
+      :mod:`lightning_muon.diagnostics.per_example`), for ``nn.Linear``, ``nn.Conv1d/2d/3d``,
+      Hugging Face's ``Conv1D`` and ``nn.Embedding`` weights. Needs nothing of the Trainer: one
+      device, no accumulation, DDP, FSDP2 (activations are local: no gather), manual optimization.
+      Other layers (a transposed conv, a 3-D expert bank, ``nn.MultiheadAttention``'s ``in_proj``)
+      get no estimate, with one warning; so does a layer whose computation fails, from then on.
     * ``"layernorm"``: the same for the gains and biases of the model's ``nn.LayerNorm`` /
       ``nn.RMSNorm`` layers only (Gray et al., NeurIPS 2024: their noise scale tracks the whole
       transformer's), at ``O(B T d)`` per layer. No per-matrix noise, so no ``b_crit``.
@@ -43,8 +54,11 @@ class CriticalBatchSizeMonitor(MonitorCallback):
       tensor hook before accumulation and before DDP's all-reduce), large batch = the gradient the
       optimizer sees (``B = b * accumulate_grad_batches * world_size``). Needs
       ``accumulate_grad_batches >= 2`` or >= 2 DDP processes, automatic optimization, no FSDP2.
-    * ``"auto"`` (default): ``"per_example"`` when every monitored layer is an ``nn.Linear`` weight,
-      else ``"two_batch"`` where it applies, else ``"per_example"`` on the Linear layers alone.
+    * ``"auto"`` (default): ``"per_example"`` when every monitored layer has a per-example form,
+      else ``"two_batch"`` where it applies (it covers every layer), else ``"per_example"`` on the
+      layers that have one, else ``"layernorm"`` when the model has affine norms; else it measures
+      nothing. Whenever it leaves a layer out it warns once, saying why and what covers it.
+      ``"auto"`` never stops ``fit``.
 
     **Units.** Examples are the rows of the batch: a sequence is one example, its tokens are summed
     over. For a batch size in tokens multiply the logged values by the sequence length ``T``.
@@ -94,9 +108,10 @@ class CriticalBatchSizeMonitor(MonitorCallback):
 
     Raises:
         ValueError: at construction, an argument out of range or not one of its choices.
-        MisconfigurationException: at setup, a Trainer without a logger, no layer selected, or
-            ``"two_batch"`` on a Trainer it cannot run on; at fit start, ``"layernorm"`` without
-            affine norms, ``"per_example"`` without ``nn.Linear`` weights.
+        MisconfigurationException: at setup, a Trainer without a logger or no layer selected; at
+            fit start, an estimator you chose that cannot run: ``"two_batch"`` on a Trainer it
+            cannot run on, ``"layernorm"`` without affine norms, ``"per_example"`` without a layer
+            that has a per-example form. Each message says what to pass instead.
 
     Example:
         >>> import lightning as L
@@ -154,6 +169,8 @@ class CriticalBatchSizeMonitor(MonitorCallback):
         self.b_big = float("nan")
         self.last: dict[str, float] = {}  # the last logged b_simple and b_crit/mean (for schedulers)
         self._modules: list[nn.Module | None] = []
+        self._kinds: list[str | None] = []  # per slot: "linear", "conv", "embedding", "norm", or None
+        self._failed: set[int] = set()  # slots whose per-example computation failed: left out
         self._handles: list[Any] = []
         self._measuring = False
         self._small: Tensor | None = None
@@ -187,56 +204,124 @@ class CriticalBatchSizeMonitor(MonitorCallback):
         return [self.request("grad", "spectrum")] if self.estimator != "layernorm" else []
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if stage == "fit" and self.estimator == "two_batch":
-            why = self._two_batch_ok(trainer, pl_module)
-            if why is not None:
-                raise MisconfigurationException(
-                    f"CriticalBatchSizeMonitor(estimator='two_batch'): {why}. "
-                    "Use estimator='per_example' (works on any Trainer)."
-                )
-
-    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         named = dict(pl_module.named_modules())
-        if self.estimator == "layernorm":
-            self.mode = "layernorm"
-            self.slots = [
-                n
-                for n, m in named.items()
-                if isinstance(m, _NORMS)
-                and (getattr(m, "weight", None) is not None or getattr(m, "bias", None) is not None)
-            ]
-            if not self.slots:
-                raise MisconfigurationException(
-                    "CriticalBatchSizeMonitor(estimator='layernorm'): the model has no nn.LayerNorm or nn.RMSNorm "
-                    "with a gain or bias; use estimator='per_example'."
-                )
-            self._modules = [named[n] for n in self.slots]
-            return
+        norms = _norm_modules(named)
+        self._failed = set()
         self.slots = list(self.layers)
-        linear = [_linear_module(named, n) for n in self.slots]
-        mode = self.estimator
-        if mode == "auto":
-            if all(m is not None for m in linear) or self._two_batch_ok(trainer, pl_module) is not None:
-                mode = "per_example"
-            else:
-                mode = "two_batch"
-        if mode == "per_example":
-            missing = [n for n, m in zip(self.slots, linear) if m is None]
+        found = [per_example_layer(named, n) for n in self.slots]
+        missing = [n for n, f in zip(self.slots, found) if f is None]
+        types = _types(named, missing)
+        two_batch = self._two_batch_ok(trainer, pl_module)
+        choice = f"CriticalBatchSizeMonitor(estimator={self.estimator!r})"
+        if self.estimator == "layernorm":
+            if not norms:
+                raise MisconfigurationException(
+                    f"{choice}: the model has no nn.LayerNorm or nn.RMSNorm with a gain or bias. "
+                    + self._advice(trainer, pl_module, found, norms, "instead")
+                )
+            self._use_norms(named, norms)
+            return
+        if self.estimator == "two_batch":
+            if two_batch is not None:
+                raise MisconfigurationException(
+                    f"{choice}: {two_batch}. " + self._advice(trainer, pl_module, found, norms, "instead")
+                )
+            self._use_layers("two_batch", found)
+            return
+        if self.estimator == "per_example":
             if len(missing) == len(self.slots):
                 raise MisconfigurationException(
-                    "CriticalBatchSizeMonitor: per-example norms need nn.Linear weights and none of the monitored "
-                    f"layers {self.slots} is one; use estimator='two_batch' (with accumulation or DDP)."
+                    f"{choice}: none of the monitored layers has a per-example form ({types}; {_SUPPORTED} have "
+                    "one). " + self._advice(trainer, pl_module, found, norms, "instead")
                 )
             if missing:
                 rank_zero_warn(
-                    f"CriticalBatchSizeMonitor: no per-example estimate for {missing} (not nn.Linear weights)"
+                    f"{choice}: no per-example estimate for {missing} ({types}: no per-example form); they are left "
+                    "out. " + self._advice(trainer, pl_module, found, norms, "cover", missing)
                 )
+            self._use_layers("per_example", found)
+            return
+        # "auto", the default: say what it chose whenever it is not the per-example form of every layer
+        auto = "CriticalBatchSizeMonitor(estimator='auto', the default)"
+        if not missing:
+            self._use_layers("per_example", found)
+        elif two_batch is None:
+            rank_zero_info(
+                f"{auto} chose 'two_batch': {missing} ({types}) have no per-example form, and this Trainer "
+                f"accumulates {trainer.accumulate_grad_batches} micro-batches over {trainer.world_size} process(es)."
+            )
+            self._use_layers("two_batch", found)
+        elif len(missing) < len(self.slots):
+            rank_zero_warn(
+                f"{auto} chose 'per_example' for the layers that have a per-example form; {missing} ({types}) have "
+                f"none and get no estimate, because 'two_batch', which covers every layer, cannot run here: "
+                f"{two_batch}. " + self._advice(trainer, pl_module, found, norms, "cover", missing)
+            )
+            self._use_layers("per_example", found)
+        elif norms:
+            rank_zero_warn(
+                f"{auto} chose 'layernorm' (the model's {len(norms)} affine norms, no per-matrix B_crit): none of "
+                f"the monitored layers has a per-example form ({types}), and 'two_batch' cannot run here: "
+                f"{two_batch}. " + self._advice(trainer, pl_module, found, [], "cover", missing)
+            )
+            self._use_norms(named, norms)
+        else:
+            rank_zero_warn(
+                f"{auto} measures nothing: none of the monitored layers has a per-example form ({types}), the "
+                f"model has no affine norms, and 'two_batch' cannot run here: {two_batch}. "
+                + self._advice(trainer, pl_module, found, [], "cover", missing)
+            )
+            self.mode, self._modules, self._kinds = "off", [], []
+
+    def _use_layers(self, mode: str, found: list[tuple[nn.Module, str] | None]) -> None:
         self.mode = mode
-        self._modules = linear
+        self._modules = [f[0] if f is not None else None for f in found]
+        self._kinds = [f[1] if f is not None else None for f in found]
+
+    def _use_norms(self, named: dict[str, nn.Module], norms: list[str]) -> None:
+        self.mode, self.slots = "layernorm", list(norms)
+        self._modules, self._kinds = [named[n] for n in norms], ["norm"] * len(norms)
+
+    def _advice(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        found: list[tuple[nn.Module, str] | None],
+        norms: list[str],
+        goal: str,
+        missing: Sequence[str] = (),
+    ) -> str:
+        """One thing that works when followed: ``goal="instead"`` (an estimator that runs here) or
+        ``"cover"`` (what measures the ``missing`` layers too, else how to silence the warning)."""
+        two_batch = self._two_batch_ok(trainer, pl_module)
+        fixable = isinstance(trainer.strategy, ModelParallelStrategy) is False and pl_module.automatic_optimization
+        if goal == "cover":
+            if two_batch is None:  # only with estimator='per_example': 'auto' would have picked it
+                return "To measure them too, use estimator='two_batch', which covers every layer on this Trainer."
+            if fixable and not _has_accumulation_scheduler(trainer):
+                if self.estimator == "auto":
+                    return (
+                        "To measure them too, pass Trainer(accumulate_grad_batches=2): 'auto' then picks 'two_batch', "
+                        "which covers every layer."
+                    )
+                return (
+                    "To measure them too, use estimator='two_batch' with Trainer(accumulate_grad_batches=2), which "
+                    "covers every layer."
+                )
+            if len(missing) == len(found):
+                return "Nothing can measure these layers on this Trainer: remove the monitor to silence this warning."
+            return f"To measure only the others without this warning, pass exclude={list(missing)}."
+        if any(f is not None for f in found):
+            return "Use estimator='per_example' (or the default 'auto'), which measures these layers on any Trainer."
+        if two_batch is None:
+            return "Use estimator='two_batch', which runs on this Trainer."
+        if norms:
+            return "Use estimator='layernorm' (the model's affine norms), which runs on any Trainer."
+        if fixable and not _has_accumulation_scheduler(trainer):
+            return "Use estimator='two_batch' with Trainer(accumulate_grad_batches=2)."
+        return "Use estimator='auto' (the default), which warns and measures nothing for this model and Trainer."
 
     # -------------------------------------------------------------- hooks (measured steps only)
     def _measured(self, step: int) -> bool:
@@ -247,7 +332,7 @@ class CriticalBatchSizeMonitor(MonitorCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if not self._measured(step):
+        if self.mode == "off" or not self._measured(step):
             return
         if self._window != step:  # first micro-batch of this step: fresh accumulators
             self._window = step
@@ -257,14 +342,16 @@ class CriticalBatchSizeMonitor(MonitorCallback):
             self._calls, self._examples = torch.zeros(n, device=device), torch.zeros(n, device=device)
             self._micro_sizes = []
         self._micro_sizes.append(self.batch_size or extract_batch_size(batch) if self.mode == "two_batch" else 0)
-        if self._handles:
+        if self._handles or self.mode == "off":
             return
         if self.mode == "two_batch":
             params = self.params(pl_module)
             self._handles = [params[n].register_hook(self._param_hook(i)) for i, n in enumerate(self.slots)]
         else:
             self._handles = [
-                m.register_forward_hook(self._forward_hook(i)) for i, m in enumerate(self._modules) if m is not None
+                m.register_forward_hook(self._forward_hook(i))
+                for i, m in enumerate(self._modules)
+                if m is not None and i not in self._failed
             ]
 
     def _param_hook(self, i: int):
@@ -285,19 +372,18 @@ class CriticalBatchSizeMonitor(MonitorCallback):
 
     @torch.no_grad()
     def _record(self, i: int, module: nn.Module, x: Tensor, g: Tensor) -> None:
-        if self.mode == "layernorm":
-            eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
-            norms = norm_grad_norms(
-                x,
-                g,
-                len(module.normalized_shape),
-                eps,
-                rms=isinstance(module, nn.RMSNorm),
-                weight=getattr(module, "weight", None) is not None,
-                bias=getattr(module, "bias", None) is not None,
+        if i in self._failed:
+            return
+        try:
+            norms = _per_example_norms(self._kinds[i], module, x, g, self.method)
+        except Exception as err:  # never stop training: this layer is left out from now on
+            self._failed.add(i)
+            rank_zero_warn(
+                f"CriticalBatchSizeMonitor: the per-example norms of {self.slots[i]!r} ({type(module).__name__}) "
+                f"failed ({type(err).__name__}: {err}); it gets no estimate from now on. To skip it without this "
+                f"warning, pass exclude=[{self.slots[i]!r}]."
             )
-        else:
-            norms = linear_grad_norms(x, g, self.method)
+            return
         B = norms.per_example_sq.shape[0]
         self._small[i] += B * B * norms.per_example_sq.mean()  # |g_i|^2 with g_i = B c_i: one example's gradient
         self._big[i] += norms.batch_sq  # the micro-batch mean gradient, sum_i c_i
@@ -461,11 +547,84 @@ class CriticalBatchSizeMonitor(MonitorCallback):
         self.last["b_simple"] = self.b_simple()
 
 
-def _linear_module(named: dict[str, nn.Module], param_name: str) -> nn.Linear | None:
-    """The ``nn.Linear`` whose ``weight`` is ``param_name``, else None."""
+_SUPPORTED = "nn.Linear, nn.Conv1d/2d/3d, Hugging Face Conv1D and nn.Embedding weights"
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def per_example_layer(named: dict[str, nn.Module], param_name: str) -> tuple[nn.Module, str] | None:
+    """``(module, kind)`` when parameter ``param_name`` is a weight with a per-example norm form
+    (kind ``"linear"``, ``"conv"`` or ``"embedding"``), else None.
+
+    A conv subclass with its own ``forward`` (e.g. one that pads dynamically) is not trusted to
+    compute what its attributes say, nor an embedding that rescales its gradient by frequency.
+
+    Example:
+        >>> named = dict(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ConvTranspose2d(4, 4, 2)).named_modules())
+        >>> per_example_layer(named, "0.weight")[1], per_example_layer(named, "1.weight")
+        ('conv', None)
+    """
     owner, _, attr = param_name.rpartition(".")
     module = named.get(owner)
-    return module if isinstance(module, nn.Linear) and attr == "weight" else None
+    if attr != "weight" or module is None:
+        return None
+    if isinstance(module, nn.Linear) or is_transposed_linear(module):
+        return module, "linear"
+    if isinstance(module, _CONVS) and type(module).forward in tuple(c.forward for c in _CONVS):
+        return module, "conv"
+    plain_embedding = isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward
+    if plain_embedding and not (module.scale_grad_by_freq or module.sparse):
+        return module, "embedding"
+    return None
+
+
+def _per_example_norms(kind: str, module: nn.Module, x: Tensor, g: Tensor, method: str) -> PerExampleNorms:
+    if kind == "norm":
+        eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
+        return norm_grad_norms(
+            x,
+            g,
+            len(module.normalized_shape),
+            eps,
+            rms=isinstance(module, nn.RMSNorm),
+            weight=getattr(module, "weight", None) is not None,
+            bias=getattr(module, "bias", None) is not None,
+        )
+    if kind == "conv":
+        return conv_grad_norms(
+            x,
+            g,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            padding_mode=module.padding_mode,
+            method=method,
+        )
+    if kind == "embedding":
+        return embedding_grad_norms(x, g, module.padding_idx)
+    return linear_grad_norms(x, g, method)
+
+
+def _norm_modules(named: dict[str, nn.Module]) -> list[str]:
+    return [
+        n
+        for n, m in named.items()
+        if isinstance(m, _NORMS) and (getattr(m, "weight", None) is not None or getattr(m, "bias", None) is not None)
+    ]
+
+
+def _types(named: dict[str, nn.Module], names: Sequence[str]) -> str:
+    """``"ConvTranspose2d: up.weight"``-style summary of the layer types of ``names``."""
+    by_type: dict[str, list[str]] = {}
+    for n in names:
+        module = named.get(n.rpartition(".")[0])
+        by_type.setdefault(type(module).__name__ if module is not None else "a bare parameter", []).append(n)
+    return "; ".join(f"{t}: {len(ns)} layer(s)" for t, ns in by_type.items()) or "no layer"
+
+
+def _has_accumulation_scheduler(trainer: pl.Trainer) -> bool:
+    return any(isinstance(c, GradientAccumulationScheduler) for c in trainer.callbacks)
 
 
 def _sq_norm(grad: Tensor | None, like: Tensor) -> Tensor:

@@ -3,8 +3,10 @@
 * :mod:`.spectral`: singular values, stable rank, spectral entropy, frame misalignment ``sin Theta``
   and the basis-free ``delta_P``; batched over leading dims;
 * :mod:`.critical_batch`: the gradient noise scale ``B_simple`` and Muon's ``B_crit``;
-* :mod:`.per_example`: per-example gradient norms from a layer's activations and output gradients;
-* :mod:`.attention`: each head's largest attention logit, and which rows of the weights are whose.
+* :mod:`.per_example`: per-example gradient norms from a layer's activations and output gradients
+  (Linear, conv, Hugging Face Conv1D, embedding, norm layers);
+* :mod:`.attention`: each head's largest attention logit, and which rows of the weights are whose;
+* :mod:`.hf_attention`: that protocol for Hugging Face attention modules (without importing transformers).
 """
 
 from .attention import (
@@ -19,7 +21,15 @@ from .attention import (
     qk_attention,
 )
 from .critical_batch import CriticalBatch, NoiseScale, muon_critical_batch_size, noise_scale, polar_sensitivity
-from .per_example import PerExampleNorms, linear_grad_norms, norm_grad_norms, per_example_noise_scale
+from .hf_attention import HFConv1DQK, HFProjectionsQK, hf_qk_attention
+from .per_example import (
+    PerExampleNorms,
+    conv_grad_norms,
+    embedding_grad_norms,
+    linear_grad_norms,
+    norm_grad_norms,
+    per_example_noise_scale,
+)
 from .spectral import (
     delta_p,
     effective_rank,
@@ -36,6 +46,8 @@ from .spectral import (
 
 __all__ = [
     "CriticalBatch",
+    "HFConv1DQK",
+    "HFProjectionsQK",
     "MultiheadAttentionQK",
     "NoiseScale",
     "PerExampleNorms",
@@ -43,12 +55,15 @@ __all__ = [
     "QKObserver",
     "QKScaling",
     "attention_logit_max",
+    "conv_grad_norms",
     "delta_p",
     "effective_rank",
+    "embedding_grad_norms",
     "find_qk_attention",
     "frames_sin_theta",
     "fused_qkv_project",
     "fused_qkv_rows",
+    "hf_qk_attention",
     "linear_grad_norms",
     "muon_critical_batch_size",
     "noise_scale",
