@@ -18,14 +18,26 @@ from .attention import (
     fused_qkv_rows,
     qk_attention,
 )
-from .critical_batch import CriticalBatch, NoiseScale, muon_critical_batch_size, noise_scale, polar_sensitivity
+from .critical_batch import (
+    CRITICAL_BATCH_METHODS,
+    CriticalBatch,
+    NoiseScale,
+    momentum_noise_factor,
+    muon_critical_batch_size,
+    noise_scale,
+    polar_deficits,
+    polar_perturbation,
+    polar_sensitivity,
+)
 from .per_example import PerExampleNorms, linear_grad_norms, norm_grad_norms, per_example_noise_scale
 from .spectral import (
     delta_p,
+    delta_p_chance,
     effective_rank,
     frames_sin_theta,
     polar_misalignment,
     sin_theta,
+    sin_theta_chance,
     singular_values,
     spectral_entropy,
     spectrum_entropy,
@@ -35,6 +47,7 @@ from .spectral import (
 )
 
 __all__ = [
+    "CRITICAL_BATCH_METHODS",
     "CriticalBatch",
     "MultiheadAttentionQK",
     "NoiseScale",
@@ -44,20 +57,25 @@ __all__ = [
     "QKScaling",
     "attention_logit_max",
     "delta_p",
+    "delta_p_chance",
     "effective_rank",
     "find_qk_attention",
     "frames_sin_theta",
     "fused_qkv_project",
     "fused_qkv_rows",
     "linear_grad_norms",
+    "momentum_noise_factor",
     "muon_critical_batch_size",
     "noise_scale",
     "norm_grad_norms",
     "per_example_noise_scale",
+    "polar_deficits",
     "polar_misalignment",
+    "polar_perturbation",
     "polar_sensitivity",
     "qk_attention",
     "sin_theta",
+    "sin_theta_chance",
     "singular_values",
     "spectral_entropy",
     "spectrum_entropy",
