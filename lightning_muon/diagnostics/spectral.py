@@ -300,7 +300,7 @@ def delta_p_chance(m: int, n: int) -> float:
 
     Example:
         >>> round(delta_p_chance(20, 20), 3), round(delta_p_chance(64, 256), 3)
-        (0.308, 0.093)
+        (0.308, 0.132)
     """
     _check_sides(m, n, "delta_p_chance")
     return (math.sqrt(m - 1) + math.sqrt(n - 1)) / math.sqrt(2 * m * n)
@@ -329,7 +329,7 @@ def sin_theta_chance(m: int, n: int, k: int, side: str = "max") -> float:
 
     Example:
         >>> round(sin_theta_chance(20, 20, 2, side="left"), 3), round(sin_theta_chance(20, 20, 2), 3)
-        (1.336, 1.366)
+        (1.341, 1.367)
     """
     _check_sides(m, n, "sin_theta_chance")
     if side not in _SIDES:
