@@ -239,7 +239,9 @@ class CriticalBatch(NamedTuple):
     ``rank``: singular values of the mean gradient used (above the noise edge); ``sigma2``: the
     per-entry, per-example gradient noise; ``sensitivity``: the spectrum's sensitivity to noise
     (``1 / gradient^2`` units, see :func:`muon_critical_batch_size`); ``noise_factor``: the
-    momentum factor (:func:`momentum_noise_factor`, stationary).
+    momentum factor (:func:`momentum_noise_factor`, stationary); ``nuclear_norm``: ``||mu||_*`` of
+    the singular values used (after the noise correction), the weight of this matrix in a
+    model-level estimate.
     """
 
     b_crit: Tensor
@@ -247,6 +249,7 @@ class CriticalBatch(NamedTuple):
     sigma2: Tensor
     sensitivity: Tensor
     noise_factor: Tensor
+    nuclear_norm: Tensor
 
 
 def muon_critical_batch_size(
@@ -342,5 +345,10 @@ def muon_critical_batch_size(
     b = factor * var * sensitivity
     cast = lambda t: t.to(out_dtype)  # noqa: E731
     return CriticalBatch(
-        cast(b), cast(rank), cast(var.expand_as(b)), cast(sensitivity), cast(torch.full_like(b, factor))
+        cast(b),
+        cast(rank),
+        cast(var.expand_as(b)),
+        cast(sensitivity),
+        cast(torch.full_like(b, factor)),
+        cast(s.sum(-1)),
     )
