@@ -103,13 +103,13 @@ def fig4(out: Path, quick: bool = False) -> Section:
     bc_rows = []
     for name, s in spectra(rc).items():
         mu = with_spectrum(s, seed=3)
-        closed = float(muon_critical_batch_size(mu, sigma2).b_crit)
+        closed = float(muon_critical_batch_size(mu, sigma2, method="paper").b_crit)  # Theorem 4: 2 sigma^2 S / r
         B = 1e4 * closed  # deep in the linear regime
         mc = B * polar_mse(mu, (sigma2 / B) ** 0.5, samples, seed=5) / rc
         bc_rows.append((name, closed, mc))
     # relative error vs batch for one spectrum: where linearisation holds and where it saturates
     mu_lin = with_spectrum(spectra(rc)["linear 1 -> 0.1"], seed=3)
-    bc_lin = float(muon_critical_batch_size(mu_lin, sigma2).b_crit)
+    bc_lin = float(muon_critical_batch_size(mu_lin, sigma2, method="paper").b_crit)
     Bs = [bc_lin * f for f in (0.1, 0.3, 1, 3, 10, 100)]
     rel = [polar_mse(mu_lin, (sigma2 / B) ** 0.5, samples // 4, seed=11) / rc for B in Bs]
 

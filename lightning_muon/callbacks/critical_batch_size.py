@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from ..diagnostics.critical_batch import NoiseScale, muon_critical_batch_size, noise_scale
+from ..diagnostics.critical_batch import NoiseScale, momentum_noise_factor, muon_critical_batch_size, noise_scale
 from ..diagnostics.per_example import (
     LINEAR_METHODS,
     PerExampleNorms,
@@ -25,13 +25,39 @@ from ..diagnostics.per_example import (
     linear_grad_norms,
     norm_grad_norms,
 )
+from ..parallel.dtensor import full
 from ..routing.layers import is_transposed_linear
 from ..validation import check_choice, check_number, check_positive_int
-from .base import MonitorCallback, aggregates
-from .cache import CacheRequest, SpectralCache, step_cache
+from .base import MonitorCallback, aggregates, finite
+from .cache import CacheRequest, SpectralCache, step_cache, view_keys
 
 ESTIMATORS = ("auto", "per_example", "layernorm", "two_batch")
 _NORMS = (nn.LayerNorm, nn.RMSNorm)
+#: where :func:`tokens_per_example` looks for the sequence length, after ``pl_module.tokens_per_example``
+TOKEN_HPARAMS = ("tokens_per_example", "sequence_length", "seq_len", "block_size", "context_length", "max_seq_length")
+
+
+def tokens_per_example(pl_module: nn.Module) -> int | None:
+    """The tokens of one example (a sequence), if the module says: its ``tokens_per_example``
+    attribute, else the first of :data:`TOKEN_HPARAMS` in its ``hparams``; None when neither is an
+    integer > 1 (the monitors then log examples only).
+
+    Example:
+        >>> import lightning as L
+        >>> class LM(L.LightningModule):
+        ...     def __init__(self, block_size=256):
+        ...         super().__init__()
+        ...         self.save_hyperparameters()
+        >>> tokens_per_example(LM()), tokens_per_example(L.LightningModule())
+        (256, None)
+    """
+    value = getattr(pl_module, "tokens_per_example", None)
+    if value is None:
+        hparams = getattr(pl_module, "hparams", None) or {}
+        value = next((hparams[k] for k in TOKEN_HPARAMS if k in hparams), None)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 1:
+        return None
+    return value
 
 
 class CriticalBatchSizeMonitor(MonitorCallback):
@@ -61,7 +87,9 @@ class CriticalBatchSizeMonitor(MonitorCallback):
       ``"auto"`` never stops ``fit``.
 
     **Units.** Examples are the rows of the batch: a sequence is one example, its tokens are summed
-    over. For a batch size in tokens multiply the logged values by the sequence length ``T``.
+    over. When the LightningModule knows its sequence length (:func:`tokens_per_example`: a
+    ``tokens_per_example`` attribute, or ``block_size``/``seq_len``/... in its hparams) the
+    model-level estimates are also logged in tokens (``b_simple_tokens``, ``b_crit_tokens``).
 
     **Cost.** Hooks are registered only for the micro-batches of a measured step (every
     ``sample_every_n_steps`` steps, default ``every_n_steps``) and removed after it. Per-example
@@ -71,18 +99,31 @@ class CriticalBatchSizeMonitor(MonitorCallback):
     Each measured step gives the two unbiased pieces (small- and large-batch squared norms, reduced
     across processes: every rank holds the same values); they are smoothed by bias-corrected EMAs
     (decay ``ema`` per measurement) and their ratio is taken at logging steps. Logged (tags under
-    ``critical_batch_size/``):
+    ``critical_batch_size/``; a value that is undefined at a step is left out, never NaN):
 
     * ``b_simple``, ``grad_sq``, ``trace_sigma`` over all measured layers, and
       ``b_simple/<name>``: McCandlish et al.'s B_simple = tr(Sigma) / |G|^2, in examples. It is the
       SGD-geometry estimate: the batch size beyond which SGD's steps stop getting better with more
       data. It means something once training has left the initial transient and |G|^2 is well
-      above its noise (a difference: early or near convergence it can be negative: NaN).
-    * ``b_crit/<param name>`` with its inputs ``rank/``, ``sigma2/`` and ``sensitivity/`` (not with
-      ``"layernorm"``): the paper's Muon-specific B_crit = 2 sigma^2 S(mu) / r * (1 - beta) / (1 + beta),
-      with sigma^2 = tr(Sigma_layer) / (m n), mu the optimizer's gradient (singular values below the
-      noise edge ``sqrt(sigma^2 / B) (sqrt m + sqrt n)`` dropped, B the global batch) and beta Muon's
-      momentum (0 for other optimizers). Small singular values dominate S: read it with r and S.
+      above its noise; while either smoothed piece is <= 0 (noise-dominated, or a layer whose
+      gradient is exactly zero) ``b_simple`` is not logged (``grad_sq`` and ``trace_sigma`` are,
+      as measured).
+    * ``b_crit`` (model level) and ``b_crit/<key>`` per matrix of the optimizer's view of each
+      parameter (``<key>``: the name, or ``<name>/<label>`` for each expert of a stack or each
+      q/k/v block or head, as in :class:`StableRankMonitor`), with ``b_crit/{mean,min,max}``, in
+      examples: Muon's critical batch size, the batch at which gradient noise halves the progress
+      of Muon's step (:func:`lightning_muon.muon_critical_batch_size`, saturating form; derivation
+      in ``docs/muon-theory.md``). Per matrix ``b_crit = momentum_factor * sigma2 * sensitivity``,
+      with the inputs ``rank/<key>`` (singular values above the noise edge), ``sensitivity/<key>``,
+      ``sigma2/<name>`` (= tr(Sigma_layer) / numel: the noise is taken uniform over a parameter's
+      matrices) and ``momentum_factor/<group>`` (:func:`lightning_muon.momentum_noise_factor`,
+      stationary, Nesterov or EMA as the group says; 1 for non-Muon optimizers). The mean gradient
+      is the direction Muon orthogonalises (its momentum, Nesterov or not, divided by the sum of
+      its weights; the gradient for other optimizers), whose noise at step ``t`` is the momentum
+      factor after ``t`` gradients over the global batch. The model-level ``b_crit`` weights each
+      matrix by the nuclear norm of its mean gradient (one learning rate for all). A matrix with
+      nothing above the noise (``rank`` 0: noise-dominated at this batch) logs no ``b_crit``.
+      Not with ``"layernorm"``.
 
     **Manual optimization** works with ``"per_example"`` / ``"layernorm"``: step through the
     ``LightningOptimizer`` (``self.optimizers().step()``, which runs ``on_before_optimizer_step``).
@@ -123,14 +164,16 @@ class CriticalBatchSizeMonitor(MonitorCallback):
     prefix = "critical_batch_size/"
     charts = {
         "B_simple (SGD noise scale)": r"^critical_batch_size/b_simple",
-        "Muon B_crit": r"^critical_batch_size/b_crit/",
+        "Muon B_crit": r"^critical_batch_size/b_crit(/|$)",
         "global batch vs B_simple and B_crit": (
-            r"^(batch_size/global|critical_batch_size/b_simple|critical_batch_size/b_crit/mean)$"
+            r"^(batch_size/global|critical_batch_size/b_simple|critical_batch_size/b_crit)$"
         ),
+        "in tokens": r"^critical_batch_size/(b_simple|b_crit)_tokens$",
         "inputs: |G|^2, tr Sigma": r"^critical_batch_size/(grad_sq|trace_sigma)$",
-        "inputs: rank r": r"^critical_batch_size/rank/",
+        "inputs: rank above the noise edge": r"^critical_batch_size/rank/",
         "inputs: sigma^2": r"^critical_batch_size/sigma2/",
-        "inputs: S(mu)": r"^critical_batch_size/sensitivity/",
+        "inputs: sensitivity": r"^critical_batch_size/sensitivity/",
+        "inputs: momentum factor": r"^critical_batch_size/momentum_factor/",
     }
     state_attributes = ("ema_small", "ema_big", "ema_steps", "b_small", "b_big", "ema_counts")
     optional_state = ("ema_counts",)  # checkpoints from before per-slot counts: derived from ema_steps
@@ -201,7 +244,7 @@ class CriticalBatchSizeMonitor(MonitorCallback):
 
     @override
     def cache_requests(self) -> list[CacheRequest]:
-        return [self.request("grad", "spectrum")] if self.estimator != "layernorm" else []
+        return [self.request("mean_gradient", "spectrum")] if self.estimator != "layernorm" else []
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -423,8 +466,8 @@ class CriticalBatchSizeMonitor(MonitorCallback):
         if self.takes_part(trainer, params):  # FSDP2: every rank takes part in the gradient gathers
             optimizer = getattr(optimizer, "optimizer", optimizer)
             metrics = self._metrics(trainer, params, optimizer, step_cache(trainer, step))
-            self.last["b_crit"] = metrics.get(f"{self.prefix}b_crit/mean", float("nan"))
-            self.log_metrics(trainer, metrics)
+            self.last["b_crit"] = metrics.get(f"{self.prefix}b_crit", float("nan"))
+            self.log_metrics(trainer, finite(metrics))
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Turn this step's accumulators into small/large-batch squared norms; update the EMAs."""
@@ -506,35 +549,59 @@ class CriticalBatchSizeMonitor(MonitorCallback):
                 metrics[f"{p}b_simple/{n}"] = _ratio(NoiseScale(*(x[i] for x in per_slot)))
         if self.mode == "layernorm":
             return metrics
-        # Muon's B_crit: the optimizer's gradient (global batch) and the per-example noise per entry
+        # Muon's B_crit per matrix: the direction the optimizer orthogonalises, the per-example noise per entry
         global_batch = B if self.mode == "two_batch" else B * trainer.accumulate_grad_batches * trainer.world_size
         groups = {id(q): g for g in optimizer.param_groups for q in g["params"]}
+        views = self.matrix_views(trainer.lightning_module, optimizer, params)
         names = [n for i, n in enumerate(self.slots) if valid[i] and params[n].grad is not None]
-        for n in names:
-            cache.matrix("grad", n, params[n].grad)  # a gather under FSDP2: every rank
+        noise: dict[str, tuple[float, bool, float]] = {}  # name -> (beta, nesterov, factor of the mean's noise)
+        for n in names:  # a gather under FSDP2: every rank
+            mean, noise[n] = _mean_gradient(params[n], groups.get(id(params[n]), {}), optimizer, trainer.global_step)
+            cache.matrices("mean_gradient", n, mean, views[n])
         if not trainer.is_global_zero:
             return {}
-        spectra = cache.spectra("grad", names)
-        b_crit: dict[str, float] = {}
         index = {n: i for i, n in enumerate(self.slots)}
+        buckets: dict[tuple, list[tuple[str, str]]] = {}  # (shape, beta, nesterov) -> [(key, name)]
         for n in names:
-            G = cache.matrix("grad", n)
+            beta, nesterov, _ = noise[n]
+            for key in view_keys(n, views[n], tuple(params[n].shape)):
+                shape = tuple(cache.matrix("mean_gradient", key).shape)
+                buckets.setdefault((shape, beta, nesterov), []).append((key, n))
+            metrics[f"{p}sigma2/{n}"] = float(per_slot.trace_sigma[index[n]]) / params[n].numel()
             group = groups.get(id(params[n]), {})
-            beta = group.get("momentum", 0.0) if group.get("use_muon") else 0.0
-            sigma2 = per_slot.trace_sigma[index[n]] / G.numel()
+            if group.get("use_muon"):
+                metrics[f"{p}momentum_factor/{group.get('name', 'muon')}"] = momentum_noise_factor(beta, nesterov)
+        b_crit: dict[str, float] = {}
+        weight: dict[str, float] = {}
+        for (_, beta, nesterov), members in buckets.items():
+            keys = [key for key, _ in members]
+            spectra = cache.spectra("mean_gradient", keys)
+            sigma2 = torch.tensor([float(per_slot.trace_sigma[index[n]]) / params[n].numel() for _, n in members])
+            batch = torch.tensor([global_batch / noise[n][2] for _, n in members])
             est = muon_critical_batch_size(
-                G, sigma2, momentum=beta, batch_size=global_batch, singular_values_=spectra[n]
+                torch.stack([cache.matrix("mean_gradient", key) for key in keys]),
+                sigma2.clamp_min(0),
+                momentum=beta,
+                nesterov=nesterov,
+                batch_size=batch,
+                singular_values_=torch.stack([spectra[key] for key in keys]),
             )
-            b_crit[f"{p}b_crit/{n}"] = _num(est.b_crit)
-            metrics.update(
-                {
-                    f"{p}rank/{n}": _num(est.rank),
-                    f"{p}sigma2/{n}": _num(est.sigma2),
-                    f"{p}sensitivity/{n}": _num(est.sensitivity),
-                }
-            )
+            for j, key in enumerate(keys):
+                metrics[f"{p}rank/{key}"] = float(est.rank[j])
+                metrics[f"{p}sensitivity/{key}"] = _num(est.sensitivity[j])
+                value = _num(est.b_crit[j])
+                if math.isfinite(value) and sigma2[j] > 0:
+                    b_crit[f"{p}b_crit/{key}"], weight[key] = value, float(est.nuclear_norm[j])
         metrics.update(b_crit)
         metrics.update(aggregates(f"{p}b_crit", b_crit))
+        total = sum(weight.values())
+        if total > 0:
+            metrics[f"{p}b_crit"] = sum(weight[k] * b_crit[f"{p}b_crit/{k}"] for k in weight) / total
+        tokens = tokens_per_example(trainer.lightning_module)
+        if tokens is not None:
+            for tag in ("b_simple", "b_crit"):
+                if math.isfinite(metrics.get(f"{p}{tag}", math.nan)):
+                    metrics[f"{p}{tag}_tokens"] = metrics[f"{p}{tag}"] * tokens
         return metrics
 
     @override
@@ -627,6 +694,30 @@ def _has_accumulation_scheduler(trainer: pl.Trainer) -> bool:
     return any(isinstance(c, GradientAccumulationScheduler) for c in trainer.callbacks)
 
 
+def _mean_gradient(
+    param: Tensor, group: dict, optimizer: torch.optim.Optimizer, step: int
+) -> tuple[Tensor, tuple[float, bool, float]]:
+    """The mean-gradient estimate behind Muon's B_crit and the noise it carries.
+
+    For a Muon parameter: the direction the optimizer is about to orthogonalise, ``lerp(buf, g,
+    1 - beta)`` and with Nesterov ``lerp(g, buf', beta)`` (as :func:`lightning_muon.muon_direction`,
+    on copies), divided by the sum of its weights over the gradients so far (``step + 1``, or 1
+    without a buffer yet), so that its noise is ``momentum_noise_factor(beta, nesterov, t)`` times
+    one batch's. Elsewhere the gradient itself (``beta = 0``). Returns ``(mean, (beta, nesterov,
+    factor))``; gathers a DTensor (every rank)."""
+    grad = full(param.grad.detach()).float()
+    if not group.get("use_muon"):
+        return grad, (0.0, False, 1.0)
+    beta, nesterov = float(group.get("momentum", 0.0)), bool(group.get("nesterov", False))
+    buf = optimizer.state.get(param, {}).get("momentum_buffer")
+    t = 1 if buf is None else step + 1
+    buf = torch.zeros_like(grad) if buf is None else full(buf.detach()).float()
+    buf = buf.lerp(grad, 1 - beta)
+    direction = grad.lerp(buf, beta) if nesterov else buf
+    total = 1 - beta ** (t + 1 if nesterov else t)
+    return direction / total, (beta, nesterov, momentum_noise_factor(beta, nesterov, t))
+
+
 def _sq_norm(grad: Tensor | None, like: Tensor) -> Tensor:
     """Squared norm of a gradient (a DTensor's full norm), NaN when there is none."""
     if grad is None:
@@ -635,13 +726,13 @@ def _sq_norm(grad: Tensor | None, like: Tensor) -> Tensor:
 
 
 def _num(x: Tensor | float) -> float:
-    """A float for the loggers; a negative estimate (noise-dominated difference) becomes NaN."""
+    """A float for the loggers; a negative estimate (noise-dominated difference) becomes NaN (not logged)."""
     x = float(x)
     return x if math.isfinite(x) and x >= 0 else float("nan")
 
 
 def _ratio(est: NoiseScale) -> float:
-    """B_simple, or NaN while |G|^2 or tr(Sigma) is estimated <= 0 (noise-dominated)."""
+    """B_simple, or NaN while |G|^2 or tr(Sigma) is estimated <= 0 (noise-dominated; not logged)."""
     if not (float(est.grad_sq) > 0 and float(est.trace_sigma) > 0):
         return float("nan")
     return float(est.b_simple)
