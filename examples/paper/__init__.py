@@ -105,6 +105,14 @@ def main(argv: list[str] | None = None) -> list[Section]:
     ap.add_argument("--dry-run", action="store_true", help="with --full: print the plan and its estimated cost only")
     ap.add_argument("--data", default=None, help="plateau --full: a .bin of uint16 GPT-2 tokens (default: KJV chars)")
     ap.add_argument("--out", type=Path, default=Path("runs/paper"))
+    ap.add_argument("--rebuild", action="store_true", help="run nothing: rebuild the report from --out's sections")
+    ap.add_argument(
+        "--publish",
+        type=Path,
+        default=None,
+        metavar="DOCS",
+        help="also copy the report to DOCS/paper_report.{md,json} and its PNGs to DOCS/img/paper_*.png",
+    )
     ap.add_argument("--workers", type=int, default=2, help="processes for independent runs (default 2)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads in this process (default 1)")
     argv = sys.argv[1:] if argv is None else argv
@@ -114,12 +122,14 @@ def main(argv: list[str] | None = None) -> list[Section]:
         ap.error(f"--only: unknown figure in {keys}; choose from {list(FIGURES)}")
     if args.threads < 1 or args.workers < 1:
         ap.error("--threads and --workers must be >= 1")
+    if args.rebuild and (args.full or args.dry_run or args.quick):
+        ap.error("--rebuild runs nothing: --full, --dry-run and --quick do not apply")
     if (args.full or args.dry_run) and not set(keys) & {"plateau", "vit"}:
         ap.error("--full and --dry-run apply to plateau and vit: add --only plateau (or vit)")
     torch.set_num_threads(args.threads)
     t0, cpu0 = time.perf_counter(), time.process_time()
     options = dict(full=args.full, dry_run=args.dry_run, data=args.data)
-    sections = run_figures(keys, args.out, args.quick, args.workers, **options)
+    sections = [] if args.rebuild else run_figures(keys, args.out, args.quick, args.workers, **options)
     if args.dry_run:
         return sections
     total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
@@ -144,4 +154,22 @@ def main(argv: list[str] | None = None) -> list[Section]:
     )
     path = write_report(sections, args.out, header, list(FIGURES), stamp)
     print(f"[paper] wrote {path} ({total:.0f} s)")
+    if args.publish is not None:
+        publish(args.out, args.publish)
+        print(f"[paper] published to {args.publish}/paper_report.md")
     return sections
+
+
+def publish(out: Path, docs: Path) -> None:
+    """Copy ``out/report.{md,json}`` to ``docs/paper_report.{md,json}`` and every PNG the report
+    shows to ``docs/img/paper_<name>.png``, rewriting the links."""
+    import shutil
+
+    (docs / "img").mkdir(parents=True, exist_ok=True)
+    text = (out / "report.md").read_text()
+    for png in sorted(out.glob("*.png")):
+        if f"]({png.name})" in text:
+            shutil.copyfile(png, docs / "img" / f"paper_{png.name}")
+            text = text.replace(f"]({png.name})", f"](img/paper_{png.name})")
+    (docs / "paper_report.md").write_text(text)
+    shutil.copyfile(out / "report.json", docs / "paper_report.json")

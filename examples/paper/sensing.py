@@ -108,8 +108,8 @@ def fig3_verdicts(large: list[dict], family: dict[str, list[dict]]) -> dict[str,
       95% of the gap a quarter in); partly when it stays above 1.05x and does not shrink.
     * family: reproduced when no seed is within 1% of the minimum and the mean is inside the paper's
       range 1.29-2.02; partly when no seed converges but the mean is outside; else not reproduced.
-    * flattening: Muon's normalised entropy above GD's on every problem and norm-matched GD's end
-      point closer to GD's than to Muon's on every problem.
+    * flattening: Muon's normalised entropy above GD's by more than 0.01 on every problem (the large
+      instance and the square family) and norm-matched GD's end point closer to GD's than to Muon's.
     """
     gaps = [r["gap"] for r in large]
     steady = all(r["gap"] >= 0.95 * r["gap_quarter"] for r in large)
@@ -130,7 +130,7 @@ def fig3_verdicts(large: list[dict], family: dict[str, list[dict]]) -> dict[str,
         else:
             out[reading] = "not reproduced"
     every = large + family.get("square", [])
-    flat = all(r["ent_muon"] > r["ent_gd"] for r in every)
+    flat = all(r["ent_muon"] > r["ent_gd"] + 0.01 for r in every)
     resc = all(r["resc_to_gd"] < r["resc_to_muon"] for r in every)
     out["flatten"] = "reproduced" if flat and resc else "partly" if flat or resc else "not reproduced"
     return out
