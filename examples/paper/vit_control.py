@@ -208,7 +208,7 @@ def vit_control(
             f"photos, {end} steps: best val accuracy Muon {m:.3f} (lr {lm:g}) vs AdamW {a:.3f} (lr {la:g}), "
             "seed ranges "
             f"{sm:.3f} / {sa:.3f}; digits: "
-            + ", ".join(f"step {c}: AdamW wins {v}" for c, v in verdicts.get("digits", {}).items()),
+            + ", ".join(f"AdamW-wins check at step {c}: {v}" for c, v in verdicts.get("digits", {}).items()),
             verdicts["photos"][end],
         )
     ]
