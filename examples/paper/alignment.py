@@ -333,7 +333,7 @@ def fig7(out: Path, quick: bool = False, workers: int = 1) -> Section:
         rows += [
             Row(
                 f"d={d}: W vs G, post-transient median (share < 0.1)",
-                "< 0.1",
+                "< 0.1 post-transient",
                 f"{data[d]['post_median']:.3f} ({100 * frac:.1f}% below 0.1); chance {ch['mean']:.3f} "
                 f"[{ch['q05']:.2f}, {ch['q95']:.2f}]",
                 setting,
@@ -485,7 +485,7 @@ def fig8(out: Path, quick: bool = False, workers: int = 1) -> Section:
         rows += [
             Row(
                 f"d={d}: seeds negative on average in steps 1-{early_end}",
-                "negative on average early",
+                "Negative on average during the early flattening phase",
                 f"{sum(m < 0 for m in early_means)} of {len(early_means)}",
                 setting,
                 str(len(runs[d])),

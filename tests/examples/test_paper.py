@@ -76,6 +76,16 @@ def test_every_quote_is_verbatim_in_the_summary():
             assert re.sub(r"\s+", " ", f) in text, key
 
 
+def test_every_paper_cell_of_the_report_is_a_quote_or_a_dash(report):
+    path = summary_path()
+    if path is None:
+        pytest.skip("the paper's summary (shared/paper/) is not on this machine")
+    text = re.sub(r"\s+", " ", path.read_text())
+    for key, sec in report.items():
+        for row in sec["rows"]:
+            assert row["paper"] == "-" or re.sub(r"\s+", " ", row["paper"]) in text, (key, row["paper"])
+
+
 def test_claims_refuse_unknown_quotes_and_verdicts():
     with pytest.raises(KeyError, match="no quote"):
         quote("fig99")
