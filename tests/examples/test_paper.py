@@ -198,6 +198,12 @@ def test_fig7_paper_claim_below_0_1_post_transient(report):
             assert v["post_frac_below"] >= 0.95, d
 
 
+def test_fig7_holds_in_the_regression_reading(report):
+    # The paper's threshold (< 0.1 post-transient) met in the regression reading (d=10, 3 seeds).
+    v = report["fig7"]["data"]["ablations"]["regression"]
+    assert v["frac_below"] >= 0.95 and v["median"] < 0.1
+
+
 def test_fig7_post_transient_is_inside_the_chance_band(report):
     for d in map(str, CONFIGS):
         v = report["fig7"]["data"][d]
@@ -205,7 +211,7 @@ def test_fig7_post_transient_is_inside_the_chance_band(report):
         assert fig7_verdict(v["post_frac_below"]) == "not reproduced"
 
 
-def test_fig7_recomputed_seed_matches_the_report_and_sits_at_chance():
+def test_fig7_recomputed_seed_sits_at_chance():
     # d=10, seed 0 at the report's horizon: W vs G in the 2nd half is at the chance level, which
     # is sqrt(2 - 4/10) = 1.26 per side for 2-frames in R^10 (the reported value is the larger side).
     p, T = CONFIGS[10]
