@@ -152,6 +152,9 @@ def main(argv: list[str] | None = None) -> list[Section]:
             "",
         ]
     )
+    previous = args.out / "report.md"
+    if args.rebuild and previous.exists() and "## Headline" in previous.read_text():
+        header = previous.read_text().split("## Headline", 1)[0].rstrip("\n") + "\n"  # the last run's header
     path = write_report(sections, args.out, header, list(FIGURES), stamp)
     print(f"[paper] wrote {path} ({total:.0f} s)")
     if args.publish is not None:
