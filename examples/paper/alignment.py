@@ -495,7 +495,9 @@ def fig8(out: Path, quick: bool = False, workers: int = 1) -> Section:
             early_means.append(em)
             late_pos.append(lp)
         ax.axhline(0, color="k", lw=0.8)
-        ax.set(title=f"d={d}: sum_i alpha_i q_i (ours)", xlabel="step", yscale="symlog", xscale="symlog")
+        ax.set(
+            title=f"d={d}: sum_i alpha_i q_i (ours)", xlabel="step", yscale="symlog", xscale="symlog", xlim=(0, None)
+        )
         ax.legend(fontsize=7)
         neg_share = sum(m < 0 for m in early_means) / len(early_means)
         frac = sum(late_pos) / len(late_pos)
@@ -582,13 +584,13 @@ def fig11(out: Path, quick: bool = False, workers: int = 1) -> Section:
     ax_s.plot(r["log_steps"], r["sin_wg"], label="||sin Theta(W, G)||_F")
     ax_s.plot(r["log_steps"], r["dp"], label="delta_P(W, polar(G))")
     ax_s.plot(r["log_steps"], r["dp_chance"], "k:", label="delta_P chance")
-    ax_s.set(title=f"d={d}, seed 0: misalignment", xlabel="step", xscale="symlog")
+    ax_s.set(title=f"d={d}, seed 0: misalignment", xlabel="step", xscale="symlog", xlim=(0, None))
     ax_q.plot(r["aq_steps"], r["aq"], lw=0.5)
-    ax_q.set(title="sum_i alpha_i q_i (ours)", xlabel="step", yscale="symlog", xscale="symlog")
+    ax_q.set(title="sum_i alpha_i q_i (ours)", xlabel="step", yscale="symlog", xscale="symlog", xlim=(0, None))
     steps_a = r["log_steps"][: len(r["alpha"])]
     for j, lab in enumerate(("min", "mean", "max")):
         ax_a.plot(steps_a, [a[j] for a in r["alpha"]], label=f"{lab}_i d sigma_i / lr")
-    ax_a.set(title="per-step singular-value increments / lr_t", xlabel="step", xscale="symlog")
+    ax_a.set(title="per-step singular-value increments / lr_t", xlabel="step", xscale="symlog", xlim=(0, None))
     for ax in (ax_s, ax_a):
         ax.legend(fontsize=7)
     png = save(fig, out / "fig11_diagnostics.png")
@@ -664,7 +666,7 @@ def fig12(out: Path, quick: bool = False, workers: int = 1) -> Section:
             )
         closed = math.sqrt(2 * (d - 1)) / d
         ax.axhline(closed, color="r", lw=0.8, ls="--", label=f"sqrt(2(n-1))/n = {closed:.3f}")
-        ax.set(title=f"d={d}: delta_P over training", xlabel="step", xscale="symlog")
+        ax.set(title=f"d={d}: delta_P over training", xlabel="step", xscale="symlog", xlim=(0, None))
         ax.legend(fontsize=7)
         post = [v for r in runs[d] for v in _second_half(r, "dp")]
         post_c = [v for r in runs[d] for v in _second_half(r, "dp_chance")]
@@ -712,7 +714,7 @@ def fig12(out: Path, quick: bool = False, workers: int = 1) -> Section:
                 "3",
             )
         )
-    ax.set(title="d=10 ablations: delta_P(W, polar(G))", xlabel="step", xscale="symlog")
+    ax.set(title="d=10 ablations: delta_P(W, polar(G))", xlabel="step", xscale="symlog", xlim=(0, None))
     ax.legend(fontsize=7)
     png = save(fig, out / "fig12_delta_p.png")
     claims = [
