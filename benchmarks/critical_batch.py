@@ -480,7 +480,7 @@ def _predict_unit(job: tuple) -> tuple[str, str, dict[str, Any]]:
     task, optimizer, k, seed, ns_dtype, threads = job
     result = predict_one(task, optimizer, k, seed, ns_dtype, threads)
     print(
-        f"  predict {task.name} {optimizer}: {len(result['logged'])} logging steps, {result['wall_s']:.0f} s",
+        f"  predict {task.name} {optimizer}: {len(result['logged']['steps'])} logging steps, {result['wall_s']:.0f} s",
         flush=True,
     )
     return task.name, optimizer, result
