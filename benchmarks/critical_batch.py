@@ -72,6 +72,13 @@ from benchmarks.critical_batch_fit import StepsFit, fit_steps, steps_to_target
 OPTIMIZERS = ("muon", "adamw")
 PHASES = ("measure", "predict", "report", "all")
 
+# The monitor's tags this benchmark records and reads (CriticalBatchSizeMonitor's names; the only
+# place to change if they are renamed: the predict phase keeps every tag under TAG_PREFIX).
+TAG_PREFIX = "critical_batch_size/"
+B_SIMPLE = TAG_PREFIX + "b_simple"
+B_CRIT = TAG_PREFIX + "b_crit"  # model level: the per-matrix values weighted by nuclear norm
+MOMENTUM_FACTOR = TAG_PREFIX + "momentum_factor/"  # + the Muon group's name
+
 
 # ----------------------------------------------------------------------------- the tasks
 
@@ -430,7 +437,7 @@ def predict_one(task: Task, optimizer: str, k: int, seed: int, ns_dtype: str, th
             pass
 
         def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-            row = {t: float(v) for t, v in metrics.items() if t.startswith("critical_batch_size/")}
+            row = {t: float(v) for t, v in metrics.items() if t.startswith(TAG_PREFIX)}
             if row:
                 self.logged.setdefault(int(step), {}).update(row)
 
@@ -537,11 +544,6 @@ class Row:
     b_crit_free_range: list[float] = field(default_factory=lambda: [math.nan, math.nan])
     momentum_factor: float = float("nan")  # the logged factor at that step (1 under AdamW)
     step: float = float("nan")  # the reference run's step at this loss
-
-
-B_SIMPLE = "critical_batch_size/b_simple"
-B_CRIT = "critical_batch_size/b_crit"  # model level: the per-matrix values weighted by nuclear norm
-MOMENTUM_FACTOR = "critical_batch_size/momentum_factor/"  # + the Muon group's name
 
 
 def logged_table(by_step: dict[int, dict[str, float]]) -> dict[str, Any]:
@@ -810,7 +812,15 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if args.phase in ("predict", "all"):
         t1 = time.perf_counter()
         predict(args, results["tasks"])
-        results["meta"]["predict"] = {"date": datetime.date.today().isoformat(), "machine": machine()}
+        results["meta"].pop(
+            "predict_wall_s", None
+        )  # an earlier predict's (files from before meta["predict"]["wall_s"])
+        results["meta"]["predict"] = {
+            "date": datetime.date.today().isoformat(),
+            "machine": machine(),
+            "command": command,
+            "wall_s": round(time.perf_counter() - t1),
+        }
         path.write_text(json.dumps(results))
         print(f"predict: {time.perf_counter() - t1:.0f} s", flush=True)
     rows = report(results["tasks"], args.plot)

@@ -120,7 +120,7 @@ def test_quick_run_end_to_end(tmp_path):
             assert np.allclose([a[s] for s in common], [b[s] for s in common], rtol=1e-5, atol=0)
             # What the monitor logged is kept by step; the GPT's matrices are all nn.Linear, so
             # its per-example B_simple is measured and positive at some logging step.
-            values = [v for _, v in critical_batch.logged_series(predicted, "critical_batch_size/b_simple")]
+            values = [v for _, v in critical_batch.logged_series(predicted, critical_batch.B_SIMPLE)]
             if name == "gpt":
                 assert any(math.isfinite(v) and v > 0 for v in values)
             # The tags the analysis reads exist under these names: the model-level b_crit (not only
@@ -128,8 +128,8 @@ def test_quick_run_end_to_end(tmp_path):
             # form of Muon's stationary Nesterov noise at beta = 0.95 (docs/muon-theory.md 3.3:
             # (1 - b)(1 + 2b - 2b^3)/(1 + b) = 0.0304) and 1 under AdamW (no momentum in the direction).
             logged = predicted["logged"]["values"]
-            assert any(math.isfinite(v) and v > 0 for v in logged["critical_batch_size/b_crit"])
-            factors = [logged[t] for t in logged if t.startswith("critical_batch_size/momentum_factor/")]
+            assert any(math.isfinite(v) and v > 0 for v in logged[critical_batch.B_CRIT])
+            factors = [logged[t] for t in logged if t.startswith(critical_batch.MOMENTUM_FACTOR)]
             beta = 0.95
             expected = (1 - beta) * (1 + 2 * beta - 2 * beta**3) / (1 + beta) if optimizer == "muon" else 1.0
             assert factors and all(
@@ -156,7 +156,7 @@ def test_quick_run_end_to_end(tmp_path):
         logged = results["gpt"]["predict"][r.optimizer]["logged"]
         seen = [
             v
-            for s, v in zip(logged["steps"], logged["values"]["critical_batch_size/b_crit"])
+            for s, v in zip(logged["steps"], logged["values"][critical_batch.B_CRIT])
             if s <= r.step and math.isfinite(v)
         ]
         assert seen and r.b_crit == seen[-1]
