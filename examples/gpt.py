@@ -62,7 +62,11 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         if cfg.n_embd % cfg.n_head:
-            raise ValueError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
+            nearest = max(cfg.n_head, round(cfg.n_embd / cfg.n_head) * cfg.n_head)
+            raise ValueError(
+                f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head}), each head taking n_embd / n_head "
+                f"channels; e.g. --model.n_embd={nearest}"
+            )
         self.n_head = cfg.n_head
         self.head_dim = cfg.n_embd // cfg.n_head
         self.dropout = cfg.dropout
@@ -144,7 +148,10 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         T = idx.shape[1]
         if self.cfg.block_size < T:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")
+            raise ValueError(
+                f"sequence length {T} exceeds block_size {self.cfg.block_size} (the positions the model has); "
+                f"pass the last block_size tokens, idx[:, -{self.cfg.block_size}:]"
+            )
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.h:
@@ -209,7 +216,10 @@ class TokenBlocks(Dataset):
 
     def __init__(self, tokens: np.ndarray, block_size: int) -> None:
         if len(tokens) <= block_size + 1:
-            raise ValueError(f"{len(tokens)} tokens are too few for block_size {block_size}")
+            raise ValueError(
+                f"{len(tokens)} tokens are too few for block_size {block_size} (a window needs block_size + 2); "
+                f"use a longer text, or --model.block_size={max(1, len(tokens) - 2)} or less"
+            )
         self.tokens, self.block_size = tokens, block_size
 
     def __len__(self) -> int:
@@ -329,9 +339,9 @@ class LitGPT(L.LightningModule):
 
 def cli_main(args: list[str] | None = None):
     """LightningCLI over ``LitGPT`` and ``GPTDataModule`` (vocab and block size linked)."""
-    from lightning.pytorch.cli import LightningCLI
+    from examples.common import ExampleCLI
 
-    class GPTCLI(LightningCLI):
+    class GPTCLI(ExampleCLI):
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments("model.block_size", "data.block_size")
             parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")

@@ -46,7 +46,9 @@ __all__ = [
     "SCHEDULES",
     "Problem",
     "Run",
+    "ENSEMBLES",
     "make_problem",
+    "make_regression_problem",
     "train",
     "min_nuclear_norm_interpolant",
     "normalized_spectral_entropy",
@@ -55,6 +57,7 @@ __all__ = [
 ]
 
 METHODS = ("muon_svd", "muon_ns", "gd", "gd_rescaled")
+ENSEMBLES = ("gaussian", "rank_one", "entries")
 SCHEDULES = ("linear", "constant")
 DECAYS = ("decoupled", "coupled")
 
@@ -100,23 +103,83 @@ def nuclear_norm(W: Tensor) -> float:
     return float(torch.linalg.matrix_norm(W, ord="nuc"))
 
 
-def make_problem(n: int = 20, rank: int = 2, p: int = 200, seed: int = 0, *, underdetermined: bool = True) -> Problem:
-    """Target ``X* = L R^T / sqrt(n)`` with Gaussian ``n x rank`` factors; Gaussian ``A_i`` (float64).
+def make_problem(
+    n: int = 20,
+    rank: int = 2,
+    p: int = 200,
+    seed: int = 0,
+    *,
+    underdetermined: bool = True,
+    m: int | None = None,
+    ensemble: str = "gaussian",
+) -> Problem:
+    """Target ``X* = L R^T / sqrt(n)`` (``m x n``, default square) with Gaussian ``m x rank`` and
+    ``n x rank`` factors, observed through ``p`` measurements ``<A_i, X*>`` (float64).
 
-    ``underdetermined=False`` allows ``p >= n*n`` (an identifiable problem whose only interpolant is ``X*``).
+    ``ensemble`` picks the ``A_i``: ``"gaussian"`` (i.i.d. entries), ``"rank_one"`` (``a_i b_i^T``,
+    Gaussian vectors) or ``"entries"`` (``p`` distinct entries of ``X*``, matrix completion).
+    ``underdetermined=False`` allows ``p >= m*n`` (an identifiable problem whose only interpolant
+    is ``X*``). The regression reading of the paper's family is :func:`make_regression_problem`.
     """
-    for name, value in (("n", n), ("rank", rank), ("p", p)):
+    m = n if m is None else m
+    for name, value in (("n", n), ("m", m), ("rank", rank), ("p", p)):
         if value < 1:
             raise ValueError(f"make_problem: {name} must be >= 1, got {value}")
-    if rank > n:
-        raise ValueError(f"make_problem: rank must be <= n, got rank={rank}, n={n}")
-    if underdetermined and p >= n * n:
-        raise ValueError(f"make_problem: p must be < n*n = {n * n} for an underdetermined problem, got {p}")
+    if rank > min(m, n):
+        raise ValueError(f"make_problem: rank must be <= n, got rank={rank}, n={min(m, n)}")
+    if ensemble not in ENSEMBLES:
+        raise ValueError(f"make_problem: ensemble must be one of {ENSEMBLES}, got {ensemble!r}")
+    if underdetermined and p >= m * n:
+        raise ValueError(f"make_problem: p must be < n*n = {m * n} for an underdetermined problem, got {p}")
+    if ensemble == "entries" and p > m * n:
+        raise ValueError(f"make_problem: entry sampling needs p <= m*n = {m * n}, got {p}")
     g = torch.Generator().manual_seed(seed)
-    L = torch.randn(n, rank, generator=g, dtype=torch.float64)
+    L = torch.randn(m, rank, generator=g, dtype=torch.float64)
     R = torch.randn(n, rank, generator=g, dtype=torch.float64)
     target = L @ R.T / math.sqrt(n)
-    A = torch.randn(p, n, n, generator=g, dtype=torch.float64)
+    if ensemble == "gaussian":
+        A = torch.randn(p, m, n, generator=g, dtype=torch.float64)
+    elif ensemble == "rank_one":
+        a = torch.randn(p, m, generator=g, dtype=torch.float64)
+        b = torch.randn(p, n, generator=g, dtype=torch.float64)
+        A = a[:, :, None] * b[:, None, :]
+    else:
+        idx = torch.randperm(m * n, generator=g)[:p]
+        A = torch.zeros(p, m * n, dtype=torch.float64)
+        A[torch.arange(p), idx] = math.sqrt(m * n)  # scaled so that E||A(X)||^2 / p = ||X||_F^2, as for Gaussians
+        A = A.reshape(p, m, n)
+    return Problem(A=A, target=target, y=torch.einsum("pij,ij->p", A, target))
+
+
+def make_regression_problem(
+    outputs: int = 6, features: int = 10, samples: int = 6, rank: int = 2, seed: int = 0
+) -> Problem:
+    """Multi-output linear regression ``W X = Y`` as a sensing problem: ``W`` is ``outputs x
+    features``, ``X`` (``features x samples``) Gaussian data, ``Y = W* X`` with a rank-``rank``
+    ``W* = L R^T / sqrt(features)``. Each entry ``Y_ij = <e_i x_j^T, W*>`` is one measurement, so
+    ``p = outputs * samples`` and the loss is ``||W X - Y||_F^2 / (2 p)``.
+
+    With fewer samples than features it is underdetermined: every interpolant is ``Y X^+ + Z`` with
+    ``Z X = 0``, and ``||Y X^+ + Z||_* >= ||Y X^+||_*`` (``X^+ X`` is a projection), so the minimum-
+    nuclear-norm interpolant is ``Y X^+``, which gradient descent from zero also reaches.
+
+    Example:
+        >>> pr = make_regression_problem(outputs=6, features=10, samples=6, seed=0)
+        >>> tuple(pr.A.shape), tuple(pr.target.shape)
+        ((36, 6, 10), (6, 10))
+    """
+    for name, value in (("outputs", outputs), ("features", features), ("samples", samples), ("rank", rank)):
+        if value < 1:
+            raise ValueError(f"make_regression_problem: {name} must be >= 1, got {value}")
+    if rank > min(outputs, features):
+        raise ValueError(f"make_regression_problem: rank must be <= min(outputs, features), got {rank}")
+    g = torch.Generator().manual_seed(seed)
+    L = torch.randn(outputs, rank, generator=g, dtype=torch.float64)
+    R = torch.randn(features, rank, generator=g, dtype=torch.float64)
+    target = L @ R.T / math.sqrt(features)
+    X = torch.randn(features, samples, generator=g, dtype=torch.float64)
+    eye = torch.eye(outputs, dtype=torch.float64)
+    A = (eye[:, None, :, None] * X.T[None, :, None, :]).reshape(outputs * samples, outputs, features)
     return Problem(A=A, target=target, y=torch.einsum("pij,ij->p", A, target))
 
 
@@ -136,7 +199,7 @@ def train(
     decay: str = "decoupled",
     probes: dict[str, Callable[[Tensor], float]] | None = None,
 ) -> Run:
-    """Train ``W`` from ``init`` (default ``init_scale * N(0, 1/n)``) with one of :data:`METHODS`.
+    """Train ``W`` (the target's shape) from ``init`` (default ``init_scale * N(0, 1/n)``) with one of :data:`METHODS`.
 
     ``lr`` is the initial step length of the Muon-type methods (decayed linearly to 0 over
     ``steps`` with ``schedule="linear"``, held with ``"constant"``); ``gd_lr`` is plain gradient
@@ -154,12 +217,12 @@ def train(
         raise ValueError(f"train: weight_decay must be >= 0, got {weight_decay}")
     if steps < 1 or log_every < 1:
         raise ValueError(f"train: steps and log_every must be >= 1, got steps={steps}, log_every={log_every}")
-    n = problem.target.shape[0]
+    m, n = problem.target.shape
     if init is None:
         g = torch.Generator().manual_seed(seed + 1)
-        W = init_scale * torch.randn(n, n, generator=g, dtype=torch.float64) / math.sqrt(n)
-    elif init.shape != (n, n):
-        raise ValueError(f"train: init must have shape {(n, n)}, got {tuple(init.shape)}")
+        W = init_scale * torch.randn(m, n, generator=g, dtype=torch.float64) / math.sqrt(n)
+    elif init.shape != (m, n):
+        raise ValueError(f"train: init must have shape {(m, n)}, got {tuple(init.shape)}")
     else:
         W = init.to(torch.float64).clone()
     run = Run(method, W, probes={name: [] for name in probes or {}})
@@ -200,10 +263,10 @@ def min_nuclear_norm_interpolant(problem: Problem, solver: str = "CLARABEL") -> 
     """``argmin ||X||_* s.t. <A_i, X> = y_i`` (a semidefinite program, solved with cvxpy)."""
     import cvxpy as cp
 
-    p, n, _ = problem.A.shape
-    X = cp.Variable((n, n))
-    A = problem.A.reshape(p, n * n).numpy()  # row-major, matching reshape(X, order="C")
-    constraints = [A @ cp.reshape(X, (n * n,), order="C") == problem.y.numpy()]
+    p, m, n = problem.A.shape
+    X = cp.Variable((m, n))
+    A = problem.A.reshape(p, m * n).numpy()  # row-major, matching reshape(X, order="C")
+    constraints = [A @ cp.reshape(X, (m * n,), order="C") == problem.y.numpy()]
     cp.Problem(cp.Minimize(cp.normNuc(X)), constraints).solve(solver=solver)
     if X.value is None:
         raise RuntimeError(f"min_nuclear_norm_interpolant: solver {solver} found no solution")

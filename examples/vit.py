@@ -27,13 +27,13 @@ import math
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, OptimizerCallable
+from lightning.pytorch.cli import LightningArgumentParser, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.models import VisionTransformer
 
-from examples.common import configure_optimizer, fully_shard_blocks
+from examples.common import ExampleCLI, configure_optimizer, fully_shard_blocks
 from examples.image_data import ImageDataModule
 from lightning_muon import Muon
 
@@ -125,7 +125,7 @@ class LitViT(L.LightningModule):
         )
 
 
-class ViTCLI(LightningCLI):
+class ViTCLI(ExampleCLI):
     """LightningCLI that sizes the model from the data module's images."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

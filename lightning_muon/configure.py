@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -29,8 +30,9 @@ from .optim.muon import Muon
 from .routing import RoutingRules, muon_param_groups
 from .validation import check_choice, check_number, check_positive_int
 
-__all__ = ["configure_muon", "lr_lambda", "SCHEDULES"]
+__all__ = ["configure_muon", "muon_optimizer", "lr_lambda", "SCHEDULES"]
 
+#: Values of ``schedule``: the LR multiplier after the warmup (constant, or a decay to ``min_lr_ratio``).
 SCHEDULES = ("constant", "cosine", "linear")
 #: The keywords of :func:`configure_muon` that are routing options (the fields of :class:`RoutingRules`).
 ROUTING_OPTIONS = frozenset(f.name for f in dataclasses.fields(RoutingRules))
@@ -70,6 +72,63 @@ def lr_lambda(
     return factor
 
 
+def _is_lightning_module(module: nn.Module) -> bool:
+    """Whether ``module`` is a LightningModule (checked by class name: this module imports no Lightning)."""
+    return any(cls.__name__ == "LightningModule" for cls in type(module).__mro__)
+
+
+def muon_optimizer(
+    module: nn.Module,
+    *,
+    lr: float = 1e-3,
+    optimizer: Callable[[Iterable[Any]], torch.optim.Optimizer] | None = None,
+    warmup_steps: int = 0,
+    max_steps: int | None = None,
+    schedule: str = "constant",
+    min_lr_ratio: float = 0.0,
+    rules: RoutingRules | None = None,
+    verbose: bool = False,
+    **kwargs: Any,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR | None]:
+    """:func:`configure_muon` for a plain PyTorch loop: ``(optimizer, scheduler)``, the scheduler
+    None with the default constant schedule and no warmup. Same arguments; call
+    ``scheduler.step()`` after each ``optimizer.step()``.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+        >>> optimizer, scheduler = muon_optimizer(model, lr=0.02, warmup_steps=10, schedule="cosine", max_steps=100)
+        >>> loss = model(torch.randn(16, 8)).square().mean()
+        >>> loss.backward(); optimizer.step(); scheduler.step()
+        >>> type(optimizer).__name__, round(optimizer.param_groups[0]["lr"], 4)
+        ('Muon', 0.0036)
+    """
+    routing = {k: kwargs.pop(k) for k in list(kwargs) if k in ROUTING_OPTIONS}
+    muon_kwargs = kwargs
+    if schedule != "constant" and max_steps is None:
+        trainer = getattr(module, "_trainer", None)
+        if trainer is None:
+            raise ValueError(
+                f"configure_muon: schedule={schedule!r} needs max_steps (the number of optimizer steps the "
+                "schedule spans), or a module attached to a Trainer; pass max_steps=<total optimizer steps>"
+            )
+        max_steps = int(trainer.estimated_stepping_batches)
+    factor = lr_lambda(schedule, warmup_steps, max_steps, min_lr_ratio)
+    groups = muon_param_groups(module, rules, verbose=verbose, **routing)
+    if optimizer is None:
+        opt: torch.optim.Optimizer = Muon(groups, lr=lr, **muon_kwargs)
+    else:
+        if muon_kwargs:
+            raise ValueError(
+                f"configure_muon: {sorted(muon_kwargs)} cannot be combined with optimizer=...; "
+                "set them on the optimizer callable instead, e.g. optimizer=functools.partial(Muon, momentum=0.9)"
+            )
+        opt = optimizer(groups)
+    if schedule == "constant" and warmup_steps == 0:
+        return opt, None
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
 def configure_muon(
     module: nn.Module,
     *,
@@ -87,8 +146,10 @@ def configure_muon(
 
     Params are routed by :func:`lightning_muon.muon_param_groups` (groups ``muon``, ``adamw``,
     ``adamw_no_decay``, named so LearningRateMonitor logs them apart). With the default constant
-    schedule and no warmup the optimizer itself is returned; otherwise
-    ``{"optimizer": opt, "lr_scheduler": {"scheduler": LambdaLR, "interval": "step"}}``.
+    schedule and no warmup the optimizer itself is returned; otherwise Lightning's
+    ``{"optimizer": opt, "lr_scheduler": {"scheduler": LambdaLR, "interval": "step"}}``, which a
+    plain PyTorch loop cannot step: there use :func:`muon_optimizer` (same arguments, returns
+    ``(optimizer, scheduler)``); for a plain ``nn.Module`` this function warns and says so.
     ``max_steps=None`` with a decaying schedule uses ``module.trainer.estimated_stepping_batches``.
 
     Args:
@@ -100,27 +161,27 @@ def configure_muon(
             ``matrix_rules``, ...), replacing those of ``rules``, and other :class:`Muon` arguments
             (``momentum``, ``adjust_lr``, ``adamw_lr``, ...).
     """
-    routing = {k: kwargs.pop(k) for k in list(kwargs) if k in ROUTING_OPTIONS}
-    muon_kwargs = kwargs
-    if schedule != "constant" and max_steps is None:
-        trainer = getattr(module, "_trainer", None)
-        if trainer is None:
-            raise ValueError(
-                f"configure_muon: schedule={schedule!r} needs max_steps, or a module attached to a Trainer"
-            )
-        max_steps = int(trainer.estimated_stepping_batches)
-    factor = lr_lambda(schedule, warmup_steps, max_steps, min_lr_ratio)
-    groups = muon_param_groups(module, rules, verbose=verbose, **routing)
-    if optimizer is None:
-        opt: torch.optim.Optimizer = Muon(groups, lr=lr, **muon_kwargs)
-    else:
-        if muon_kwargs:
-            raise ValueError(
-                f"configure_muon: {sorted(muon_kwargs)} cannot be combined with optimizer=...; "
-                "set them on the optimizer callable instead"
-            )
-        opt = optimizer(groups)
-    if schedule == "constant" and warmup_steps == 0:
+    opt, scheduler = muon_optimizer(
+        module,
+        lr=lr,
+        optimizer=optimizer,
+        warmup_steps=warmup_steps,
+        max_steps=max_steps,
+        schedule=schedule,
+        min_lr_ratio=min_lr_ratio,
+        rules=rules,
+        verbose=verbose,
+        **kwargs,
+    )
+    if scheduler is None:
         return opt
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    if not _is_lightning_module(module):
+        warnings.warn(
+            f"configure_muon returns Lightning's {{'optimizer': ..., 'lr_scheduler': ...}} dict here "
+            f"(schedule={schedule!r}, warmup_steps={warmup_steps} need an LR scheduler), and "
+            f"{type(module).__name__} is a plain nn.Module: a plain PyTorch loop cannot call .step() on "
+            "that dict. Use `optimizer, scheduler = lightning_muon.muon_optimizer(model, ...)` with the "
+            "same arguments, and call scheduler.step() after each optimizer.step().",
+            stacklevel=2,
+        )
     return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

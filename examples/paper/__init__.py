@@ -1,23 +1,30 @@
 """Reproduce "The Spectral Dynamics and Noise Geometry of Muon" (arXiv 2606.08388) in one command.
 
-Every figure is rebuilt from ``lightning_muon``'s public API (``orthogonalize``, the spectral
-functions, ``configure_muon``, the callbacks' TensorBoard output) and ``examples.matrix_sensing``;
-``OUT/report.md`` gets one table per figure (the paper's number, ours, the setting, the seeds), the
-choices made where the paper underspecifies, one ablation per choice, and one PNG per figure.
+Every experiment is rebuilt from ``lightning_muon``'s public API (``orthogonalize``, ``sin_theta``,
+``delta_p``, ``polar_sensitivity``, ``Muon``, ``configure_muon``, the callbacks) and
+:mod:`examples.matrix_sensing`. ``OUT/report.md`` opens with a headline table (each claim of the
+paper quoted verbatim, our number, and a verdict: reproduced / partly / not reproduced / not
+computable from the summary), then one section per figure with its table, our choices, ablations
+and a PNG. ``OUT/report.json`` and ``OUT/sections/*.json`` hold the numbers the report is built
+from (the tests read the committed copy, ``docs/paper_report.json``).
 
-    python -m examples.paper                      # everything, default size (about 3 min of CPU time)
-    python -m examples.paper --only fig3 fig7     # a selection
-    python -m examples.paper --quick --out /tmp/p # small sizes (tests)
+    python -m examples.paper                          # everything, default size (~10 min on 2 cores)
+    python -m examples.paper --only fig3 fig7         # a selection (sections collect in one report)
+    python -m examples.paper --quick --out /tmp/p     # small sizes (tests)
+    python -m examples.paper --only plateau --full --data /data/train.bin   # the paper's GPT scale, GPU
 
-Figures: fig3 (nuclear-norm gap), fig4 (noise geometry: S(mu), AR(1) momentum factor, B_crit),
-fig5 (GPT/ViT layerwise stable rank, Muon vs AdamW), fig7 (||sin Theta||_F in matrix sensing),
-fig9 (weight decay phase diagram), fig12 (polar misalignment delta_P).
+Figures: fig2 (R_pw geometry), fig3 (nuclear-norm gap, every reading of the family), fig4 (noise
+geometry), plateau (GPT learning-rate sweep, Muon vs AdamW: Fig. 5 and the abstract's plateau),
+vit (Fig. 1's ViT control on natural-image patches and on digits), fig6 (measurement ensembles),
+fig7 (sin Theta of W vs G), fig8 (sum alpha q), fig9 (weight decay), fig11 (diagnostics panel),
+fig12 (delta_P).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import os
 import platform
 import sys
@@ -31,28 +38,28 @@ from examples.paper._report import Section, write_report
 
 __all__ = ["FIGURES", "main", "run_figures"]
 
-
-def _fig(module: str, name: str) -> Callable[[Path, bool], Section]:
-    def call(out: Path, quick: bool) -> Section:
-        import importlib
-
-        return getattr(importlib.import_module(f"examples.paper.{module}"), name)(out, quick)
-
-    return call
-
-
-#: figure key -> function(out, quick) -> Section (imported lazily: fig5 needs Lightning)
-FIGURES: dict[str, Callable[[Path, bool], Section]] = {
-    "fig3": _fig("sensing", "fig3"),
-    "fig4": _fig("noise", "fig4"),
-    "fig5": _fig("nets", "fig5"),
-    "fig7": _fig("sensing", "fig7"),
-    "fig9": _fig("sensing", "fig9"),
-    "fig12": _fig("sensing", "fig12"),
+#: figure key -> (module, function); each function is ``f(out, quick, workers, **options) -> Section``
+FIGURES: dict[str, tuple[str, str]] = {
+    "fig2": ("geometry", "fig2"),
+    "fig3": ("sensing", "fig3"),
+    "fig4": ("noise", "fig4"),
+    "plateau": ("plateau", "plateau"),
+    "vit": ("vit_control", "vit_control"),
+    "fig6": ("geometry", "fig6"),
+    "fig7": ("alignment", "fig7"),
+    "fig8": ("alignment", "fig8"),
+    "fig9": ("sensing", "fig9"),
+    "fig11": ("alignment", "fig11"),
+    "fig12": ("alignment", "fig12"),
 }
 
 
-def _cpu() -> str:
+def _function(key: str) -> Callable[..., Section]:
+    module, name = FIGURES[key]
+    return getattr(importlib.import_module(f"examples.paper.{module}"), name)
+
+
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -62,7 +69,7 @@ def _cpu() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_figures(keys: list[str], out: Path, quick: bool = False) -> list[Section]:
+def run_figures(keys: list[str], out: Path, quick: bool = False, workers: int = 1, **options) -> list[Section]:
     """Run the selected figures into ``out``; returns their sections (the report is not written)."""
     unknown = [k for k in keys if k not in FIGURES]
     if unknown:
@@ -70,10 +77,12 @@ def run_figures(keys: list[str], out: Path, quick: bool = False) -> list[Section
     out.mkdir(parents=True, exist_ok=True)
     sections = []
     for k in keys:
-        cpu = time.process_time()
-        sec = FIGURES[k](out, quick)
+        cpu, wall = time.process_time(), time.perf_counter()
+        fn = _function(k)
+        sec = fn(out, quick, workers, **options) if k in ("plateau", "vit") else fn(out, quick, workers)
         sec.cpu_seconds = time.process_time() - cpu
-        print(f"[paper] {k}: {sec.seconds:.1f} s wall, {sec.cpu_seconds:.1f} s CPU", flush=True)
+        sec.seconds = max(sec.seconds, time.perf_counter() - wall)
+        print(f"[paper] {k}: {sec.seconds:.1f} s wall, {sec.cpu_seconds:.1f} s CPU of this process", flush=True)
         sections.append(sec)
     return sections
 
@@ -92,23 +101,37 @@ def main(argv: list[str] | None = None) -> list[Section]:
         help=f"figures to run (default: all of {', '.join(FIGURES)}); commas also separate",
     )
     ap.add_argument("--quick", action="store_true", help="small sizes and few seeds (for tests)")
+    ap.add_argument("--full", action="store_true", help="plateau/vit at the paper's scale (GPU; see --dry-run)")
+    ap.add_argument("--dry-run", action="store_true", help="with --full: print the plan and its estimated cost only")
+    ap.add_argument("--data", default=None, help="plateau --full: a .bin of uint16 GPT-2 tokens (default: KJV chars)")
     ap.add_argument("--out", type=Path, default=Path("runs/paper"))
+    ap.add_argument("--rebuild", action="store_true", help="run nothing: rebuild the report from --out's sections")
     ap.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads for every figure (1 is fastest for the small matrices; fig5 may gain from more)",
+        "--publish",
+        type=Path,
+        default=None,
+        metavar="DOCS",
+        help="also copy the report to DOCS/paper_report.{md,json} and its PNGs to DOCS/img/paper_*.png",
     )
+    ap.add_argument("--workers", type=int, default=2, help="processes for independent runs (default 2)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in this process (default 1)")
     argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
     keys = [k for item in args.only for k in item.split(",") if k]
     if any(k not in FIGURES for k in keys):
         ap.error(f"--only: unknown figure in {keys}; choose from {list(FIGURES)}")
-    if args.threads < 1:
-        ap.error("--threads must be >= 1")
+    if args.threads < 1 or args.workers < 1:
+        ap.error("--threads and --workers must be >= 1")
+    if args.rebuild and (args.full or args.dry_run or args.quick):
+        ap.error("--rebuild runs nothing: --full, --dry-run and --quick do not apply")
+    if (args.full or args.dry_run) and not set(keys) & {"plateau", "vit"}:
+        ap.error("--full and --dry-run apply to plateau and vit: add --only plateau (or vit)")
     torch.set_num_threads(args.threads)
     t0, cpu0 = time.perf_counter(), time.process_time()
-    sections = run_figures(keys, args.out, args.quick)
+    options = dict(full=args.full, dry_run=args.dry_run, data=args.data)
+    sections = [] if args.rebuild else run_figures(keys, args.out, args.quick, args.workers, **options)
+    if args.dry_run:
+        return sections
     total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     stamp = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}"
@@ -116,17 +139,40 @@ def main(argv: list[str] | None = None) -> list[Section]:
         [
             '# Reproducing "The Spectral Dynamics and Noise Geometry of Muon" (arXiv 2606.08388)',
             "",
-            "Every figure below was run by `python -m examples.paper` (the table says when; figures run by separate "
-            "`--only` invocations into the same `--out` are collected here). Last invocation:  ",
-            f"`{' '.join(['python -m examples.paper', *argv])}` at {stamp} UTC on {_cpu()} "
+            "Built by `python -m examples.paper` from the sections saved under `--out` (figures run by separate "
+            "`--only` invocations are collected; each section says when it ran). Last invocation:  ",
+            f"`{' '.join(['python -m examples.paper', *argv])}` at {stamp} UTC on {cpu_name()} "
             f"({os.cpu_count()} cores, torch CPU capability {torch.backends.cpu.get_cpu_capability()}), "
-            f"torch {torch.__version__}, {args.threads} torch thread(s)"
-            f"{' (quick sizes)' if args.quick else ''}: {total:.0f} s wall, {cpu:.0f} s CPU time of this process; "
-            f"1-minute load average at the end {load:.1f} (wall time is inflated by other processes when the load "
-            "exceeds the core count; CPU time is not).",
+            f"torch {torch.__version__}, {args.workers} worker process(es) of 1 torch thread"
+            f"{' (quick sizes)' if args.quick else ''}: {total:.0f} s wall, {cpu:.0f} s CPU time of the main "
+            f"process (workers not counted); 1-minute load average at the end {load:.1f}.",
+            "",
+            "Nothing in the 'paper' columns comes from anywhere but the paper's summary (`shared/paper/`), quoted "
+            "verbatim (`examples/paper/quotes.py`); every other setting is ours and listed under each section.",
             "",
         ]
     )
-    path = write_report(sections, args.out, header, stamp, list(FIGURES))
+    previous = args.out / "report.md"
+    if args.rebuild and previous.exists() and "## Headline" in previous.read_text():
+        header = previous.read_text().split("## Headline", 1)[0].rstrip("\n") + "\n"  # the last run's header
+    path = write_report(sections, args.out, header, list(FIGURES), stamp)
     print(f"[paper] wrote {path} ({total:.0f} s)")
+    if args.publish is not None:
+        publish(args.out, args.publish)
+        print(f"[paper] published to {args.publish}/paper_report.md")
     return sections
+
+
+def publish(out: Path, docs: Path) -> None:
+    """Copy ``out/report.{md,json}`` to ``docs/paper_report.{md,json}`` and every PNG the report
+    shows to ``docs/img/paper_<name>.png``, rewriting the links."""
+    import shutil
+
+    (docs / "img").mkdir(parents=True, exist_ok=True)
+    text = (out / "report.md").read_text()
+    for png in sorted(out.glob("*.png")):
+        if f"]({png.name})" in text:
+            shutil.copyfile(png, docs / "img" / f"paper_{png.name}")
+            text = text.replace(f"]({png.name})", f"](img/paper_{png.name})")
+    (docs / "paper_report.md").write_text(text)
+    shutil.copyfile(out / "report.json", docs / "paper_report.json")

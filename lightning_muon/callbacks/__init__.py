@@ -20,6 +20,7 @@ from .batch_size_warmup import BatchSizeWarmup
 from .cache import CacheRequest, SpectralCache
 from .critical_batch_size import CriticalBatchSizeMonitor
 from .polar_misalignment import PolarMisalignmentMonitor
+from .progress import RichStepProgressBar, StepProgressBar, step_progress_bar
 from .qk_clip import QKClip
 from .spectral_entropy import SpectralEntropyMonitor
 from .stable_rank import StableRankMonitor
@@ -33,8 +34,11 @@ __all__ = [
     "MonitorCallback",
     "PolarMisalignmentMonitor",
     "QKClip",
+    "RichStepProgressBar",
     "SpectralCache",
     "SpectralEntropyMonitor",
     "SpectralMonitor",
     "StableRankMonitor",
+    "StepProgressBar",
+    "step_progress_bar",
 ]

@@ -43,8 +43,10 @@ from torch import Tensor
 from typing_extensions import override
 
 from ..diagnostics.attention import QKObserver, find_qk_attention
+from ..optim.groups import views as group_views
 from ..parallel.dtensor import is_dtensor
 from ..routing import matching_pattern, route_parameters, why_not_muon
+from ..routing.matrix_view import MatrixView, matrix_view_for
 from ..validation import check_patterns, check_positive_int
 from .cache import CacheRequest, SpectralCache, declare, drop_cache, step_cache, withdraw
 
@@ -81,6 +83,12 @@ def aggregates(prefix: str, values: dict[str, float]) -> dict[str, float]:
     if not finite:
         return {}
     return {f"{prefix}/mean": sum(finite) / len(finite), f"{prefix}/min": min(finite), f"{prefix}/max": max(finite)}
+
+
+def finite(metrics: dict[str, float]) -> dict[str, float]:
+    """``metrics`` without NaN or infinite values: what the monitors log (an undefined value, e.g. the
+    stable rank of an all-zero matrix, is left out rather than logged as NaN)."""
+    return {tag: value for tag, value in metrics.items() if math.isfinite(value)}
 
 
 def tensorboard(trainer: pl.Trainer) -> TensorBoardLogger | None:
@@ -179,6 +187,7 @@ class MonitorCallback(Callback):
         self.include = check_patterns(include, "include", where)
         self.exclude = check_patterns(exclude, "exclude", where) or ()
         self.layers: list[str] = []
+        self._route_views: dict[str, str | None] | None = None  # the default routing's views (fallback)
         self._unpublished: dict[str, float] = {}  # rank 0: logged, not yet in callback_metrics
         self._published_until = 0  # global_step at the previous batch end
 
@@ -227,6 +236,7 @@ class MonitorCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._route_views = None
         if not self.layers:
             self.layers = self.select(pl_module)
             declare(trainer, self, self.cache_requests())
@@ -255,6 +265,26 @@ class MonitorCallback(Callback):
         """The monitored parameters, by name, in :attr:`layers` order."""
         named = dict(pl_module.named_parameters())
         return {n: named[n] for n in self.layers}
+
+    def matrix_views(
+        self, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, params: dict[str, Tensor]
+    ) -> dict[str, MatrixView]:
+        """How each monitored parameter is seen as matrices: its Muon group's matrix view (what the
+        optimizer orthogonalises: each expert of a stack, each q/k/v block or head, a conv kernel's
+        ``(out, rest)``), else the view the default routing gives it (:func:`lightning_muon.route_parameters`,
+        e.g. under an AdamW baseline), else one ``(shape[0], rest)`` matrix."""
+        by_id = {
+            id(p): view
+            for g in getattr(optimizer, "param_groups", ())
+            if g.get("use_muon")
+            for p, view in group_views(g)
+        }
+        if any(id(p) not in by_id for p in params.values()) and self._route_views is None:
+            self._route_views = {r.name: r.matrix for r in route_parameters(pl_module, warn=False)}
+        return {
+            n: by_id.get(id(p)) or matrix_view_for(tuple(p.shape), (self._route_views or {}).get(n))
+            for n, p in params.items()
+        }
 
     @staticmethod
     def takes_part(trainer: pl.Trainer, params: dict[str, Tensor]) -> bool:
@@ -316,8 +346,11 @@ class SpectralMonitor(MonitorCallback, ABC):
     At optimizer step ``s`` with ``s % every_n_steps == 0``, in ``on_before_optimizer_step``,
     :meth:`compute` gets the optimizer (unwrapped from Lightning's ``LightningOptimizer``), the
     monitored parameters and the step's shared :class:`~lightning_muon.callbacks.cache.SpectralCache`;
-    what it returns goes to :meth:`log_metrics`. It runs on rank 0, and on every rank when the
-    weights are sharded. Arguments and errors: :class:`MonitorCallback`.
+    what it returns goes to :meth:`log_metrics` (NaN and infinite values left out: an undefined
+    value is not logged). It runs on rank 0, and on every rank when the weights are sharded.
+    :meth:`MonitorCallback.matrix_views` says how the optimizer sees each parameter as matrices;
+    ``cache.matrices(kind, name, tensor, view)`` stores them, one key per matrix.
+    Arguments and errors: :class:`MonitorCallback`.
 
     Example:
         >>> from lightning_muon.callbacks import SpectralMonitor
@@ -349,7 +382,7 @@ class SpectralMonitor(MonitorCallback, ABC):
             return  # DDP: rank 0 holds the same all-reduced tensors and does the work
         cache = step_cache(trainer, step)
         optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps it
-        self.log_metrics(trainer, self.compute(trainer, optimizer, params, cache))
+        self.log_metrics(trainer, finite(self.compute(trainer, optimizer, params, cache)))
 
     @abstractmethod
     def compute(
@@ -398,7 +431,8 @@ class AttentionCallback(MonitorCallback):
             raise MisconfigurationException(
                 f"{type(self).__name__}: no attention module to watch"
                 + (f" among {list(found)} with include={self.include}, exclude={list(self.exclude)}" if found else "")
-                + ". Supported: torch.nn.MultiheadAttention and modules implementing the QK-clip protocol "
+                + ". Supported: torch.nn.MultiheadAttention, Hugging Face attention (Llama-style q_proj/k_proj, "
+                "BERT's query/key, GPT-2's c_attn) and modules implementing the QK-clip protocol "
                 "(n_head, qk_logit_max(args, kwargs), qk_clip_rows(); see lightning_muon.diagnostics.attention "
                 "and docs/qk-clip.md)."
             )

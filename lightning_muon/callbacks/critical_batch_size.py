@@ -8,21 +8,56 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from ..diagnostics.critical_batch import NoiseScale, muon_critical_batch_size, noise_scale
-from ..diagnostics.per_example import LINEAR_METHODS, linear_grad_norms, norm_grad_norms
+from ..diagnostics.critical_batch import NoiseScale, momentum_noise_factor, muon_critical_batch_size, noise_scale
+from ..diagnostics.per_example import (
+    LINEAR_METHODS,
+    PerExampleNorms,
+    conv_grad_norms,
+    embedding_grad_norms,
+    linear_grad_norms,
+    norm_grad_norms,
+)
+from ..parallel.dtensor import full
+from ..routing.layers import is_transposed_linear
 from ..validation import check_choice, check_number, check_positive_int
-from .base import MonitorCallback, aggregates
-from .cache import CacheRequest, SpectralCache, step_cache
+from .base import MonitorCallback, aggregates, finite
+from .cache import CacheRequest, SpectralCache, step_cache, view_keys
 
 ESTIMATORS = ("auto", "per_example", "layernorm", "two_batch")
 _NORMS = (nn.LayerNorm, nn.RMSNorm)
+#: where :func:`tokens_per_example` looks for the sequence length, after ``pl_module.tokens_per_example``
+TOKEN_HPARAMS = ("tokens_per_example", "sequence_length", "seq_len", "block_size", "context_length", "max_seq_length")
+
+
+def tokens_per_example(pl_module: nn.Module) -> int | None:
+    """The tokens of one example (a sequence), if the module says: its ``tokens_per_example``
+    attribute, else the first of :data:`TOKEN_HPARAMS` in its ``hparams``; None when neither is an
+    integer > 1 (the monitors then log examples only).
+
+    Example:
+        >>> import lightning as L
+        >>> class LM(L.LightningModule):
+        ...     def __init__(self, block_size=256):
+        ...         super().__init__()
+        ...         self.save_hyperparameters()
+        >>> tokens_per_example(LM()), tokens_per_example(L.LightningModule())
+        (256, None)
+    """
+    value = getattr(pl_module, "tokens_per_example", None)
+    if value is None:
+        hparams = getattr(pl_module, "hparams", None) or {}
+        value = next((hparams[k] for k in TOKEN_HPARAMS if k in hparams), None)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 1:
+        return None
+    return value
 
 
 class CriticalBatchSizeMonitor(MonitorCallback):
@@ -31,11 +66,13 @@ class CriticalBatchSizeMonitor(MonitorCallback):
     ``estimator`` chooses how the gradient noise is measured:
 
     * ``"per_example"``: inside one micro-batch, small batch = one example, large batch = the
-      micro-batch (``B`` examples). Each monitored ``nn.Linear`` weight's per-example gradient norms
-      come from its input activations and output gradients (forward and backward hooks, see
-      :mod:`lightning_muon.diagnostics.per_example`). Needs nothing of the Trainer: one device, no accumulation,
-      DDP, FSDP2 (activations are local: no gather), manual optimization. Layers that are not
-      ``nn.Linear`` weights get no estimate.
+      micro-batch (``B`` examples). Each monitored weight's per-example gradient norms come from
+      its input activations and output gradients (forward and backward hooks, see
+      :mod:`lightning_muon.diagnostics.per_example`), for ``nn.Linear``, ``nn.Conv1d/2d/3d``,
+      Hugging Face's ``Conv1D`` and ``nn.Embedding`` weights. Needs nothing of the Trainer: one
+      device, no accumulation, DDP, FSDP2 (activations are local: no gather), manual optimization.
+      Other layers (a transposed conv, a 3-D expert bank, ``nn.MultiheadAttention``'s ``in_proj``)
+      get no estimate, with one warning; so does a layer whose computation fails, from then on.
     * ``"layernorm"``: the same for the gains and biases of the model's ``nn.LayerNorm`` /
       ``nn.RMSNorm`` layers only (Gray et al., NeurIPS 2024: their noise scale tracks the whole
       transformer's), at ``O(B T d)`` per layer. No per-matrix noise, so no ``b_crit``.
@@ -43,11 +80,16 @@ class CriticalBatchSizeMonitor(MonitorCallback):
       tensor hook before accumulation and before DDP's all-reduce), large batch = the gradient the
       optimizer sees (``B = b * accumulate_grad_batches * world_size``). Needs
       ``accumulate_grad_batches >= 2`` or >= 2 DDP processes, automatic optimization, no FSDP2.
-    * ``"auto"`` (default): ``"per_example"`` when every monitored layer is an ``nn.Linear`` weight,
-      else ``"two_batch"`` where it applies, else ``"per_example"`` on the Linear layers alone.
+    * ``"auto"`` (default): ``"per_example"`` when every monitored layer has a per-example form,
+      else ``"two_batch"`` where it applies (it covers every layer), else ``"per_example"`` on the
+      layers that have one, else ``"layernorm"`` when the model has affine norms; else it measures
+      nothing. Whenever it leaves a layer out it warns once, saying why and what covers it.
+      ``"auto"`` never stops ``fit``.
 
     **Units.** Examples are the rows of the batch: a sequence is one example, its tokens are summed
-    over. For a batch size in tokens multiply the logged values by the sequence length ``T``.
+    over. When the LightningModule knows its sequence length (:func:`tokens_per_example`: a
+    ``tokens_per_example`` attribute, or ``block_size``/``seq_len``/... in its hparams) the
+    model-level estimates are also logged in tokens (``b_simple_tokens``, ``b_crit_tokens``).
 
     **Cost.** Hooks are registered only for the micro-batches of a measured step (every
     ``sample_every_n_steps`` steps, default ``every_n_steps``) and removed after it. Per-example
@@ -57,18 +99,31 @@ class CriticalBatchSizeMonitor(MonitorCallback):
     Each measured step gives the two unbiased pieces (small- and large-batch squared norms, reduced
     across processes: every rank holds the same values); they are smoothed by bias-corrected EMAs
     (decay ``ema`` per measurement) and their ratio is taken at logging steps. Logged (tags under
-    ``critical_batch_size/``):
+    ``critical_batch_size/``; a value that is undefined at a step is left out, never NaN):
 
     * ``b_simple``, ``grad_sq``, ``trace_sigma`` over all measured layers, and
       ``b_simple/<name>``: McCandlish et al.'s B_simple = tr(Sigma) / |G|^2, in examples. It is the
       SGD-geometry estimate: the batch size beyond which SGD's steps stop getting better with more
       data. It means something once training has left the initial transient and |G|^2 is well
-      above its noise (a difference: early or near convergence it can be negative: NaN).
-    * ``b_crit/<param name>`` with its inputs ``rank/``, ``sigma2/`` and ``sensitivity/`` (not with
-      ``"layernorm"``): the paper's Muon-specific B_crit = 2 sigma^2 S(mu) / r * (1 - beta) / (1 + beta),
-      with sigma^2 = tr(Sigma_layer) / (m n), mu the optimizer's gradient (singular values below the
-      noise edge ``sqrt(sigma^2 / B) (sqrt m + sqrt n)`` dropped, B the global batch) and beta Muon's
-      momentum (0 for other optimizers). Small singular values dominate S: read it with r and S.
+      above its noise; while either smoothed piece is <= 0 (noise-dominated, or a layer whose
+      gradient is exactly zero) ``b_simple`` is not logged (``grad_sq`` and ``trace_sigma`` are,
+      as measured).
+    * ``b_crit`` (model level) and ``b_crit/<key>`` per matrix of the optimizer's view of each
+      parameter (``<key>``: the name, or ``<name>/<label>`` for each expert of a stack or each
+      q/k/v block or head, as in :class:`StableRankMonitor`), with ``b_crit/{mean,min,max}``, in
+      examples: Muon's critical batch size, the batch at which gradient noise halves the progress
+      of Muon's step (:func:`lightning_muon.muon_critical_batch_size`, saturating form; derivation
+      in ``docs/muon-theory.md``). Per matrix ``b_crit = momentum_factor * sigma2 * sensitivity``,
+      with the inputs ``rank/<key>`` (singular values above the noise edge), ``sensitivity/<key>``,
+      ``sigma2/<name>`` (= tr(Sigma_layer) / numel: the noise is taken uniform over a parameter's
+      matrices) and ``momentum_factor/<group>`` (:func:`lightning_muon.momentum_noise_factor`,
+      stationary, Nesterov or EMA as the group says; 1 for non-Muon optimizers). The mean gradient
+      is the direction Muon orthogonalises (its momentum, Nesterov or not, divided by the sum of
+      its weights; the gradient for other optimizers), whose noise at step ``t`` is the momentum
+      factor after ``t`` gradients over the global batch. The model-level ``b_crit`` weights each
+      matrix by the nuclear norm of its mean gradient (one learning rate for all). A matrix with
+      nothing above the noise (``rank`` 0: noise-dominated at this batch) logs no ``b_crit``.
+      Not with ``"layernorm"``.
 
     **Manual optimization** works with ``"per_example"`` / ``"layernorm"``: step through the
     ``LightningOptimizer`` (``self.optimizers().step()``, which runs ``on_before_optimizer_step``).
@@ -94,9 +149,10 @@ class CriticalBatchSizeMonitor(MonitorCallback):
 
     Raises:
         ValueError: at construction, an argument out of range or not one of its choices.
-        MisconfigurationException: at setup, a Trainer without a logger, no layer selected, or
-            ``"two_batch"`` on a Trainer it cannot run on; at fit start, ``"layernorm"`` without
-            affine norms, ``"per_example"`` without ``nn.Linear`` weights.
+        MisconfigurationException: at setup, a Trainer without a logger or no layer selected; at
+            fit start, an estimator you chose that cannot run: ``"two_batch"`` on a Trainer it
+            cannot run on, ``"layernorm"`` without affine norms, ``"per_example"`` without a layer
+            that has a per-example form. Each message says what to pass instead.
 
     Example:
         >>> import lightning as L
@@ -108,14 +164,16 @@ class CriticalBatchSizeMonitor(MonitorCallback):
     prefix = "critical_batch_size/"
     charts = {
         "B_simple (SGD noise scale)": r"^critical_batch_size/b_simple",
-        "Muon B_crit": r"^critical_batch_size/b_crit/",
+        "Muon B_crit": r"^critical_batch_size/b_crit(/|$)",
         "global batch vs B_simple and B_crit": (
-            r"^(batch_size/global|critical_batch_size/b_simple|critical_batch_size/b_crit/mean)$"
+            r"^(batch_size/global|critical_batch_size/b_simple|critical_batch_size/b_crit)$"
         ),
+        "in tokens": r"^critical_batch_size/(b_simple|b_crit)_tokens$",
         "inputs: |G|^2, tr Sigma": r"^critical_batch_size/(grad_sq|trace_sigma)$",
-        "inputs: rank r": r"^critical_batch_size/rank/",
+        "inputs: rank above the noise edge": r"^critical_batch_size/rank/",
         "inputs: sigma^2": r"^critical_batch_size/sigma2/",
-        "inputs: S(mu)": r"^critical_batch_size/sensitivity/",
+        "inputs: sensitivity": r"^critical_batch_size/sensitivity/",
+        "inputs: momentum factor": r"^critical_batch_size/momentum_factor/",
     }
     state_attributes = ("ema_small", "ema_big", "ema_steps", "b_small", "b_big", "ema_counts")
     optional_state = ("ema_counts",)  # checkpoints from before per-slot counts: derived from ema_steps
@@ -154,6 +212,8 @@ class CriticalBatchSizeMonitor(MonitorCallback):
         self.b_big = float("nan")
         self.last: dict[str, float] = {}  # the last logged b_simple and b_crit/mean (for schedulers)
         self._modules: list[nn.Module | None] = []
+        self._kinds: list[str | None] = []  # per slot: "linear", "conv", "embedding", "norm", or None
+        self._failed: set[int] = set()  # slots whose per-example computation failed: left out
         self._handles: list[Any] = []
         self._measuring = False
         self._small: Tensor | None = None
@@ -184,59 +244,127 @@ class CriticalBatchSizeMonitor(MonitorCallback):
 
     @override
     def cache_requests(self) -> list[CacheRequest]:
-        return [self.request("grad", "spectrum")] if self.estimator != "layernorm" else []
-
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if stage == "fit" and self.estimator == "two_batch":
-            why = self._two_batch_ok(trainer, pl_module)
-            if why is not None:
-                raise MisconfigurationException(
-                    f"CriticalBatchSizeMonitor(estimator='two_batch'): {why}. "
-                    "Use estimator='per_example' (works on any Trainer)."
-                )
+        return [self.request("mean_gradient", "spectrum")] if self.estimator != "layernorm" else []
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         named = dict(pl_module.named_modules())
-        if self.estimator == "layernorm":
-            self.mode = "layernorm"
-            self.slots = [
-                n
-                for n, m in named.items()
-                if isinstance(m, _NORMS)
-                and (getattr(m, "weight", None) is not None or getattr(m, "bias", None) is not None)
-            ]
-            if not self.slots:
-                raise MisconfigurationException(
-                    "CriticalBatchSizeMonitor(estimator='layernorm'): the model has no nn.LayerNorm or nn.RMSNorm "
-                    "with a gain or bias; use estimator='per_example'."
-                )
-            self._modules = [named[n] for n in self.slots]
-            return
+        norms = _norm_modules(named)
+        self._failed = set()
         self.slots = list(self.layers)
-        linear = [_linear_module(named, n) for n in self.slots]
-        mode = self.estimator
-        if mode == "auto":
-            if all(m is not None for m in linear) or self._two_batch_ok(trainer, pl_module) is not None:
-                mode = "per_example"
-            else:
-                mode = "two_batch"
-        if mode == "per_example":
-            missing = [n for n, m in zip(self.slots, linear) if m is None]
+        found = [per_example_layer(named, n) for n in self.slots]
+        missing = [n for n, f in zip(self.slots, found) if f is None]
+        types = _types(named, missing)
+        two_batch = self._two_batch_ok(trainer, pl_module)
+        choice = f"CriticalBatchSizeMonitor(estimator={self.estimator!r})"
+        if self.estimator == "layernorm":
+            if not norms:
+                raise MisconfigurationException(
+                    f"{choice}: the model has no nn.LayerNorm or nn.RMSNorm with a gain or bias. "
+                    + self._advice(trainer, pl_module, found, norms, "instead")
+                )
+            self._use_norms(named, norms)
+            return
+        if self.estimator == "two_batch":
+            if two_batch is not None:
+                raise MisconfigurationException(
+                    f"{choice}: {two_batch}. " + self._advice(trainer, pl_module, found, norms, "instead")
+                )
+            self._use_layers("two_batch", found)
+            return
+        if self.estimator == "per_example":
             if len(missing) == len(self.slots):
                 raise MisconfigurationException(
-                    "CriticalBatchSizeMonitor: per-example norms need nn.Linear weights and none of the monitored "
-                    f"layers {self.slots} is one; use estimator='two_batch' (with accumulation or DDP)."
+                    f"{choice}: none of the monitored layers has a per-example form ({types}; {_SUPPORTED} have "
+                    "one). " + self._advice(trainer, pl_module, found, norms, "instead")
                 )
             if missing:
                 rank_zero_warn(
-                    f"CriticalBatchSizeMonitor: no per-example estimate for {missing} (not nn.Linear weights)"
+                    f"{choice}: no per-example estimate for {missing} ({types}: no per-example form); they are left "
+                    "out. " + self._advice(trainer, pl_module, found, norms, "cover", missing)
                 )
+            self._use_layers("per_example", found)
+            return
+        # "auto", the default: say what it chose whenever it is not the per-example form of every layer
+        auto = "CriticalBatchSizeMonitor(estimator='auto', the default)"
+        if not missing:
+            self._use_layers("per_example", found)
+        elif two_batch is None:
+            rank_zero_info(
+                f"{auto} chose 'two_batch': {missing} ({types}) have no per-example form, and this Trainer "
+                f"accumulates {trainer.accumulate_grad_batches} micro-batches over {trainer.world_size} process(es)."
+            )
+            self._use_layers("two_batch", found)
+        elif len(missing) < len(self.slots):
+            rank_zero_warn(
+                f"{auto} chose 'per_example' for the layers that have a per-example form; {missing} ({types}) have "
+                f"none and get no estimate, because 'two_batch', which covers every layer, cannot run here: "
+                f"{two_batch}. " + self._advice(trainer, pl_module, found, norms, "cover", missing)
+            )
+            self._use_layers("per_example", found)
+        elif norms:
+            rank_zero_warn(
+                f"{auto} chose 'layernorm' (the model's {len(norms)} affine norms, no per-matrix B_crit): none of "
+                f"the monitored layers has a per-example form ({types}), and 'two_batch' cannot run here: "
+                f"{two_batch}. " + self._advice(trainer, pl_module, found, [], "cover", missing)
+            )
+            self._use_norms(named, norms)
+        else:
+            rank_zero_warn(
+                f"{auto} measures nothing: none of the monitored layers has a per-example form ({types}), the "
+                f"model has no affine norms, and 'two_batch' cannot run here: {two_batch}. "
+                + self._advice(trainer, pl_module, found, [], "cover", missing)
+            )
+            self.mode, self._modules, self._kinds = "off", [], []
+
+    def _use_layers(self, mode: str, found: list[tuple[nn.Module, str] | None]) -> None:
         self.mode = mode
-        self._modules = linear
+        self._modules = [f[0] if f is not None else None for f in found]
+        self._kinds = [f[1] if f is not None else None for f in found]
+
+    def _use_norms(self, named: dict[str, nn.Module], norms: list[str]) -> None:
+        self.mode, self.slots = "layernorm", list(norms)
+        self._modules, self._kinds = [named[n] for n in norms], ["norm"] * len(norms)
+
+    def _advice(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        found: list[tuple[nn.Module, str] | None],
+        norms: list[str],
+        goal: str,
+        missing: Sequence[str] = (),
+    ) -> str:
+        """One thing that works when followed: ``goal="instead"`` (an estimator that runs here) or
+        ``"cover"`` (what measures the ``missing`` layers too, else how to silence the warning)."""
+        two_batch = self._two_batch_ok(trainer, pl_module)
+        fixable = isinstance(trainer.strategy, ModelParallelStrategy) is False and pl_module.automatic_optimization
+        if goal == "cover":
+            if two_batch is None:  # only with estimator='per_example': 'auto' would have picked it
+                return "To measure them too, use estimator='two_batch', which covers every layer on this Trainer."
+            if fixable and not _has_accumulation_scheduler(trainer):
+                if self.estimator == "auto":
+                    return (
+                        "To measure them too, pass Trainer(accumulate_grad_batches=2): 'auto' then picks 'two_batch', "
+                        "which covers every layer."
+                    )
+                return (
+                    "To measure them too, use estimator='two_batch' with Trainer(accumulate_grad_batches=2), which "
+                    "covers every layer."
+                )
+            if len(missing) == len(found):
+                return "Nothing can measure these layers on this Trainer: remove the monitor to silence this warning."
+            return f"To measure only the others without this warning, pass exclude={list(missing)}."
+        if any(f is not None for f in found):
+            return "Use estimator='per_example' (or the default 'auto'), which measures these layers on any Trainer."
+        if two_batch is None:
+            return "Use estimator='two_batch', which runs on this Trainer."
+        if norms:
+            return "Use estimator='layernorm' (the model's affine norms), which runs on any Trainer."
+        if fixable and not _has_accumulation_scheduler(trainer):
+            return "Use estimator='two_batch' with Trainer(accumulate_grad_batches=2)."
+        return "Use estimator='auto' (the default), which warns and measures nothing for this model and Trainer."
 
     # -------------------------------------------------------------- hooks (measured steps only)
     def _measured(self, step: int) -> bool:
@@ -247,7 +375,7 @@ class CriticalBatchSizeMonitor(MonitorCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if not self._measured(step):
+        if self.mode == "off" or not self._measured(step):
             return
         if self._window != step:  # first micro-batch of this step: fresh accumulators
             self._window = step
@@ -257,14 +385,16 @@ class CriticalBatchSizeMonitor(MonitorCallback):
             self._calls, self._examples = torch.zeros(n, device=device), torch.zeros(n, device=device)
             self._micro_sizes = []
         self._micro_sizes.append(self.batch_size or extract_batch_size(batch) if self.mode == "two_batch" else 0)
-        if self._handles:
+        if self._handles or self.mode == "off":
             return
         if self.mode == "two_batch":
             params = self.params(pl_module)
             self._handles = [params[n].register_hook(self._param_hook(i)) for i, n in enumerate(self.slots)]
         else:
             self._handles = [
-                m.register_forward_hook(self._forward_hook(i)) for i, m in enumerate(self._modules) if m is not None
+                m.register_forward_hook(self._forward_hook(i))
+                for i, m in enumerate(self._modules)
+                if m is not None and i not in self._failed
             ]
 
     def _param_hook(self, i: int):
@@ -285,19 +415,18 @@ class CriticalBatchSizeMonitor(MonitorCallback):
 
     @torch.no_grad()
     def _record(self, i: int, module: nn.Module, x: Tensor, g: Tensor) -> None:
-        if self.mode == "layernorm":
-            eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
-            norms = norm_grad_norms(
-                x,
-                g,
-                len(module.normalized_shape),
-                eps,
-                rms=isinstance(module, nn.RMSNorm),
-                weight=getattr(module, "weight", None) is not None,
-                bias=getattr(module, "bias", None) is not None,
+        if i in self._failed:
+            return
+        try:
+            norms = _per_example_norms(self._kinds[i], module, x, g, self.method)
+        except Exception as err:  # never stop training: this layer is left out from now on
+            self._failed.add(i)
+            rank_zero_warn(
+                f"CriticalBatchSizeMonitor: the per-example norms of {self.slots[i]!r} ({type(module).__name__}) "
+                f"failed ({type(err).__name__}: {err}); it gets no estimate from now on. To skip it without this "
+                f"warning, pass exclude=[{self.slots[i]!r}]."
             )
-        else:
-            norms = linear_grad_norms(x, g, self.method)
+            return
         B = norms.per_example_sq.shape[0]
         self._small[i] += B * B * norms.per_example_sq.mean()  # |g_i|^2 with g_i = B c_i: one example's gradient
         self._big[i] += norms.batch_sq  # the micro-batch mean gradient, sum_i c_i
@@ -337,8 +466,8 @@ class CriticalBatchSizeMonitor(MonitorCallback):
         if self.takes_part(trainer, params):  # FSDP2: every rank takes part in the gradient gathers
             optimizer = getattr(optimizer, "optimizer", optimizer)
             metrics = self._metrics(trainer, params, optimizer, step_cache(trainer, step))
-            self.last["b_crit"] = metrics.get(f"{self.prefix}b_crit/mean", float("nan"))
-            self.log_metrics(trainer, metrics)
+            self.last["b_crit"] = metrics.get(f"{self.prefix}b_crit", float("nan"))
+            self.log_metrics(trainer, finite(metrics))
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Turn this step's accumulators into small/large-batch squared norms; update the EMAs."""
@@ -420,35 +549,59 @@ class CriticalBatchSizeMonitor(MonitorCallback):
                 metrics[f"{p}b_simple/{n}"] = _ratio(NoiseScale(*(x[i] for x in per_slot)))
         if self.mode == "layernorm":
             return metrics
-        # Muon's B_crit: the optimizer's gradient (global batch) and the per-example noise per entry
+        # Muon's B_crit per matrix: the direction the optimizer orthogonalises, the per-example noise per entry
         global_batch = B if self.mode == "two_batch" else B * trainer.accumulate_grad_batches * trainer.world_size
         groups = {id(q): g for g in optimizer.param_groups for q in g["params"]}
+        views = self.matrix_views(trainer.lightning_module, optimizer, params)
         names = [n for i, n in enumerate(self.slots) if valid[i] and params[n].grad is not None]
-        for n in names:
-            cache.matrix("grad", n, params[n].grad)  # a gather under FSDP2: every rank
+        noise: dict[str, tuple[float, bool, float]] = {}  # name -> (beta, nesterov, factor of the mean's noise)
+        for n in names:  # a gather under FSDP2: every rank
+            mean, noise[n] = _mean_gradient(params[n], groups.get(id(params[n]), {}), optimizer, trainer.global_step)
+            cache.matrices("mean_gradient", n, mean, views[n])
         if not trainer.is_global_zero:
             return {}
-        spectra = cache.spectra("grad", names)
-        b_crit: dict[str, float] = {}
         index = {n: i for i, n in enumerate(self.slots)}
+        buckets: dict[tuple, list[tuple[str, str]]] = {}  # (shape, beta, nesterov) -> [(key, name)]
         for n in names:
-            G = cache.matrix("grad", n)
+            beta, nesterov, _ = noise[n]
+            for key in view_keys(n, views[n], tuple(params[n].shape)):
+                shape = tuple(cache.matrix("mean_gradient", key).shape)
+                buckets.setdefault((shape, beta, nesterov), []).append((key, n))
+            metrics[f"{p}sigma2/{n}"] = float(per_slot.trace_sigma[index[n]]) / params[n].numel()
             group = groups.get(id(params[n]), {})
-            beta = group.get("momentum", 0.0) if group.get("use_muon") else 0.0
-            sigma2 = per_slot.trace_sigma[index[n]] / G.numel()
+            if group.get("use_muon"):
+                metrics[f"{p}momentum_factor/{group.get('name', 'muon')}"] = momentum_noise_factor(beta, nesterov)
+        b_crit: dict[str, float] = {}
+        weight: dict[str, float] = {}
+        for (_, beta, nesterov), members in buckets.items():
+            keys = [key for key, _ in members]
+            spectra = cache.spectra("mean_gradient", keys)
+            sigma2 = torch.tensor([float(per_slot.trace_sigma[index[n]]) / params[n].numel() for _, n in members])
+            batch = torch.tensor([global_batch / noise[n][2] for _, n in members])
             est = muon_critical_batch_size(
-                G, sigma2, momentum=beta, batch_size=global_batch, singular_values_=spectra[n]
+                torch.stack([cache.matrix("mean_gradient", key) for key in keys]),
+                sigma2.clamp_min(0),
+                momentum=beta,
+                nesterov=nesterov,
+                batch_size=batch,
+                singular_values_=torch.stack([spectra[key] for key in keys]),
             )
-            b_crit[f"{p}b_crit/{n}"] = _num(est.b_crit)
-            metrics.update(
-                {
-                    f"{p}rank/{n}": _num(est.rank),
-                    f"{p}sigma2/{n}": _num(est.sigma2),
-                    f"{p}sensitivity/{n}": _num(est.sensitivity),
-                }
-            )
+            for j, key in enumerate(keys):
+                metrics[f"{p}rank/{key}"] = float(est.rank[j])
+                metrics[f"{p}sensitivity/{key}"] = _num(est.sensitivity[j])
+                value = _num(est.b_crit[j])
+                if math.isfinite(value) and sigma2[j] > 0:
+                    b_crit[f"{p}b_crit/{key}"], weight[key] = value, float(est.nuclear_norm[j])
         metrics.update(b_crit)
         metrics.update(aggregates(f"{p}b_crit", b_crit))
+        total = sum(weight.values())
+        if total > 0:
+            metrics[f"{p}b_crit"] = sum(weight[k] * b_crit[f"{p}b_crit/{k}"] for k in weight) / total
+        tokens = tokens_per_example(trainer.lightning_module)
+        if tokens is not None:
+            for tag in ("b_simple", "b_crit"):
+                if math.isfinite(metrics.get(f"{p}{tag}", math.nan)):
+                    metrics[f"{p}{tag}_tokens"] = metrics[f"{p}{tag}"] * tokens
         return metrics
 
     @override
@@ -461,11 +614,108 @@ class CriticalBatchSizeMonitor(MonitorCallback):
         self.last["b_simple"] = self.b_simple()
 
 
-def _linear_module(named: dict[str, nn.Module], param_name: str) -> nn.Linear | None:
-    """The ``nn.Linear`` whose ``weight`` is ``param_name``, else None."""
+_SUPPORTED = "nn.Linear, nn.Conv1d/2d/3d, Hugging Face Conv1D and nn.Embedding weights"
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def per_example_layer(named: dict[str, nn.Module], param_name: str) -> tuple[nn.Module, str] | None:
+    """``(module, kind)`` when parameter ``param_name`` is a weight with a per-example norm form
+    (kind ``"linear"``, ``"conv"`` or ``"embedding"``), else None.
+
+    A conv subclass with its own ``forward`` (e.g. one that pads dynamically) is not trusted to
+    compute what its attributes say, nor an embedding that rescales its gradient by frequency.
+
+    Example:
+        >>> named = dict(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ConvTranspose2d(4, 4, 2)).named_modules())
+        >>> per_example_layer(named, "0.weight")[1], per_example_layer(named, "1.weight")
+        ('conv', None)
+    """
     owner, _, attr = param_name.rpartition(".")
     module = named.get(owner)
-    return module if isinstance(module, nn.Linear) and attr == "weight" else None
+    if attr != "weight" or module is None:
+        return None
+    if isinstance(module, nn.Linear) or is_transposed_linear(module):
+        return module, "linear"
+    if isinstance(module, _CONVS) and type(module).forward in tuple(c.forward for c in _CONVS):
+        return module, "conv"
+    plain_embedding = isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward
+    if plain_embedding and not (module.scale_grad_by_freq or module.sparse):
+        return module, "embedding"
+    return None
+
+
+def _per_example_norms(kind: str, module: nn.Module, x: Tensor, g: Tensor, method: str) -> PerExampleNorms:
+    if kind == "norm":
+        eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
+        return norm_grad_norms(
+            x,
+            g,
+            len(module.normalized_shape),
+            eps,
+            rms=isinstance(module, nn.RMSNorm),
+            weight=getattr(module, "weight", None) is not None,
+            bias=getattr(module, "bias", None) is not None,
+        )
+    if kind == "conv":
+        return conv_grad_norms(
+            x,
+            g,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            padding_mode=module.padding_mode,
+            method=method,
+        )
+    if kind == "embedding":
+        return embedding_grad_norms(x, g, module.padding_idx)
+    return linear_grad_norms(x, g, method)
+
+
+def _norm_modules(named: dict[str, nn.Module]) -> list[str]:
+    return [
+        n
+        for n, m in named.items()
+        if isinstance(m, _NORMS) and (getattr(m, "weight", None) is not None or getattr(m, "bias", None) is not None)
+    ]
+
+
+def _types(named: dict[str, nn.Module], names: Sequence[str]) -> str:
+    """``"ConvTranspose2d: up.weight"``-style summary of the layer types of ``names``."""
+    by_type: dict[str, list[str]] = {}
+    for n in names:
+        module = named.get(n.rpartition(".")[0])
+        by_type.setdefault(type(module).__name__ if module is not None else "a bare parameter", []).append(n)
+    return "; ".join(f"{t}: {len(ns)} layer(s)" for t, ns in by_type.items()) or "no layer"
+
+
+def _has_accumulation_scheduler(trainer: pl.Trainer) -> bool:
+    return any(isinstance(c, GradientAccumulationScheduler) for c in trainer.callbacks)
+
+
+def _mean_gradient(
+    param: Tensor, group: dict, optimizer: torch.optim.Optimizer, step: int
+) -> tuple[Tensor, tuple[float, bool, float]]:
+    """The mean-gradient estimate behind Muon's B_crit and the noise it carries.
+
+    For a Muon parameter: the direction the optimizer is about to orthogonalise, ``lerp(buf, g,
+    1 - beta)`` and with Nesterov ``lerp(g, buf', beta)`` (as :func:`lightning_muon.muon_direction`,
+    on copies), divided by the sum of its weights over the gradients so far (``step + 1``, or 1
+    without a buffer yet), so that its noise is ``momentum_noise_factor(beta, nesterov, t)`` times
+    one batch's. Elsewhere the gradient itself (``beta = 0``). Returns ``(mean, (beta, nesterov,
+    factor))``; gathers a DTensor (every rank)."""
+    grad = full(param.grad.detach()).float()
+    if not group.get("use_muon"):
+        return grad, (0.0, False, 1.0)
+    beta, nesterov = float(group.get("momentum", 0.0)), bool(group.get("nesterov", False))
+    buf = optimizer.state.get(param, {}).get("momentum_buffer")
+    t = 1 if buf is None else step + 1
+    buf = torch.zeros_like(grad) if buf is None else full(buf.detach()).float()
+    buf = buf.lerp(grad, 1 - beta)
+    direction = grad.lerp(buf, beta) if nesterov else buf
+    total = 1 - beta ** (t + 1 if nesterov else t)
+    return direction / total, (beta, nesterov, momentum_noise_factor(beta, nesterov, t))
 
 
 def _sq_norm(grad: Tensor | None, like: Tensor) -> Tensor:
@@ -476,13 +726,13 @@ def _sq_norm(grad: Tensor | None, like: Tensor) -> Tensor:
 
 
 def _num(x: Tensor | float) -> float:
-    """A float for the loggers; a negative estimate (noise-dominated difference) becomes NaN."""
+    """A float for the loggers; a negative estimate (noise-dominated difference) becomes NaN (not logged)."""
     x = float(x)
     return x if math.isfinite(x) and x >= 0 else float("nan")
 
 
 def _ratio(est: NoiseScale) -> float:
-    """B_simple, or NaN while |G|^2 or tr(Sigma) is estimated <= 0 (noise-dominated)."""
+    """B_simple, or NaN while |G|^2 or tr(Sigma) is estimated <= 0 (noise-dominated; not logged)."""
     if not (float(est.grad_sq) > 0 and float(est.trace_sigma) > 0):
         return float("nan")
     return float(est.b_simple)

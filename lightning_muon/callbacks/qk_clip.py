@@ -8,9 +8,11 @@ from collections.abc import Sequence
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
+from ..diagnostics.attention import find_qk_attention
 from ..optim.qk_clip import check_tau, qk_clip_
 from .base import AttentionCallback
 
@@ -82,6 +84,22 @@ class QKClip(AttentionCallback):
         if self._log_every is None:
             self.every_n_steps = trainer.log_every_n_steps
         super().setup(trainer, pl_module, stage)
+
+    @override
+    def select(self, pl_module: pl.LightningModule) -> list[str]:
+        """The selected attention modules whose weights can be clipped (the others: one warning)."""
+        selected = super().select(pl_module)
+        found = find_qk_attention(pl_module)
+        refused = {n: why for n in selected if (why := getattr(found[n][1], "qk_clip_refusal", None))}
+        if refused:
+            name, why = next(iter(refused.items()))
+            text = f"QKClip: {len(refused)} attention module(s) cannot be clipped, e.g. {name!r}: {why}"
+            if len(refused) == len(selected):
+                raise MisconfigurationException(
+                    f"{text}. AttentionLogitMonitor() still logs their logits; remove QKClip for this model."
+                )
+            rank_zero_warn(f"{text}. They are left out: {sorted(refused)}; exclude them to silence this warning.")
+        return [n for n in selected if n not in refused]
 
     @override
     def observes(self, step: int) -> bool:

@@ -21,9 +21,12 @@ class SpectralEntropyMonitor(SpectralMonitor):
     """Log the normalised spectral entropy ``H / ln min(m, n)`` of each monitored weight.
 
     1 is a flat spectrum (all directions equally used, what Muon's updates push towards), 0 rank
-    one. Tags: ``spectral_entropy/<param name>`` and ``spectral_entropy/{mean,min,max}``. With a
-    TensorBoardLogger and ``log_spectra=True`` also a histogram of singular values per layer
-    (``singular_values/<param name>``) and a figure of the normalised spectra ``s_i / s_1``
+    one. Each matrix of the optimizer's view of a parameter (each expert, each q/k/v block or head,
+    a conv kernel's ``(out, rest)``) is one value: ``spectral_entropy/<param name>`` or
+    ``spectral_entropy/<param name>/<label>`` (labels as in :class:`StableRankMonitor`), and
+    ``spectral_entropy/{mean,min,max}``; an all-zero matrix logs nothing. With a
+    TensorBoardLogger and ``log_spectra=True`` also a histogram of singular values per matrix
+    (``singular_values/<key>``) and a figure of the normalised spectra ``s_i / s_1``
     against ``i / k`` across layers (``spectral_entropy/spectra``; needs matplotlib).
 
     Cost per logging step: one Gram eigendecomposition per matrix (batched by shape), shared with
@@ -78,12 +81,14 @@ class SpectralEntropyMonitor(SpectralMonitor):
         params: dict[str, Tensor],
         cache: SpectralCache,
     ) -> dict[str, float]:
+        views = self.matrix_views(trainer.lightning_module, optimizer, params)
+        keys: list[str] = []
         for name, p in params.items():
-            cache.matrix("weight", name, p)
+            keys.extend(cache.matrices("weight", name, p, views[name]))
         if not trainer.is_global_zero:
             return {}
-        spectra = cache.spectra("weight", params)
-        values = {f"{self.prefix}{n}": float(spectrum_entropy(s)) for n, s in spectra.items()}
+        spectra = cache.spectra("weight", keys)
+        values = {f"{self.prefix}{k}": float(spectrum_entropy(s)) for k, s in spectra.items() if s[0] > 0}
         tb = tensorboard(trainer)
         if tb is not None and self.log_spectra:
             self._tensorboard_extras(tb.experiment, spectra, trainer.global_step)

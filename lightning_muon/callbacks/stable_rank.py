@@ -17,8 +17,12 @@ from .cache import CacheRequest, SpectralCache
 class StableRankMonitor(SpectralMonitor):
     """Log the stable rank ``||W||_F^2 / sigma_1^2`` (in ``[1, min(m, n)]``) of each monitored weight.
 
-    How many directions carry the weight's energy; Muon keeps it higher than AdamW. Tags:
-    ``stable_rank/<param name>`` and ``stable_rank/{mean,min,max}``. sigma_1 comes from the
+    How many directions carry the weight's energy; Muon keeps it higher than AdamW. Each matrix of
+    the optimizer's view of a parameter is one value (:meth:`MonitorCallback.matrix_views`): tags
+    ``stable_rank/<param name>`` for a single matrix, ``stable_rank/<param name>/<label>`` for each
+    expert of a stack (``experts.w1/3``) or block of a split q/k/v (``c_attn.weight/q``,
+    ``c_attn.weight/q.h2`` per head), and ``stable_rank/{mean,min,max}`` over them. An all-zero
+    matrix (e.g. a zero-initialised projection) has no stable rank and logs nothing. sigma_1 comes from the
     spectrum when another monitor (e.g. :class:`SpectralEntropyMonitor`) asks the shared cache for
     it at this step, else from power iteration warm-started from the previous logging step's
     vector (``num_iters`` steps; 4x that on a cold start). The vectors are saved in checkpoints
@@ -69,9 +73,13 @@ class StableRankMonitor(SpectralMonitor):
         params: dict[str, Tensor],
         cache: SpectralCache,
     ) -> dict[str, float]:
-        mats = {n: cache.matrix("weight", n, p) for n, p in params.items()}
+        views = self.matrix_views(trainer.lightning_module, optimizer, params)
+        mats: dict[str, Tensor] = {}
+        for name, p in params.items():
+            mats.update(cache.matrices("weight", name, p, views[name]))
         if not trainer.is_global_zero:
             return {}
+        mats = {key: M for key, M in mats.items() if bool(M.any())}  # all-zero: undefined, not logged
         sigma = cache.sigma_max("weight", mats, self.vectors, self.num_iters)
-        values = {f"{self.prefix}{n}": float(M.square().sum() / sigma[n].square()) for n, M in mats.items()}
+        values = {f"{self.prefix}{key}": float(M.square().sum() / sigma[key].square()) for key, M in mats.items()}
         return {**values, **aggregates(self.prefix.rstrip("/"), values)}

@@ -15,8 +15,10 @@ The attention protocol: an attention module is clippable when it has
   with the power of the head's factor ``gamma = tau / S_h`` they take (1/2 for query and key rows,
   1 for query-only rows).
 
-:func:`qk_attention` returns such an object for a module that implements the protocol and for
-``torch.nn.MultiheadAttention`` (through :class:`MultiheadAttentionQK`).
+:func:`qk_attention` returns such an object for a module that implements the protocol, for
+``torch.nn.MultiheadAttention`` (through :class:`MultiheadAttentionQK`) and for the attention of
+Hugging Face models (:mod:`lightning_muon.diagnostics.hf_attention`). An adapter may also say
+``qk_clip_refusal``: why its weights cannot be clipped (it still measures logits).
 
 Example:
     >>> import torch
@@ -302,12 +304,16 @@ def _allowed(mask: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- discovery and observation
 def qk_attention(module: nn.Module) -> QKAttention | None:
     """``module`` itself when it implements :class:`QKAttention`, an adapter for
-    ``nn.MultiheadAttention``, else ``None``."""
+    ``nn.MultiheadAttention`` or for a Hugging Face attention module
+    (:mod:`lightning_muon.diagnostics.hf_attention`: Llama-style ``q_proj``/``k_proj`` with GQA,
+    BERT's ``query``/``key``, GPT-2's ``c_attn``), else ``None``."""
     if isinstance(module, QKAttention):
         return module
     if isinstance(module, nn.MultiheadAttention):
         return MultiheadAttentionQK(module)
-    return None
+    from .hf_attention import hf_qk_attention  # recognises transformers' classes without importing it
+
+    return hf_qk_attention(module)
 
 
 def find_qk_attention(model: nn.Module) -> dict[str, tuple[nn.Module, QKAttention]]:
@@ -358,11 +364,15 @@ class QKObserver:
             if not self.enabled:
                 return
             adapter = self.modules[name][1]
-            sharded = [r for r in adapter.qk_clip_rows() if is_dtensor(r.param)]
+            if getattr(adapter, "qk_clip_refusal", None):  # it cannot say its q/k rows: all its weights
+                weights = list(module.parameters())
+            else:
+                weights = [r.param for r in adapter.qk_clip_rows()]
+            sharded = [p for p in weights if is_dtensor(p)]
             if sharded:
                 raise RuntimeError(
                     f"QK-clip: attention {name!r} computes with DTensor query/key weights "
-                    f"({sharded[0].param.placements}), i.e. tensor-parallel heads; not supported (FSDP2, whose "
+                    f"({sharded[0].placements}), i.e. tensor-parallel heads; not supported (FSDP2, whose "
                     "weights are whole during the forward, and DDP are)."
                 )
             device = next((t.device for t in _tensors(args)), torch.device("cpu"))

@@ -14,6 +14,14 @@ McCandlish et al.'s B_simple with a small batch of one example and a large batch
 * ``nn.LayerNorm`` / ``nn.RMSNorm`` (:func:`norm_grad_norms`): ``c_i = sum_t g_{i,t} * xhat_{i,t}``
   for the gain and ``sum_t g_{i,t}`` for the bias, ``O(B T d)``: Gray et al. (NeurIPS 2024) show the
   normalization layers' noise scale tracks the whole transformer's.
+* ``nn.Conv1d/2d/3d`` (:func:`conv_grad_norms`): a convolution is a Linear layer applied to every
+  patch of its (padded) input, so the input is unfolded into ``(B, positions, in/groups * prod(k))``
+  patches and each group is a Linear map from its channels' patches: :func:`linear_grad_norms`
+  per group (ghost or materialised), in chunks of the batch so that the patches stay bounded.
+* Hugging Face's ``Conv1D`` (``x @ W + b``, ``W`` stored ``(in, out)``): its per-example gradient is
+  the transpose of a Linear layer's, with the same norm: :func:`linear_grad_norms` as it is.
+* ``nn.Embedding`` (:func:`embedding_grad_norms`): ``c_i`` adds ``g_{i,t}`` into row ``id_{i,t}``,
+  so ``|c_i|^2`` sums the rows after adding up the tokens of equal id: ``O(B T d)``, exact.
 
 Example:
     >>> A, G = torch.randn(4, 10, 8), torch.randn(4, 10, 6)  # 4 sequences of 10 tokens
@@ -27,14 +35,25 @@ Example:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .critical_batch import NoiseScale, noise_scale
 
-__all__ = ["PerExampleNorms", "linear_grad_norms", "norm_grad_norms", "per_example_noise_scale", "LINEAR_METHODS"]
+__all__ = [
+    "LINEAR_METHODS",
+    "PerExampleNorms",
+    "conv_grad_norms",
+    "embedding_grad_norms",
+    "linear_grad_norms",
+    "norm_grad_norms",
+    "per_example_noise_scale",
+]
 
 LINEAR_METHODS = ("auto", "ghost", "materialize")
 _CHUNK = 1 << 24  # elements of one temporary (per-example gradients or Gram matrices): 64 MiB in fp32
@@ -107,6 +126,166 @@ def linear_grad_norms(inputs: Tensor, grad_outputs: Tensor, method: str = "auto"
         total = G.reshape(-1, d_out).mT @ A.reshape(-1, d_in)  # the batch gradient: one matmul
     sq = torch.cat(per_example) if per_example else A.new_zeros(0)
     return PerExampleNorms(sq, total.square().sum())
+
+
+def _tuple(value: int | Sequence[int], nd: int, name: str, where: str) -> tuple[int, ...]:
+    out = (value,) * nd if isinstance(value, int) else tuple(value)
+    if len(out) != nd or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in out):
+        raise ValueError(f"{where}: {name} must be an integer >= 0 or {nd} of them, got {value!r}")
+    return out
+
+
+def _padding_pairs(
+    padding: str | int | Sequence[int], kernel: tuple[int, ...], dilation: tuple[int, ...], where: str
+) -> list[tuple[int, int]]:
+    """``(before, after)`` per spatial dim, as ``nn.Conv*`` pads (``"same"``: the odd one after)."""
+    if padding == "valid":
+        return [(0, 0)] * len(kernel)
+    if padding == "same":
+        total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        return [(t // 2, t - t // 2) for t in total]
+    return [(p, p) for p in _tuple(padding, len(kernel), "padding", where)]
+
+
+def _patches(
+    x: Tensor,
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    pads: list[tuple[int, int]],
+    dilation: tuple[int, ...],
+    padding_mode: str,
+) -> Tensor:
+    """``(B, C, *spatial)`` -> ``(B, positions, C, prod(kernel))``: every patch a conv kernel reads."""
+    flat = [v for pair in reversed(pads) for v in pair]
+    if any(flat):
+        x = F.pad(x, flat, mode="constant" if padding_mode == "zeros" else padding_mode)
+    nd = len(kernel)
+    for d in range(nd):
+        span = dilation[d] * (kernel[d] - 1) + 1
+        x = x.unfold(2 + d, span, stride[d])  # a window dim appended at the end
+        if dilation[d] > 1:
+            x = x[..., :: dilation[d]]
+    B, C = x.shape[:2]
+    positions = x.shape[2 : 2 + nd].numel()
+    order = [0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)]
+    return x.permute(order).reshape(B, positions, C, -1)
+
+
+def conv_grad_norms(
+    inputs: Tensor,
+    grad_outputs: Tensor,
+    kernel_size: int | Sequence[int],
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: str | int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    method: str = "auto",
+) -> PerExampleNorms:
+    """Per-example squared norms of an ``nn.Conv1d/2d/3d`` weight gradient, and of the batch's.
+
+    Args:
+        inputs: the layer's input ``(B, C_in, *spatial)`` (one example per row of the batch).
+        grad_outputs: the gradient of the loss w.r.t. its output ``(B, C_out, *spatial_out)``.
+        kernel_size, stride, padding, dilation, groups, padding_mode: the conv's (``padding`` may be
+            ``"same"`` or ``"valid"``; ``padding_mode`` one of ``"zeros"``, ``"reflect"``,
+            ``"replicate"``, ``"circular"``).
+        method: as :func:`linear_grad_norms`, per group with the positions as the tokens.
+
+    Example:
+        >>> conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        >>> x = torch.randn(2, 3, 5, 5); g = torch.randn(2, 4, 5, 5)
+        >>> norms = conv_grad_norms(x, g, 3, padding=1)
+        >>> w = [torch.autograd.grad((conv(x[i : i + 1]) * g[i : i + 1]).sum(), conv.weight)[0] for i in range(2)]
+        >>> torch.allclose(norms.per_example_sq, torch.stack([c.square().sum() for c in w]), rtol=1e-4)
+        True
+    """
+    where = "conv_grad_norms"
+    if method not in LINEAR_METHODS:
+        raise ValueError(f"{where}: method must be one of {LINEAR_METHODS}, got {method!r}")
+    nd = inputs.ndim - 2
+    if nd < 1 or grad_outputs.ndim != inputs.ndim or inputs.shape[0] != grad_outputs.shape[0]:
+        raise ValueError(
+            f"{where}: inputs (B, C_in, *spatial) and grad_outputs (B, C_out, *spatial_out) must have one batch "
+            f"and the same number of dims, got {tuple(inputs.shape)} and {tuple(grad_outputs.shape)}"
+        )
+    kernel = _tuple(kernel_size, nd, "kernel_size", where)
+    strides, dilations = _tuple(stride, nd, "stride", where), _tuple(dilation, nd, "dilation", where)
+    pads = _padding_pairs(padding, kernel, dilations, where)
+    C, C_out = inputs.shape[1], grad_outputs.shape[1]
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or C % groups or C_out % groups:
+        raise ValueError(f"{where}: groups must divide C_in ({C}) and C_out ({C_out}), got {groups!r}")
+    x = inputs.detach()
+    x = x if x.dtype == torch.float64 else x.float()
+    g = grad_outputs.detach().to(x.dtype)
+    B, G = x.shape[0], groups
+    positions = grad_outputs.shape[2:].numel()
+    patch = C // G * math.prod(kernel)
+    chunk = max(1, _CHUNK // max(1, positions * C * math.prod(kernel)))
+    per_example, total = [], x.new_zeros(G, C_out // G, patch)
+    for i in range(0, B, chunk):
+        a = _patches(x[i : i + chunk], kernel, strides, pads, dilations, padding_mode)  # (b, L, C, k)
+        b = a.shape[0]
+        if a.shape[1] != positions:
+            raise ValueError(
+                f"{where}: inputs {tuple(inputs.shape)} give {a.shape[1]} output positions with these settings, "
+                f"grad_outputs {tuple(grad_outputs.shape)} has {positions}"
+            )
+        a = a.reshape(b, positions, G, patch).transpose(1, 2).reshape(b * G, positions, patch)
+        o = (
+            g[i : i + chunk]
+            .reshape(b, G, C_out // G, positions)
+            .transpose(-1, -2)
+            .reshape(b * G, positions, C_out // G)
+        )
+        norms = linear_grad_norms(a, o, method)
+        per_example.append(norms.per_example_sq.view(b, G).sum(1))
+        total += torch.einsum("bglo,bgli->goi", o.view(b, G, positions, -1), a.view(b, G, positions, -1))
+    return PerExampleNorms(torch.cat(per_example), total.square().sum())
+
+
+def embedding_grad_norms(ids: Tensor, grad_outputs: Tensor, padding_idx: int | None = None) -> PerExampleNorms:
+    """Per-example squared norms of an ``nn.Embedding`` weight gradient, and of the batch's.
+
+    Example ``i`` adds ``g_{i,t}`` into row ``ids[i, t]``; tokens of equal id add up before the row
+    is squared. Tokens equal to ``padding_idx`` get no gradient (as in ``nn.Embedding``).
+
+    Args:
+        ids: the looked-up indices ``(B, ...)``.
+        grad_outputs: the gradient of the loss w.r.t. the embeddings ``(B, ..., d)``.
+        padding_idx: the embedding's ``padding_idx`` (None: every token counts).
+
+    Example:
+        >>> ids = torch.tensor([[1, 1, 2]]).expand(2, 3); g = torch.ones(2, 3, 4)
+        >>> embedding_grad_norms(ids, g).per_example_sq  # row 1 gets 2 g: |2 g|^2 + |g|^2 = 16 + 4
+        tensor([20., 20.])
+    """
+    where = "embedding_grad_norms"
+    if ids.dtype not in (torch.int64, torch.int32) or grad_outputs.shape[:-1] != ids.shape or ids.ndim < 1:
+        raise ValueError(
+            f"{where}: ids (B, ...) must be integers and grad_outputs (B, ..., d) match them, "
+            f"got {tuple(ids.shape)} ({ids.dtype}) and {tuple(grad_outputs.shape)}"
+        )
+    g = grad_outputs.detach()
+    g = g if g.dtype == torch.float64 else g.float()
+    B, d = ids.shape[0], g.shape[-1]
+    ids = ids.reshape(B, -1).long()
+    g = g.reshape(B, -1, d)
+    if padding_idx is not None:
+        g = g * (ids != padding_idx).unsqueeze(-1)
+    example = torch.arange(B, device=ids.device)[:, None].expand_as(ids)
+
+    def summed_rows(key: Tensor) -> tuple[Tensor, Tensor]:
+        unique, inverse = torch.unique(key.reshape(-1), return_inverse=True)
+        rows = g.new_zeros(unique.numel(), d).index_add_(0, inverse, g.reshape(-1, d))
+        return unique, rows.square().sum(-1)
+
+    vocab = int(ids.max()) + 1 if ids.numel() else 1
+    unique, sq = summed_rows(example * vocab + ids)  # rows per (example, id)
+    per_example = g.new_zeros(B).index_add_(0, unique // vocab, sq)
+    _, batch = summed_rows(ids)
+    return PerExampleNorms(per_example, batch.sum())
 
 
 def norm_grad_norms(

@@ -27,7 +27,13 @@ from ..parallel.dtensor import check_not_flat_shard, is_dtensor
 from ..parallel.groups import AUTO
 from ..parallel.placement import check_dtensor_param
 from ..routing.matrix_view import MatrixView, matrix_view_for
-from ..routing.rules import groups_from_routes, route_named_parameters, why_not_muon
+from ..routing.rules import (
+    DEFAULT_EMBEDDING_NAMES,
+    DEFAULT_HEAD_NAMES,
+    groups_from_routes,
+    route_named_parameters,
+    why_not_muon,
+)
 from ..validation import check_bool, check_choice, check_number, check_positive_int, is_number
 from .functional import ADJUST_LR
 from .newton_schulz import available_methods
@@ -103,7 +109,7 @@ def muon_defaults(**settings: Any) -> dict[str, Any]:
     )
     unknown = set(settings) - set(out)
     if unknown:
-        raise TypeError(f"muon_defaults: unknown settings {sorted(unknown)}")
+        raise TypeError(f"muon_defaults: unknown settings {sorted(unknown)}; the settings are {sorted(out)}")
     out.update(settings)
     return validate_muon(out, "Muon")
 
@@ -225,7 +231,11 @@ def check_views(group: Mapping[str, Any], where: str, strict: bool = True) -> No
     by_name = dict(zip(names, group["params"]))
     unknown = [n for n in by_name_view if n not in by_name]
     if strict and unknown:
-        raise ValueError(f"{where}: matrix_views names {unknown[:3]} that are not parameters of this group")
+        raise ValueError(
+            f"{where}: matrix_views names {unknown[:3]} that are not parameters of this group; its "
+            f"parameters are {list(by_name)[:3]}{' ...' if len(by_name) > 3 else ''} (or set the views "
+            "with muon_param_groups(model, matrix_rules={pattern: view}))"
+        )
     for name, spec in by_name_view.items():
         if name in by_name:
             shape = tuple(by_name[name].shape)
@@ -258,34 +268,81 @@ def _check_params(group: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------- building
+#: What the constructor's messages recommend first: routing that reads the module, not only names or shapes.
+_PREFER_GROUPS = (
+    "Pass lightning_muon.muon_param_groups(model) instead: it routes by module type, name and position "
+    "(nn.Embedding and the last layer outside the repeated blocks to AdamW) and names the groups; "
+    "print(lightning_muon.routing_table(model)) shows each decision and why"
+)
+
+
 def as_groups(params: Iterable[Any]) -> list[dict]:
-    """Normalise the three accepted forms of ``params`` into group dicts with ``use_muon``."""
+    """Normalise the three accepted forms of ``params`` into group dicts with ``use_muon``.
+
+    Plain tensors are routed by shape and ``(name, tensor)`` pairs by name and shape; both warn when
+    that may send an embedding or output head to Muon, recommending :func:`muon_param_groups`.
+    """
     if isinstance(params, Tensor):
-        raise TypeError("Muon: params must be an iterable of tensors, (name, tensor) pairs or dicts")
+        raise TypeError(
+            "Muon: params must be an iterable (of tensors, (name, tensor) pairs or param-group dicts), "
+            "got a single Tensor; pass a list such as [weight], or lightning_muon.muon_param_groups(model)"
+        )
     items = list(params)
     if not items:
-        raise ValueError("Muon: empty parameter list; pass model.parameters() or param groups")
+        raise ValueError(
+            "Muon: empty parameter list, nothing to optimize (a model.parameters() generator that was "
+            "already consumed, or a model whose parameters are all frozen?); pass "
+            "lightning_muon.muon_param_groups(model) for a model with trainable parameters"
+        )
     if all(isinstance(x, dict) for x in items):
         return items  # routed, filled and validated one by one in Muon.add_param_group
     if all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in items):
-        return groups_from_routes(route_named_parameters(items))
+        routes = route_named_parameters(items)
+        _warn_name_only(routes)
+        return groups_from_routes(routes)
     if all(isinstance(x, Tensor) for x in items):
         muon = [p for p in items if why_not_muon(p) is None]
         other = [p for p in items if why_not_muon(p) is not None]
         if muon:
             warnings.warn(
-                f"Muon received {len(items)} unnamed parameters and routed them by shape: "
-                f"{len(muon)} tensors with >= 2 dims to Muon, {len(other)} to AdamW. Shape alone "
-                "cannot tell an embedding or output head from a hidden matrix, so those are "
-                "trained by Muon here. Pass model.named_parameters() or "
-                "lightning_muon.muon_param_groups(model) for name-aware routing.",
+                f"Muon received {len(items)} parameters without names (model.parameters(), or "
+                f"LightningCLI's top-level optimizer:) and routed them by shape alone: {len(muon)} "
+                f"tensors with >= 2 dims to Muon, {len(other)} to AdamW. Shape alone cannot tell an embedding "
+                "or output head from a hidden matrix, so those are trained by Muon here. "
+                f"{_PREFER_GROUPS} (with LightningCLI: inject the optimizer into the module and return "
+                "configure_muon(self, optimizer=self.optimizer)).",
                 stacklevel=4,
             )
         groups = [{"name": "muon", "params": muon, "use_muon": True}] if muon else []
         if other:
             groups.append({"name": "adamw", "params": other, "use_muon": False})
         return groups
-    raise TypeError("Muon: params must be all tensors, all (name, tensor) pairs, or all dicts")
+    kinds = sorted({"dict" if isinstance(x, dict) else type(x).__name__ for x in items})
+    raise TypeError(
+        f"Muon: params must be all tensors, all (name, tensor) pairs, or all param-group dicts, got a mix "
+        f"of {kinds}; pass lightning_muon.muon_param_groups(model), or list(model.named_parameters())"
+    )
+
+
+def _warn_name_only(routes: list) -> None:
+    """Warn when ``(name, tensor)`` pairs routed by name alone found no output head or no embedding
+    among matrices that go to Muon (names outside the defaults, ``nn.Sequential`` indices)."""
+    if not any(r.use_muon for r in routes):
+        return
+    missing = []
+    if not any(r.reason.startswith("output head") for r in routes):
+        missing.append(f"an output head (head_names {DEFAULT_HEAD_NAMES})")
+    if not any(r.reason.startswith("embedding") for r in routes):
+        missing.append(f"an embedding (embedding_names {DEFAULT_EMBEDDING_NAMES})")
+    if missing:
+        muon = [r.name for r in routes if r.use_muon]
+        warnings.warn(
+            f"Muon routed {len(routes)} named parameters by name alone (no module types are known from "
+            f"(name, tensor) pairs) and no name matched {' nor '.join(missing)}, so if the model has one it "
+            f"is among the {len(muon)} matrices trained by Muon ({', '.join(muon[:3])}"
+            f"{', ...' if len(muon) > 3 else ''}). {_PREFER_GROUPS}.",
+            stacklevel=4,
+        )
 
 
 def _tensors_and_names(raw: Any) -> tuple[list[Tensor], list[str] | None]:
@@ -295,14 +352,21 @@ def _tensors_and_names(raw: Any) -> tuple[list[Tensor], list[str] | None]:
     raw = [raw] if isinstance(raw, Tensor) else list(raw)
     pairs = [isinstance(x, tuple) for x in raw]
     if any(pairs) and not all(pairs):
-        raise ValueError("Muon: all params of a group should be with/without names (name, tensor)")
+        raise ValueError(
+            "Muon: a param group mixes (name, tensor) pairs and bare tensors; give every parameter of the "
+            "group a name, e.g. [(n, p) for n, p in model.named_parameters()], or none"
+        )
     names = [x[0] for x in raw] if raw and all(pairs) else None
     tensors = [x[1] for x in raw] if names is not None else raw
     for t in tensors:
         if not isinstance(t, Tensor):
             raise TypeError(f"Muon: can only optimize Tensors, got {type(t).__name__}")
         if not (t.is_leaf or t.retains_grad):
-            raise ValueError("Muon: can't optimize a non-leaf Tensor")
+            raise ValueError(
+                f"Muon: can't optimize a non-leaf Tensor (shape {tuple(t.shape)}, computed from other "
+                "tensors); pass the nn.Parameter itself (e.g. model.weight, not model.weight * 2 or "
+                "model.weight.to(...))"
+            )
     for label, t in zip(names or [f"of shape {tuple(t.shape)}" for t in tensors], tensors):
         check_not_flat_shard(t, f"parameter {label}")
     return tensors, names
@@ -395,7 +459,10 @@ def build_groups(
         raise TypeError(f"Muon.add_param_group: param_group must be a dict, got {type(param_group).__name__}")
     group = dict(param_group)
     if "params" not in group:
-        raise ValueError("Muon: a param group needs a 'params' key")
+        raise ValueError(
+            f"Muon: a param group needs a 'params' key, got keys {sorted(map(str, group))}; "
+            "e.g. {'params': [weight], 'use_muon': True}"
+        )
     tensors, names = _tensors_and_names(group.pop("params"))
     refuse_unsupported(group, "Muon param group")
     start = len(existing)
@@ -434,7 +501,10 @@ def build_groups(
     taken = {id(p) for g in existing for p in g["params"]}
     new = [p for part in out for p in part["params"]]
     if len({id(p) for p in new}) != len(new) or taken & {id(p) for p in new}:
-        raise ValueError("some parameters appear in more than one parameter group")
+        raise ValueError(
+            "some parameters appear in more than one parameter group; build the groups with "
+            "lightning_muon.muon_param_groups(model), which puts each parameter in exactly one group"
+        )
     named = ("param_names" in existing[0]) if existing else ("param_names" in out[0])
     for part in out:
         if named and "param_names" not in part:

@@ -91,6 +91,7 @@ _POLAR_EXPRESS: tuple[Coefficients, ...] = (
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
 
+#: The Newton–Schulz iterations by name (``ns_method``): coefficients per step and normalisation.
 NS_PRESETS: dict[str, NSPreset] = {
     "quintic": NSPreset((_KELLER,), _KELLER, norm_scale=1.0, norm_eps=1e-7, band=(0.45, 1.25)),
     "polar_express": NSPreset(_POLAR_EXPRESS, _NEWTON_SCHULZ_5, norm_scale=1.02, norm_eps=1e-6, band=(0.8, 1.2)),
@@ -130,11 +131,13 @@ class GramVariant:
 # at 5, 8 and 10 steps (no restart: 1.7e14 at 5 steps; {2} alone: 5e6 at 8). Keller's quintic,
 # {2, 4, 6, ...}: 20 at 5 and 8 steps ({2} alone: 74 at 5, 7e25 at 8). With bfloat16's round-off
 # (-4e-3) no schedule of one or two restarts stays below 1e20, hence float16 for 16-bit Gram NS.
+#: The Gram forms of the iterations (``ns_method="gram_*"``): which preset, and when to restart.
 GRAM_METHODS: dict[str, GramVariant] = {
     "gram_polar_express": GramVariant("polar_express", restarts=(2,), restart_every=3),
     "gram_quintic": GramVariant("quintic", restarts=(2,), restart_every=2),
 }
 _GRAM_OF: dict[str, str] = {variant.preset: name for name, variant in GRAM_METHODS.items()}
+#: Every accepted ``ns_method``: the presets, their Gram forms and the exact ``"svd"``.
 METHODS: tuple[str, ...] = (*NS_PRESETS, *GRAM_METHODS, "svd")
 
 

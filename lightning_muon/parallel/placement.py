@@ -224,12 +224,15 @@ def global_index(t: Tensor) -> Tensor:
     return flat.expand(tuple(len(i) for i in index)).to(t.to_local().device)
 
 
-def sum_rows_over_mesh(pieces: list[tuple[Tensor, Tensor, int]]) -> list[Tensor]:
+def sum_rows_over_mesh(pieces: list[tuple[Tensor, Tensor, int | Callable[[Tensor], Tensor]]]) -> list[Tensor]:
     """Rows' sums of squares of whole matrices whose pieces are spread over DTensor meshes.
 
     ``pieces``: (DTensor parameter ``p``, this rank's piece of a tensor of ``p``'s shape, e.g. its
     orthogonalised update, ``columns`` of ``p``'s matrix view). The view's rows are row-major
-    runs of ``columns`` elements (element ``k`` of the whole tensor lies in row ``k // columns``).
+    runs of ``columns`` elements (element ``k`` of the whole tensor lies in row ``k // columns``);
+    instead of ``columns``, a function from elements' indices to their rows (a matrix view's
+    ``row_of``, e.g. for a weight stored transposed, whose rows are the stored columns; the last
+    element must lie in the last row).
     Each rank adds its elements' squares into their rows (a replicated copy adds nothing), then
     one ``all_reduce`` per process group sums them: every rank gets every row's total (float32
     or wider, ``numel // columns`` of them).
@@ -239,9 +242,11 @@ def sum_rows_over_mesh(pieces: list[tuple[Tensor, Tensor, int]]) -> list[Tensor]
     for k, (p, piece, cols) in enumerate(pieces):
         domain = mesh_domain(p.device_mesh)
         wide = torch.promote_types(piece.dtype, torch.float32)
-        total = torch.zeros(p.numel() // cols, dtype=wide, device=piece.device)
+        row_of = cols if callable(cols) else (lambda index, c=cols: index // c)
+        n_rows = p.numel() // cols if not callable(cols) else int(row_of(torch.tensor([p.numel() - 1]))) + 1
+        total = torch.zeros(n_rows, dtype=wide, device=piece.device)
         if _sends(domain, p.placements, domain.group.rank()) and piece.numel():
-            total.index_add_(0, (global_index(p) // cols).reshape(-1), piece.reshape(-1).to(wide).square())
+            total.index_add_(0, row_of(global_index(p)).reshape(-1), piece.reshape(-1).to(wide).square())
         out.append(total)
         by_group.setdefault(domain.group, []).append(k)
     for group, ks in by_group.items():

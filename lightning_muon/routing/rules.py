@@ -41,6 +41,14 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..validation import check_bool, check_choice, check_patterns, check_positive_int
+from .layers import (
+    DEFAULT_ROUTER_NAMES,
+    conv_groups,
+    fused_gate_up,
+    is_depthwise_conv,
+    is_moe_router,
+    is_transposed_linear,
+)
 from .matrix_view import MatrixView, matrix_view_for
 from .patterns import matching_pattern, why_not_muon
 from .tree import Structure, analyse, find_aux_heads, head_by_name
@@ -58,6 +66,9 @@ __all__ = [
     "routing_table",
     "DEFAULT_QKV_NAMES",
     "SPLIT_QKV",
+    "STEMS",
+    "GROUPED_CONVS",
+    "ROUTERS",
 ]
 
 
@@ -89,6 +100,16 @@ DEFAULT_QKV_NAMES: tuple[str, ...] = ("qkv", "c_attn", "in_proj", "in_proj_weigh
 #: Values of ``split_qkv``: False (keep fused projections whole), True (three blocks), "per_head".
 SPLIT_QKV = (False, True, "per_head")
 
+#: Values of ``stem``: the input stem (first layer before the repeated blocks) to AdamW or Muon.
+STEMS = ("adamw", "muon")
+
+#: Values of ``grouped_conv`` (convs with ``groups > 1`` and more than one input channel per group):
+#: AdamW (the default), Muon on each group's block, or Muon on the whole ``(out, rest)`` kernel.
+GROUPED_CONVS = ("adamw", "per_group", "whole")
+
+#: Values of ``router``: a mixture-of-experts router's weight to AdamW or Muon.
+ROUTERS = ("adamw", "muon")
+
 MUON, ADAMW, ADAMW_NO_DECAY = "muon", "adamw", "adamw_no_decay"
 
 
@@ -119,6 +140,17 @@ class RoutingRules:
         matrix_rules: ``{pattern: matrix view}``: how Muon sees the matching matrices.
         split_qkv: ``False``, ``True`` (fused q/k/v as three blocks) or ``"per_head"``.
         num_heads: heads of the fused q/k/v projections (default: the modules' own attribute).
+        stem: ``"adamw"`` (default) or ``"muon"``: where the input stem goes (the first matrix layer
+            before the repeated blocks, or a first convolution; see :func:`route_parameters`).
+        grouped_conv: ``"adamw"`` (default, measured: ``benchmarks/routing_choices.py``),
+            ``"per_group"`` (Muon on each group's ``(out/G, rest)`` block) or ``"whole"`` (Muon on
+            one ``(out, rest)`` matrix), for convs with ``groups > 1`` and more than one input
+            channel per group. Depthwise convs always go to AdamW.
+        router: ``"adamw"`` (default) or ``"muon"``: a mixture-of-experts router (a weight named like
+            ``router_names`` next to a bank of experts).
+        router_names: fnmatch patterns of router module names (last component).
+        split_gate_up: orthogonalise a fused gate/up projection ``[W_gate; W_up]`` (``gate_up_proj``)
+            as two matrices, like the separate ``gate_proj`` and ``up_proj`` of an unfused model.
 
     Raises:
         ValueError: at construction, a pattern list that is not a list of strings, a malformed
@@ -142,12 +174,21 @@ class RoutingRules:
     matrix_rules: Mapping[str, str] = field(default_factory=dict)
     split_qkv: bool | str = False
     num_heads: int | None = None
+    stem: str = "adamw"
+    grouped_conv: str = "adamw"
+    router: str = "adamw"
+    router_names: tuple[str, ...] = DEFAULT_ROUTER_NAMES
+    split_gate_up: bool = True
 
     def __post_init__(self) -> None:
         where = "lightning_muon routing"
-        for name in ("embedding_names", "head_names", "adamw_names", "muon_names"):
+        for name in ("embedding_names", "head_names", "adamw_names", "muon_names", "router_names"):
             object.__setattr__(self, name, check_patterns(getattr(self, name), name, where))
         check_bool(self.structure, "structure", where)
+        check_bool(self.split_gate_up, "split_gate_up", where)
+        check_choice(self.stem, "stem", where, STEMS)
+        check_choice(self.grouped_conv, "grouped_conv", where, GROUPED_CONVS)
+        check_choice(self.router, "router", where, ROUTERS)
         rules = dict(self.matrix_rules or {})
         for pattern, spec in rules.items():
             if not isinstance(pattern, str):
@@ -164,7 +205,10 @@ class RoutingRules:
         base = rules if rules is not None else cls()
         unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise TypeError(f"lightning_muon routing: unknown routing option(s) {unknown}")
+            raise TypeError(
+                f"lightning_muon routing: unknown routing option(s) {unknown}; the options are "
+                f"{[f.name for f in dataclasses.fields(cls)]}"
+            )
         return dataclasses.replace(base, **options) if options else base
 
     def __reduce__(self):  # picklable despite the read-only mapping (a LightningModule's hparams may hold one)
@@ -186,6 +230,7 @@ def _route_one(
     head_verdict: tuple[str, str] | None = None,
     role: str | None = None,
     modules_known: bool = False,
+    layer_verdict: tuple[str, str] | None = None,
 ) -> Route:
     name = names[0]
     aliases = f" (tied: {', '.join(names[1:])})" if len(names) > 1 else ""
@@ -210,6 +255,8 @@ def _route_one(
     for n in names:
         if pattern := matching_pattern(n, rules.embedding_names):
             return Route(name, param, ADAMW, f"embedding (name matches {pattern!r}){aliases}")
+    if layer_verdict is not None and layer_verdict[0] == ADAMW:
+        return Route(name, param, ADAMW, layer_verdict[1] + aliases)
     if head_verdict is None:
         head_verdict = next((("head", p) for n in names if (p := matching_pattern(n, rules.head_names))), None)
     if head_verdict is not None:
@@ -224,6 +271,8 @@ def _route_one(
         )
     if role is not None:
         return Route(name, param, ADAMW, role + aliases)
+    if layer_verdict is not None:
+        return Route(name, param, MUON, layer_verdict[1] + aliases, "matrix")
     if (
         param.ndim > 2 and not modules_known
     ):  # without module information: flattened (route_parameters decides conv vs stack)
@@ -244,6 +293,28 @@ def _heads_near(name: str, modules: Mapping[str, nn.Module]) -> int | None:
     return None
 
 
+def _layer_verdict(
+    module_name: str | None,
+    module: nn.Module | None,
+    attr: str | None,
+    param: Tensor,
+    modules: Mapping[str, nn.Module],
+    rules: RoutingRules,
+) -> tuple[str, str] | None:
+    """``(group, reason)`` when the kind of layer decides (depthwise and grouped convs, MoE routers)."""
+    if attr == "weight" and is_depthwise_conv(module):
+        return ADAMW, (
+            f"depthwise conv (groups={module.groups}, one input channel per group): separate "
+            f"{'x'.join(map(str, module.kernel_size))} filters, not a map between feature spaces"
+        )
+    if attr == "weight" and conv_groups(module) > 1 and rules.grouped_conv == "adamw":
+        return ADAMW, f"grouped conv (groups={module.groups}; grouped_conv='adamw')"
+    if module_name is not None and param.ndim == 2 and is_moe_router(module_name, modules, rules.router_names):
+        what = f"MoE router ({param.shape[0]} expert logits; router={rules.router!r})"
+        return (ADAMW, what) if rules.router == "adamw" else (MUON, what)
+    return None
+
+
 def _choose_view(
     names: Sequence[str],
     param: Tensor,
@@ -251,10 +322,13 @@ def _choose_view(
     modules: Mapping[str, nn.Module],
     rules: RoutingRules,
     declared: Mapping[str, tuple[str, str]],
+    named_params: Mapping[str, Tensor] | None = None,
 ) -> tuple[MatrixView, str | None]:
     """The matrix view of a Muon parameter and what chose it (None: the default for its kind)."""
     shape = tuple(param.shape)
     module, attr = owner
+    transposed = attr == "weight" and is_transposed_linear(module)
+    seen = (shape[1], shape[0]) if transposed else shape  # the (out, in) map of a weight stored (in, out)
     split_qkv = rules.split_qkv
     for n in names:
         if pattern := matching_pattern(n, list(rules.matrix_rules)):
@@ -274,10 +348,12 @@ def _choose_view(
         heads = rules.num_heads
         if spec is None and isinstance(module, nn.MultiheadAttention) and attr == "in_proj_weight":
             heads, why = heads or module.num_heads, "split_qkv, nn.MultiheadAttention"
-        elif spec is None and any(matching_pattern(n, DEFAULT_QKV_NAMES) for n in names) and shape[0] == 3 * shape[1]:
+        elif spec is None and any(matching_pattern(n, DEFAULT_QKV_NAMES) for n in names) and seen[0] == 3 * seen[1]:
             heads, why = heads or _heads_near(names[0], modules), "split_qkv"
         if why is not None:
             view = MatrixView.parse(spec or (f"split=3,heads={heads}" if heads else "split=3"))
+            if transposed:
+                view, why = dataclasses.replace(view, transposed=True), why + ", Hugging Face Conv1D"
             if split_qkv == "per_head":
                 if not view.heads:
                     raise ValueError(
@@ -288,10 +364,18 @@ def _choose_view(
             if reason := view.why_not(shape):
                 raise ValueError(f"lightning_muon routing: split_qkv for {names[0]!r} of shape {shape}: {reason}")
             return view, why
-    if isinstance(module, nn.modules.conv._ConvTransposeNd) and attr == "weight":
-        return MatrixView("conv_transpose"), None
+    if transposed:
+        return MatrixView("matrix", transposed=True), "Hugging Face Conv1D"
     if isinstance(module, nn.modules.conv._ConvNd) and attr == "weight":
-        return MatrixView("conv"), None
+        rule = "conv_transpose" if isinstance(module, nn.modules.conv._ConvTransposeNd) else "conv"
+        groups = conv_groups(module)
+        if groups > 1 and rules.grouped_conv == "per_group":
+            return MatrixView(rule, parts=groups), f"groups={groups}, grouped_conv='per_group'"
+        return MatrixView(rule), (f"groups={groups}, grouped_conv='whole'" if groups > 1 else None)
+    if rules.split_gate_up and named_params is not None and fused_gate_up(names[0], param, named_params):
+        view = MatrixView("stack", parts=2) if param.ndim > 2 else MatrixView("split", parts=2)
+        if view.why_not(shape) is None:
+            return view, "split_gate_up: [W_gate; W_up]"
     if param.ndim > 2:
         stack = MatrixView("stack")
         return (stack, None) if stack.why_not(shape) is None else (MatrixView("flatten"), None)
@@ -310,23 +394,26 @@ def _with_view(route: Route, view: MatrixView, why: str | None) -> Route:
     return dataclasses.replace(route, matrix=str(view), reason=text + (f" (tied: {aliases}" if aliases else ""))
 
 
-def _warn_suspicious(routes: list[Route], head_found: bool, has_modules: bool) -> None:
+def _warn_suspicious(routes: list[Route], head_found: bool, has_modules: bool, rules: RoutingRules) -> None:
     if has_modules and not head_found and any(r.use_muon for r in routes):
+        last = next((r.name for r in reversed(routes) if r.use_muon), "")
         warnings.warn(
-            "lightning_muon: no output head or classifier was recognised, neither by name "
-            f"(patterns {DEFAULT_HEAD_NAMES}) nor by structure (a last layer outside the repeated blocks); "
-            "if the model has one it is being trained by Muon. "
-            "Pass adamw_names=['<head name>'] to route it to AdamW.",
+            "lightning_muon routing: no output head or classifier was recognised, neither by name "
+            f"(head_names {rules.head_names}) nor by structure (the last matrix layer outside the repeated "
+            "blocks), so if the model has one it is trained by Muon. Name it: "
+            f"muon_param_groups(model, adamw_names=[{last.rsplit('.', 1)[0] or last!r}]) (the last Muon "
+            "matrix here; any parameter or module name works), and check with routing_table(model).",
             stacklevel=3,
         )
     for r in routes:
-        if r.use_muon and r.param.ndim == 2:  # embeddings and heads are 2-D; conv kernels never warn
+        if r.use_muon and r.param.ndim == 2 and not r.reason.startswith("muon_names"):  # 2-D: conv kernels never warn
             rows, cols = r.param.shape
             if max(rows, cols) >= 16 * min(rows, cols) and max(rows, cols) >= 1024:
                 warnings.warn(
-                    f"lightning_muon: {r.name} ({rows} x {cols}) is routed to Muon but its shape "
+                    f"lightning_muon: {r.name} ({rows} x {cols}) is routed to Muon ({r.reason}) but its shape "
                     "looks like an embedding or output head (one side >= 16x the other). If it is "
-                    f"one, pass adamw_names=[{r.name!r}].",
+                    f"one, pass adamw_names=[{r.name!r}] (to muon_param_groups or configure_muon); if it is "
+                    f"a hidden matrix, muon_names=[{r.name!r}] keeps it on Muon without this warning.",
                     stacklevel=3,
                 )
 
@@ -347,7 +434,11 @@ def route_parameters(
        its components, or a module prefix such as ``"decoder.proj"``);
     2. tensors that are not matrices (see :func:`why_not_muon`) to AdamW, without weight decay
        when 1-D;
-    3. ``nn.Embedding`` weights and names matching ``embedding_names`` to AdamW;
+    3. ``nn.Embedding`` weights and names matching ``embedding_names`` to AdamW; then depthwise conv
+       kernels (one input channel per group) to AdamW, grouped ones too unless ``grouped_conv``
+       is ``"per_group"`` or ``"whole"``, and mixture-of-experts routers (a weight of a module named like
+       ``router_names`` whose parent holds ``experts``) to AdamW or Muon as ``router`` says
+       (:mod:`lightning_muon.routing.layers`);
     4. names matching ``head_names`` to AdamW (a head tied to the embedding is one tensor, matched
        through either name); when the match is an ``nn.Sequential`` of several layers (VGG's
        ``classifier``), only its last layer is the output head, the earlier ones are hidden;
@@ -361,7 +452,8 @@ def route_parameters(
          output size (GoogLeNet's ``aux1.fc2``, Inception's ``AuxLogits.fc``);
        * **input stem**: the first matrix layer when repeated blocks follow it (ResNet's
          ``conv1``) or when it is a convolution (VGG's ``features.0``), to AdamW as Keller
-         Jordan keeps the first layer off Muon. A flat MLP's first ``Linear`` stays on Muon.
+         Jordan keeps the first layer off Muon (``stem="muon"``: to Muon). A flat MLP's first
+         ``Linear`` stays on Muon.
 
        A model with a single matrix layer has no head, stem or hidden layer to tell apart;
 
@@ -379,11 +471,17 @@ def route_parameters(
        names relative to that module), and 2-D ``(3d, d)`` weights named like
        :data:`DEFAULT_QKV_NAMES` (rows ``(q/k/v, head, head_dim)``). Heads: ``num_heads``, else the
        nearest enclosing module's ``num_heads``/``n_head``;
-    3. the ``weight`` of an ``nn.Conv*``: ``"conv"`` ``(out, rest)``; of an ``nn.ConvTranspose*``:
-       ``"conv_transpose"`` ``(in, rest)``, scaled as the ``(rest, in)`` map it applies;
-    4. any other tensor with more than 2 dims: ``"stack"``, each trailing 2-D slice on its own
+    3. the ``weight`` of a Hugging Face ``Conv1D`` (stored ``(in, out)``): ``"matrix,transposed"``
+       (with ``split_qkv``, its ``c_attn`` is split along the stored columns);
+    4. the ``weight`` of an ``nn.Conv*``: ``"conv"`` ``(out, rest)``; of an ``nn.ConvTranspose*``:
+       ``"conv_transpose"`` ``(in, rest)``, scaled as the ``(rest, in)`` map it applies; with
+       ``groups > 1`` one matrix per group (``"conv,groups=G"``, ``grouped_conv="per_group"``) or the
+       whole kernel (``grouped_conv="whole"``);
+    5. a fused gate/up projection (``gate_up_proj`` next to its ``down_proj``) with
+       ``split_gate_up=True``: ``"stack,split=2"`` (``"split=2"`` for 2-D);
+    6. any other tensor with more than 2 dims: ``"stack"``, each trailing 2-D slice on its own
        (``"flatten"`` when the slices are vector-like);
-    5. a 2-D weight: ``"matrix"``.
+    7. a 2-D weight: ``"matrix"``.
 
     Example:
         >>> import torch.nn as nn
@@ -406,10 +504,12 @@ def route_parameters(
     """
     rules = RoutingRules.of(rules, **options)
     owner: dict[int, nn.Module] = {}
+    owner_name: dict[int, str] = {}
     attr: dict[int, str] = {}
-    for mod in module.modules():
+    for mname, mod in module.named_modules():
         for a, p in mod.named_parameters(recurse=False):
             owner.setdefault(id(p), mod)
+            owner_name.setdefault(id(p), mname)
             attr.setdefault(id(p), a)
     aliases: dict[int, list[str]] = {}
     params: dict[int, Tensor] = {}
@@ -419,9 +519,14 @@ def route_parameters(
     trainable = [key for key in aliases if params[key].requires_grad]
     for pattern in rules.matrix_rules:
         if not any(matching_pattern(n, [pattern]) for key in trainable for n in aliases[key]):
-            raise ValueError(f"lightning_muon routing: matrix_rules pattern {pattern!r} matches no trainable parameter")
+            names = [aliases[key][0] for key in trainable]
+            raise ValueError(
+                f"lightning_muon routing: matrix_rules pattern {pattern!r} matches no trainable parameter; "
+                f"patterns match a dotted name, a component or a module prefix, e.g. {names[:3]}"
+            )
     tree = analyse(module) if rules.structure else None
     verdicts, roles, head_found = _head_and_roles(tree, trainable, aliases, rules)
+    modules = tree.modules if tree else dict(module.named_modules())
     routes: list[Route] = []
     for key in trainable:
         layer = tree.owner_layer.get(key) if tree else None
@@ -434,23 +539,26 @@ def route_parameters(
                 head_verdict=verdicts.get(key),
                 role=roles.get(layer) if layer is not None else None,
                 modules_known=True,
+                layer_verdict=_layer_verdict(
+                    owner_name.get(key), owner.get(key), attr.get(key), params[key], modules, rules
+                ),
             )
         )
-    modules = tree.modules if tree else dict(module.named_modules())
     declared: dict[str, tuple[str, str]] = {}
     for mname, mod in modules.items():
         layout = getattr(mod, "muon_qkv_layout", None)
         if isinstance(layout, Mapping):
             for rel, spec in layout.items():
                 declared[f"{mname}.{rel}" if mname else rel] = (spec, f"split_qkv, layout from {type(mod).__name__}")
+    named = {n: params[key] for key in trainable for n in aliases[key]}
     for i, (key, r) in enumerate(zip(trainable, routes)):
         if r.use_muon:
             owned = (owner.get(key), attr.get(key))
-            view, why = _choose_view(aliases[key], r.param, owned, modules, rules, declared)
+            view, why = _choose_view(aliases[key], r.param, owned, modules, rules, declared, named)
             routes[i] = _with_view(r, view, why)
     head_found = head_found or any(matching_pattern(n, rules.adamw_names) for key in aliases for n in aliases[key])
     if warn:
-        _warn_suspicious(routes, head_found, has_modules=True)
+        _warn_suspicious(routes, head_found, has_modules=True, rules=rules)
     return routes
 
 
@@ -476,7 +584,7 @@ def _head_and_roles(
     head_found = any(v[0] == "head" for v in verdicts.values())
     roles: dict[str, str] = {}
     if tree is not None:
-        if tree.stem:
+        if tree.stem and rules.stem == "adamw":
             roles[tree.stem[0]] = tree.stem[1]
         head_layer = named_head_layer
         if not head_found and tree.head:

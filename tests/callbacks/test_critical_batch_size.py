@@ -8,8 +8,10 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -130,16 +132,19 @@ def test_per_example_step0_matches_vmap_grad(tmp_path, setting):
         ref_small, ref_big = _reference(ref_model, batches, [name])
         assert small[i].item() == pytest.approx(ref_small, rel=1e-4)
         assert big[i].item() == pytest.approx(ref_big, rel=1e-4)
-        if setting == "default":  # Muon's B_crit with the group's momentum (0.95), from the same pieces
+        if setting == "default":  # Muon's B_crit with the group's momentum (0.95, Nesterov), from the same pieces
             x, y = batches[0]
-            G = _per_example_grads(ref_model, x, y)[name].mean(0)
+            G = _per_example_grads(ref_model, x, y)[name].mean(0)  # step 0: the direction is the gradient
             sigma2 = noise_scale(ref_small, ref_big, 1, MICRO).trace_sigma / G.numel()
-            expect = muon_critical_batch_size(G.double(), sigma2.double(), momentum=0.95, batch_size=MICRO).b_crit
-            est = muon_critical_batch_size(G.double(), sigma2.double(), momentum=0.95, batch_size=MICRO)
-            # noise-dominated at 8 examples (r = 0 or 1 above the noise edge): b_crit NaN or 0; its inputs exact
-            assert _logged(rows, f"critical_batch_size/b_crit/{name}") == pytest.approx(
-                expect.item(), rel=1e-3, nan_ok=True
-            )
+            est = muon_critical_batch_size(G.double(), sigma2.double(), momentum=0.95, nesterov=True, batch_size=MICRO)
+            # noise-dominated at 8 examples (r = 0 or 1 above the noise edge): no b_crit when r = 0
+            logged = [
+                r[f"critical_batch_size/b_crit/{name}"] for r in rows if r.get(f"critical_batch_size/b_crit/{name}")
+            ]
+            if est.rank.item() == 0:
+                assert logged == []
+            else:
+                assert float(logged[0]) == pytest.approx(est.b_crit.item(), rel=1e-3)
             assert _logged(rows, f"critical_batch_size/sigma2/{name}") == pytest.approx(est.sigma2.item(), rel=1e-4)
             assert _logged(rows, f"critical_batch_size/rank/{name}") == est.rank.item()
     assert all(not m._forward_hooks for m in model.modules())  # hooks gone after the measured step
@@ -166,7 +171,7 @@ def test_hooks_only_on_measured_steps(tmp_path):
     assert monitor.ema_steps == 4  # steps 0, 2, 4, 6
     assert int(monitor.ema_counts.min()) == 4
     rows = _rows(tmp_path)
-    assert sorted({int(r["step"]) for r in rows if r.get("critical_batch_size/b_simple/fc1.weight")}) == [0, 4]
+    assert sorted({int(r["step"]) for r in rows if r.get("critical_batch_size/sigma2/fc1.weight")}) == [0, 4]
 
 
 class Regression(pl.LightningModule):
@@ -243,30 +248,246 @@ def test_misconfigured_trainers(tmp_path):
         _trainer(tmp_path, [CriticalBatchSizeMonitor(), BatchSizeWarmup(64)]).fit(Net(manual=True))
 
 
-class ConvNet(Net):
-    """A 1-D conv in front of the Linear layers: the conv kernel has no per-example estimate."""
+class UpNet(Net):
+    """A 1-D transposed conv in front of the Linear layers: a layer type with no per-example form."""
 
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv1d(6, 6, 1)
+    def __init__(self, manual=False):
+        super().__init__(manual=manual)
+        self.up = nn.ConvTranspose1d(6, 6, 1)
 
     def forward(self, x):
-        return super().forward(self.conv(x.mT).mT)
+        return super().forward(self.up(x.mT).mT)
 
 
-def test_layers_without_per_example_norms(tmp_path):
-    with pytest.raises(MisconfigurationException, match="no nn.LayerNorm"):
-        _trainer(tmp_path, [CriticalBatchSizeMonitor(estimator="layernorm")]).fit(Regression())
-    with pytest.raises(MisconfigurationException, match="none of the monitored"):
-        _trainer(tmp_path, [CriticalBatchSizeMonitor(estimator="per_example", include=["conv.weight"])]).fit(ConvNet())
-    with pytest.warns(UserWarning, match="no per-example estimate for \\['conv.weight'\\]"):
-        monitor = CriticalBatchSizeMonitor(every_n_steps=1, include=["conv.weight", "fc1.weight"])
-        _trainer(tmp_path, [monitor]).fit(ConvNet())  # auto, one device: per-example on the Linear
+class UpOnly(Regression):
+    """Only a transposed conv, no norm: nothing has a per-example form."""
+
+    def __init__(self, manual=False):
+        super().__init__(n=64)
+        del self.proj
+        self.up = nn.ConvTranspose1d(8, 4, 1, bias=False)
+        self.automatic_optimization = not manual
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = 0.5 * (self.up(x.unsqueeze(-1)).squeeze(-1) - y).square().sum(1).mean()
+        if not self.automatic_optimization:
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+        return loss
+
+
+def _fit(tmp_path, monitor, model, **kw):
+    kw.setdefault("max_steps", 2)
+    _trainer(tmp_path, [monitor], **kw).fit(model)
+    return monitor
+
+
+def _one_warning(record, match):
+    """The monitor's warnings in ``record``: exactly one, matching ``match``; returns its text."""
+    mine = [str(w.message) for w in record if "CriticalBatchSizeMonitor" in str(w.message)]
+    assert len(mine) == 1 and re.search(match, mine[0]), mine
+    return mine[0]
+
+
+def _no_warning(record):
+    assert not [str(w.message) for w in record if "CriticalBatchSizeMonitor" in str(w.message)]
+
+
+def test_conv_layers_get_per_example_estimates_at_the_defaults(tmp_path):
+    # A CNN on one device without accumulation: 'auto' measures the conv kernels themselves.
+    class CNN(Net):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(6, 6, 3, padding=1)
+
+        def forward(self, x):
+            return super().forward(self.conv(x.mT).mT)
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        monitor = _fit(
+            tmp_path, CriticalBatchSizeMonitor(every_n_steps=1, include=["conv.weight", "fc1.weight"]), CNN()
+        )
+    _no_warning(record)
+    assert monitor.mode == "per_example" and monitor.ema_counts.tolist() == [2.0, 2.0]
+
+
+def test_auto_leaves_out_what_has_no_per_example_form_and_its_advice_covers_it(tmp_path):
+    include = ["up.weight", "fc1.weight"]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        monitor = _fit(tmp_path, CriticalBatchSizeMonitor(every_n_steps=1, include=include), UpNet())
+    text = _one_warning(record, r"estimator='auto', the default\) chose 'per_example'")
+    assert "['up.weight'] (ConvTranspose1d: 1 layer(s))" in text and "needs two batch sizes" in text
     assert monitor.mode == "per_example"
-    assert dict(zip(monitor.slots, monitor.ema_counts.tolist())) == {"fc1.weight": 1.0, "conv.weight": 0.0}
-    monitor = CriticalBatchSizeMonitor(every_n_steps=1, include=["conv.weight", "fc1.weight"])
-    _trainer(tmp_path, [monitor], accumulate_grad_batches=2).fit(ConvNet())
-    assert monitor.mode == "two_batch"  # auto with accumulation: the estimator that covers the conv
+    assert dict(zip(monitor.slots, monitor.ema_counts.tolist())) == {"up.weight": 0.0, "fc1.weight": 2.0}
+    # the advice: accumulate two micro-batches; 'auto' then covers every layer, without a warning
+    assert "pass Trainer(accumulate_grad_batches=2)" in text
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        monitor = _fit(
+            tmp_path, CriticalBatchSizeMonitor(every_n_steps=1, include=include), UpNet(), accumulate_grad_batches=2
+        )
+    _no_warning(record)
+    assert monitor.mode == "two_batch" and monitor.ema_counts.tolist() == [2.0, 2.0]
+
+
+def test_auto_under_manual_optimization_advises_exclude(tmp_path):
+    include = ["up.weight", "fc1.weight"]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _fit(tmp_path, CriticalBatchSizeMonitor(every_n_steps=1, include=include), UpNet(manual=True))
+    text = _one_warning(record, "manual optimization")
+    assert "pass exclude=['up.weight']" in text
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        monitor = _fit(
+            tmp_path,
+            CriticalBatchSizeMonitor(every_n_steps=1, include=include, exclude=["up.weight"]),
+            UpNet(manual=True),
+        )
+    _no_warning(record)
+    assert monitor.slots == ["fc1.weight"] and monitor.ema_counts.tolist() == [2.0]
+
+
+def test_auto_with_no_per_example_layer_falls_back_to_the_norms_then_to_nothing(tmp_path):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        monitor = _fit(tmp_path, CriticalBatchSizeMonitor(every_n_steps=1, include=["up.weight"]), UpNet())
+    text = _one_warning(record, r"chose 'layernorm'")
+    assert monitor.mode == "layernorm" and monitor.slots == ["ln", "ln2"] and monitor.ema_steps == 2
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        monitor = _fit(tmp_path, CriticalBatchSizeMonitor(every_n_steps=1), UpOnly())
+    text2 = _one_warning(record, "measures nothing")
+    assert monitor.mode == "off" and monitor.ema_steps == 0
+    for advice in (text, text2):  # both say: accumulate, and 'auto' picks 'two_batch'
+        assert "pass Trainer(accumulate_grad_batches=2)" in advice
+    monitor = _fit(tmp_path, CriticalBatchSizeMonitor(every_n_steps=1), UpOnly(), accumulate_grad_batches=2)
+    assert monitor.mode == "two_batch" and monitor.ema_counts.tolist() == [2.0]
+    with warnings.catch_warnings(record=True) as record:  # manual optimization: nothing can measure it
+        warnings.simplefilter("always")
+        _fit(tmp_path, CriticalBatchSizeMonitor(every_n_steps=1), UpOnly(manual=True))
+    assert "remove the monitor" in _one_warning(record, "measures nothing")
+
+
+@pytest.mark.parametrize(
+    "estimator, kw, model, match, advice, follow",
+    [
+        # two_batch on one device without accumulation: per_example measures these layers
+        ("two_batch", {}, "Net", "needs two batch sizes", "estimator='per_example'", {"estimator": "per_example"}),
+        (
+            "two_batch",
+            {"include": ["up.weight"]},
+            "UpNet",
+            "needs two batch sizes",
+            "estimator='layernorm'",
+            {"estimator": "layernorm"},
+        ),
+        (
+            "two_batch",
+            {},
+            "UpOnly",
+            "needs two batch sizes",
+            "Trainer(accumulate_grad_batches=2)",
+            {"estimator": "two_batch", "accumulate_grad_batches": 2},
+        ),
+        (
+            "two_batch",
+            {},
+            "Net(manual=True)",
+            "manual optimization",
+            "estimator='per_example'",
+            {"estimator": "per_example"},
+        ),
+        (
+            "per_example",
+            {"include": ["up.weight"]},
+            "UpNet",
+            "none of the monitored layers",
+            "estimator='layernorm'",
+            {"estimator": "layernorm"},
+        ),
+        (
+            "per_example",
+            {},
+            "UpOnly",
+            "none of the monitored layers",
+            "Trainer(accumulate_grad_batches=2)",
+            {"estimator": "two_batch", "accumulate_grad_batches": 2},
+        ),
+        ("layernorm", {}, "Regression()", "no nn.LayerNorm", "estimator='per_example'", {"estimator": "per_example"}),
+    ],
+)
+def test_every_refusal_names_the_choice_and_its_advice_works(tmp_path, estimator, kw, model, match, advice, follow):
+    build = {
+        "Net": Net,
+        "UpNet": UpNet,
+        "UpOnly": UpOnly,
+        "Net(manual=True)": lambda: Net(manual=True),
+        "Regression()": Regression,
+    }[model]
+    with pytest.raises(MisconfigurationException, match=match) as err:
+        _fit(tmp_path, CriticalBatchSizeMonitor(every_n_steps=1, estimator=estimator, **kw), build())
+    text = str(err.value)
+    assert f"CriticalBatchSizeMonitor(estimator={estimator!r})" in text and advice in text
+    follow = dict(follow)
+    trainer_kw = (
+        {"accumulate_grad_batches": follow.pop("accumulate_grad_batches")}
+        if "accumulate_grad_batches" in follow
+        else {}
+    )
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        monitor = _fit(tmp_path, CriticalBatchSizeMonitor(every_n_steps=1, **{**kw, **follow}), build(), **trainer_kw)
+    assert monitor.mode == follow["estimator"] and monitor.ema_steps == 2
+    if estimator != "per_example" or model != "UpNet":
+        _no_warning(record)
+
+
+def test_per_example_choice_warns_once_for_what_it_leaves_out_and_two_batch_covers_it(tmp_path):
+    include = ["up.weight", "fc1.weight"]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _fit(tmp_path, CriticalBatchSizeMonitor(every_n_steps=1, include=include, estimator="per_example"), UpNet())
+    text = _one_warning(record, r"estimator='per_example'\): no per-example estimate for \['up.weight'\]")
+    assert "use estimator='two_batch' with Trainer(accumulate_grad_batches=2)" in text
+    monitor = _fit(
+        tmp_path,
+        CriticalBatchSizeMonitor(every_n_steps=1, include=include, estimator="two_batch"),
+        UpNet(),
+        accumulate_grad_batches=2,
+    )
+    assert monitor.ema_counts.tolist() == [2.0, 2.0]
+
+
+def test_a_layer_whose_norms_fail_is_left_out_and_training_goes_on(tmp_path, monkeypatch):
+    import lightning_muon.callbacks.critical_batch_size as cbs
+
+    real = cbs._per_example_norms
+
+    def flaky(kind, module, x, g, method):
+        if module.out_features == 12 and module.in_features == 6:  # fc1
+            raise RuntimeError("unexpected layout")
+        return real(kind, module, x, g, method)
+
+    monkeypatch.setattr(cbs, "_per_example_norms", flaky)
+    include = ["fc1.weight", "fc2.weight"]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        monitor = _fit(tmp_path, CriticalBatchSizeMonitor(every_n_steps=1, include=include), Net(), max_steps=3)
+    text = _one_warning(record, r"per-example norms of 'fc1.weight' \(Linear\) failed \(RuntimeError")
+    assert dict(zip(monitor.slots, monitor.ema_counts.tolist())) == {"fc1.weight": 0.0, "fc2.weight": 3.0}
+    assert "pass exclude=['fc1.weight']" in text
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        monitor = _fit(
+            tmp_path, CriticalBatchSizeMonitor(every_n_steps=1, include=include, exclude=["fc1.weight"]), Net()
+        )
+    _no_warning(record)
 
 
 def test_tensorboard_layout_puts_the_batch_next_to_the_estimates(tmp_path):
@@ -284,9 +505,10 @@ def test_tensorboard_layout_puts_the_batch_next_to_the_estimates(tmp_path):
     regex = charts["global batch vs B_simple and B_crit"][0]
     import re
 
-    for tag in ("batch_size/global", "critical_batch_size/b_simple", "critical_batch_size/b_crit/mean"):
+    for tag in ("batch_size/global", "critical_batch_size/b_simple", "critical_batch_size/b_crit"):
         assert re.search(regex, tag)
-    assert not re.search(regex, "critical_batch_size/b_simple/fc1.weight")
+    for tag in ("critical_batch_size/b_simple/fc1.weight", "critical_batch_size/b_crit/mean"):
+        assert not re.search(regex, tag)
     assert "batch_size/global" in ea.Tags()["scalars"]
 
 

@@ -6,7 +6,13 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from lightning_muon import noise_scale
-from lightning_muon.diagnostics.per_example import linear_grad_norms, norm_grad_norms, per_example_noise_scale
+from lightning_muon.diagnostics.per_example import (
+    conv_grad_norms,
+    embedding_grad_norms,
+    linear_grad_norms,
+    norm_grad_norms,
+    per_example_noise_scale,
+)
 
 
 class Tiny(nn.Module):
@@ -157,3 +163,123 @@ def test_bad_inputs():
         norm_grad_norms(torch.ones(2, 3), torch.ones(2, 3), normalized_ndim=2)
     with pytest.raises(ValueError, match=">= 2 examples"):
         per_example_noise_scale(torch.ones(1), 1.0)
+
+
+# ---------------------------------------------------------------- convolutions, HF Conv1D, embeddings
+def _per_example_weight_grads(layer: nn.Module, inputs: torch.Tensor, cotangent: torch.Tensor) -> torch.Tensor:
+    """vmap(grad) of <layer(x_i), g_i> w.r.t. the weight: example i's weight gradient, float64."""
+    params = {n: p.detach() for n, p in layer.named_parameters()}
+
+    def f(p, xi, gi):
+        return (functional_call(layer, p, (xi.unsqueeze(0),)) * gi.unsqueeze(0)).sum()
+
+    return vmap(grad(f), in_dims=(None, 0, 0))(params, inputs, cotangent)["weight"]
+
+
+CONVS = [
+    (nn.Conv1d, dict(in_channels=4, out_channels=6, kernel_size=3), (5, 4, 11)),
+    (nn.Conv1d, dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding="valid", dilation=2), (5, 4, 13)),
+    (nn.Conv2d, dict(in_channels=3, out_channels=4, kernel_size=3, padding=1), (4, 3, 6, 5)),
+    (nn.Conv2d, dict(in_channels=4, out_channels=6, kernel_size=(3, 2), stride=(2, 1), padding=1), (3, 4, 7, 6)),
+    (nn.Conv2d, dict(in_channels=4, out_channels=6, kernel_size=4, padding="same", dilation=2), (3, 4, 9, 8)),
+    (
+        nn.Conv2d,
+        dict(in_channels=6, out_channels=4, kernel_size=3, groups=2, padding=1, padding_mode="reflect"),
+        (3, 6, 5, 5),
+    ),
+    (
+        nn.Conv2d,
+        dict(in_channels=4, out_channels=8, kernel_size=3, groups=4, padding=1, padding_mode="circular"),
+        (3, 4, 5, 6),
+    ),
+    (nn.Conv2d, dict(in_channels=4, out_channels=4, kernel_size=1), (6, 4, 3, 3)),
+    (
+        nn.Conv3d,
+        dict(in_channels=2, out_channels=3, kernel_size=(2, 3, 2), stride=(1, 2, 1), padding=(1, 0, 1)),
+        (3, 2, 4, 5, 3),
+    ),
+]
+
+
+@pytest.mark.parametrize("cls, kwargs, shape", CONVS, ids=lambda v: getattr(v, "__name__", None))
+@pytest.mark.parametrize("method", ["materialize", "ghost"])
+def test_conv_norms_match_vmap_grad(cls, kwargs, shape, method):
+    torch.manual_seed(2)
+    conv = cls(**kwargs).double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    y = conv(x)
+    g = torch.randn_like(y)
+    expect = _per_example_weight_grads(conv, x, g)
+    got = conv_grad_norms(
+        x,
+        g,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        padding_mode=conv.padding_mode,
+        method=method,
+    )
+    # float64 throughout: only summation order differs
+    torch.testing.assert_close(got.per_example_sq, expect.square().flatten(1).sum(1), rtol=1e-10, atol=0)
+    torch.testing.assert_close(got.batch_sq, expect.sum(0).square().sum(), rtol=1e-10, atol=0)
+
+
+def test_conv_norms_in_chunks_match_one_pass(monkeypatch):
+    import lightning_muon.diagnostics.per_example as pe
+
+    torch.manual_seed(0)
+    x, g = torch.randn(7, 3, 6, 6, dtype=torch.float64), torch.randn(7, 4, 6, 6, dtype=torch.float64)
+    whole = conv_grad_norms(x, g, 3, padding=1)
+    monkeypatch.setattr(pe, "_CHUNK", 3 * 36 * 9 * 2)  # two examples per chunk: 4 chunks
+    parts = pe.conv_grad_norms(x, g, 3, padding=1)
+    torch.testing.assert_close(parts.per_example_sq, whole.per_example_sq, rtol=1e-12, atol=0)
+    torch.testing.assert_close(parts.batch_sq, whole.batch_sq, rtol=1e-12, atol=0)
+
+
+class HFConv1D(nn.Module):
+    """Hugging Face's Conv1D layout, written out: x @ W + b with W stored (in, out)."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf) / nx**0.5)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+def test_transposed_linear_norms_are_the_linear_formula():
+    torch.manual_seed(3)
+    layer = HFConv1D(6, 4).double()
+    x = torch.randn(5, 7, 4, dtype=torch.float64)
+    g = torch.randn(5, 7, 6, dtype=torch.float64)
+    expect = _per_example_weight_grads(layer, x, g)  # (B, in, out)
+    got = linear_grad_norms(x, g)
+    torch.testing.assert_close(got.per_example_sq, expect.square().sum((1, 2)), rtol=1e-10, atol=0)
+    torch.testing.assert_close(got.batch_sq, expect.sum(0).square().sum(), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_embedding_norms_match_vmap_grad(padding_idx):
+    torch.manual_seed(4)
+    emb = nn.Embedding(10, 5, padding_idx=padding_idx).double()
+    ids = torch.randint(0, 4, (6, 9))  # few ids: many repeats within an example
+    g = torch.randn(6, 9, 5, dtype=torch.float64)
+    expect = _per_example_weight_grads(emb, ids, g)
+    got = embedding_grad_norms(ids, g, padding_idx)
+    torch.testing.assert_close(got.per_example_sq, expect.square().sum((1, 2)), rtol=1e-10, atol=0)
+    torch.testing.assert_close(got.batch_sq, expect.sum(0).square().sum(), rtol=1e-10, atol=0)
+
+
+def test_conv_and_embedding_bad_inputs():
+    with pytest.raises(ValueError, match="groups must divide"):
+        conv_grad_norms(torch.ones(2, 3, 5), torch.ones(2, 4, 3), 3, groups=2)
+    with pytest.raises(ValueError, match="output positions"):
+        conv_grad_norms(torch.ones(2, 3, 5), torch.ones(2, 4, 4), 3)
+    with pytest.raises(ValueError, match="same number of dims"):
+        conv_grad_norms(torch.ones(2, 3, 5), torch.ones(2, 4), 3)
+    with pytest.raises(ValueError, match="integers"):
+        embedding_grad_norms(torch.ones(2, 3), torch.ones(2, 3, 4))

@@ -217,17 +217,18 @@ def test_polar_sensitivity_flat_spectrum():
     assert polar_sensitivity(mu).item() == pytest.approx(r * (r - 1) / (4 * s0**2), rel=1e-5)
 
 
-def test_critical_batch_size_against_double_loop():
+def test_critical_batch_size_paper_method_against_double_loop():
+    # method="paper" is the paper's Theorem 4: 2 sigma^2 S / r over the kept singular values, EMA factor.
     svals = [3.0, 2.0, 1.5, 0.01]
     mu = _with_spectrum(svals, 10, 14)
     sigma2, beta = 0.2, 0.9
     kept = svals[:3]  # edge sqrt(0.2/100) * (sqrt 10 + sqrt 14) ~ 0.31 drops 0.01
     S = sum(1 / (a + c) ** 2 for i, a in enumerate(kept) for j, c in enumerate(kept) if i != j)
-    out = muon_critical_batch_size(mu, sigma2, momentum=beta, batch_size=100)
+    out = muon_critical_batch_size(mu, sigma2, momentum=beta, batch_size=100, method="paper")
     assert out.rank.item() == 3
-    assert out.sensitivity.item() == pytest.approx(S, rel=1e-4)
+    assert out.sensitivity.item() == pytest.approx(2 * S / 3, rel=1e-4)
     assert out.b_crit.item() == pytest.approx(2 * sigma2 * S / 3 * (1 - beta) / (1 + beta), rel=1e-4)
-    full = muon_critical_batch_size(mu, sigma2)  # numerical rank (float64) keeps 0.01
+    full = muon_critical_batch_size(mu, sigma2, method="paper")  # numerical rank (float64) keeps 0.01
     S_full = sum(1 / (a + c) ** 2 for i, a in enumerate(svals) for j, c in enumerate(svals) if i != j)
     assert full.rank.item() == 4
-    assert full.sensitivity.item() == pytest.approx(S_full, rel=1e-4)
+    assert full.sensitivity.item() == pytest.approx(2 * S_full / 4, rel=1e-4)

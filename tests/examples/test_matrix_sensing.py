@@ -9,6 +9,7 @@ import torch
 from examples.matrix_sensing import (
     main,
     make_problem,
+    make_regression_problem,
     min_nuclear_norm_interpolant,
     normalized_spectral_entropy,
     nuclear_norm,
@@ -142,3 +143,40 @@ def test_coupled_and_decoupled_decay_match_their_definitions(problem):
     cou = train(problem, "muon_svd", steps=1, lr=lr, init=W0, weight_decay=wd, decay="coupled").W
     torch.testing.assert_close(dec, (1 - lr * wd) * W0 - lr * polar(G), rtol=0, atol=1e-10)
     torch.testing.assert_close(cou, W0 - lr * polar(G + wd * W0), rtol=0, atol=1e-10)
+
+
+def test_measurement_ensembles_have_the_stated_structure():
+    # rank-one A_i = a_i b_i^T (matrix rank 1); entry sampling: one nonzero sqrt(m n) per A_i at
+    # distinct entries; rectangular shapes follow m.
+    pr = make_problem(n=8, m=5, rank=2, p=12, seed=0, ensemble="rank_one")
+    assert pr.A.shape == (12, 5, 8) and pr.target.shape == (5, 8)
+    assert all(int(torch.linalg.matrix_rank(A)) == 1 for A in pr.A)
+    pe = make_problem(n=8, m=5, rank=2, p=12, seed=0, ensemble="entries")
+    nz = pe.A.reshape(12, -1).ne(0)
+    assert nz.sum(1).tolist() == [1] * 12 and nz.any(0).sum() == 12
+    assert torch.all(pe.A.reshape(12, -1)[nz] == math.sqrt(40))
+    torch.testing.assert_close(pe.y, pe.A.reshape(12, -1)[nz] * pe.target.reshape(-1)[nz.nonzero()[:, 1]])
+    with pytest.raises(ValueError, match="ensemble must be one of"):
+        make_problem(n=4, p=3, ensemble="fourier")
+
+
+def test_regression_problem_measures_w_times_x():
+    # The measurements of W are the entries of W X (computed independently with a matmul).
+    pr = make_regression_problem(outputs=3, features=5, samples=2, rank=1, seed=1)
+    X = pr.A.reshape(3, 2, 3, 5)[0, :, 0, :].T  # (features, samples)
+    W = torch.randn(3, 5, dtype=torch.float64)
+    torch.testing.assert_close(pr.measure(W), (W @ X).reshape(-1))
+    torch.testing.assert_close(pr.y, (pr.target @ X).reshape(-1))
+    with pytest.raises(ValueError, match="rank must be"):
+        make_regression_problem(outputs=2, features=5, samples=2, rank=3)
+
+
+def test_rectangular_problem_trains_and_solves():
+    pr = make_problem(n=8, m=5, rank=2, p=20, seed=0)
+    X = min_nuclear_norm_interpolant(pr)
+    assert X.shape == (5, 8) and pr.residual(X) < 1e-8
+    assert nuclear_norm(X) <= nuclear_norm(pr.target) * (1 + 1e-6)
+    run = train(pr, "muon_svd", steps=300, lr=0.05, log_every=100)
+    assert run.W.shape == (5, 8) and pr.residual(run.W) < 1e-2
+    with pytest.raises(ValueError, match="init must have shape"):
+        train(pr, "gd", steps=1, init=torch.zeros(8, 8))

@@ -168,10 +168,10 @@ def test_routing_conv_transposed_conv_and_stack() -> None:
         "body.0.weight": "conv",
         "body.1.weight": "conv",
         "up.weight": "conv_transpose",
-        "moe.router.weight": "matrix",
         "moe.experts": "stack",
     }
     reasons = {r.name: r.reason for r in routes}
+    assert reasons["moe.router.weight"] == "MoE router (4 expert logits; router='adamw')"  # next to the experts
     assert reasons["body.0.weight"] == "hidden conv kernel: conv (out, rest) 8 x 72"
     assert reasons["up.weight"] == "hidden conv kernel: conv_transpose (in, rest) 8 x 24"
     assert reasons["moe.experts"] == "hidden matrix: stack of 4 (6 x 6)"
@@ -383,22 +383,22 @@ def test_stack_shares_buckets_with_same_shape_matrices() -> None:
 # ---------------------------------------------------------------- state dicts, checkpoints, factories
 def test_views_travel_with_the_state_dict() -> None:
     model = ConvNet()
-    opt = Muon(muon_param_groups(model, split_qkv=False, matrix_rules={"moe.experts": "flatten"}))
+    opt = Muon(muon_param_groups(model, router="muon", split_qkv=False, matrix_rules={"moe.experts": "flatten"}))
     state = copy.deepcopy(opt.state_dict())
     assert "moe.experts" not in state["param_groups"][0]["matrix_views"]  # flatten is the 3-D default
     assert state["param_groups"][0]["matrix_views"]["up.weight"] == "conv_transpose"
-    fresh = Muon(muon_param_groups(model))  # routed with stack for the experts
+    fresh = Muon(muon_param_groups(model, router="muon"))  # routed with stack for the experts
     assert fresh.param_groups[0]["matrix_views"]["moe.experts"] == "stack"
     fresh.load_state_dict(state)  # the checkpoint's views win
     assert "moe.experts" not in fresh.param_groups[0]["matrix_views"]
     old = copy.deepcopy(state)
     del old["param_groups"][0]["matrix_views"]  # written before matrix views existed
-    again = Muon(muon_param_groups(model))
+    again = Muon(muon_param_groups(model, router="muon"))
     again.load_state_dict(old)
     assert again.param_groups[0]["matrix_views"]["moe.experts"] == "stack"  # this optimizer's views kept
     bad = copy.deepcopy(state)
     bad["param_groups"][0]["matrix_views"]["moe.router.weight"] = "split=3"  # 4 rows
-    target = Muon(muon_param_groups(model))
+    target = Muon(muon_param_groups(model, router="muon"))
     before = copy.deepcopy(target.param_groups[0]["matrix_views"])
     with pytest.raises(ValueError, match="cannot be cut in 3 parts"):
         target.load_state_dict(bad)

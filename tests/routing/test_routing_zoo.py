@@ -102,7 +102,21 @@ def test_torchvision_zoo_routing(name):
         assert by_name[n].group == "adamw" and by_name[n].reason.startswith("embedding"), (n, by_name[n].reason)
     if stem not in embeddings:  # ViT's conv_proj is its patch embedding
         assert by_name[stem].group == "adamw" and by_name[stem].reason.startswith("input stem"), by_name[stem]
-    special = {stem, *classifiers, *embeddings}
+    depthwise = {  # one input channel per group: C separate filters, routed to AdamW
+        f"{m}.weight"
+        for m, mod in model.named_modules()
+        if isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1 and mod.in_channels == mod.groups
+    }
+    for n in depthwise:
+        assert by_name[n].group == "adamw" and by_name[n].reason.startswith("depthwise conv"), (n, by_name[n].reason)
+    grouped = {  # more than one input channel per group (ResNeXt, RegNet): AdamW by default (grouped_conv)
+        f"{m}.weight"
+        for m, mod in model.named_modules()
+        if isinstance(mod, nn.modules.conv._ConvNd) and 1 < mod.groups < mod.in_channels
+    }
+    for n in grouped:
+        assert by_name[n].group == "adamw" and by_name[n].reason.startswith("grouped conv"), (n, by_name[n].reason)
+    special = {stem, *classifiers, *embeddings, *depthwise, *grouped}
     for n in matrices:
         if n not in special:
             assert by_name[n].group == "muon", (n, by_name[n].reason)

@@ -23,7 +23,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -135,21 +135,32 @@ class NorMuon(Variant):
         for k, it in enumerate(items):
             if not is_dtensor(it.param):
                 rows = normuon_rows(tuple(it.param.shape), it.view)
-                sums[k] = it.update.reshape(*rows, -1).to(_wide(it.update.dtype)).square().sum(-1)
+                seen = it.update.mT if it.view.transposed else it.update  # the (out, in) matrix Muon sees
+                sums[k] = seen.reshape(*rows, -1).to(_wide(it.update.dtype)).square().sum(-1)
         if sharded:
-            pieces = [(it.param, it.update, it.view.matrices(tuple(it.param.shape))[-1]) for _, it in sharded]
+            pieces = [(it.param, it.update, _rows_of(it.view, tuple(it.param.shape))) for _, it in sharded]
             sums.update(zip([k for k, _ in sharded], sum_rows_over_mesh(pieces)))
         out = []
         for k, it in enumerate(items):
-            cols = it.view.matrices(tuple(it.param.shape))[-1]
+            shape = tuple(it.param.shape)
+            cols = it.view.matrices(shape)[-1]
             v = state[it.param]["neuron_second_moment"]
             row = neuron_scale(sums[k].view(v.shape), cols, v, it.options["beta2"], it.options["eps"])
             if is_dtensor(it.param):  # this rank's elements, each with its row's factor
-                factor = row.reshape(-1)[global_index(it.param) // cols]
+                factor = row.reshape(-1)[it.view.row_of(shape, global_index(it.param))]
+            elif it.view.transposed:  # rows of the view are the stored columns
+                factor = row.reshape(1, -1).expand(shape[0], -1)
             else:  # rows of the view in storage order: element i is in row i // cols
                 factor = row.reshape(-1, 1).expand(-1, cols).reshape(it.update.shape)
             out.append(it.update.to(factor.dtype) * factor)
         return out
+
+
+def _rows_of(view: MatrixView, shape: tuple[int, ...]) -> int | Callable[[Tensor], Tensor]:
+    """What :func:`~lightning_muon.parallel.sum_rows_over_mesh` needs to find each element's row."""
+    if view.transposed:
+        return lambda index: view.row_of(shape, index)
+    return view.matrices(shape)[-1]
 
 
 register_variant(NorMuon())
