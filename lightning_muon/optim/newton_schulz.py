@@ -343,12 +343,13 @@ _GRAM_KERNELS: dict[str, Callable[[Tensor, list[Coefficients], frozenset[int], b
 
 #: Per kind of CPU (:func:`cpu_kind`): matrices whose smaller side is at least this are iterated
 #: one at a time (``"looped"``), smaller ones as one batched stack; ``math.inf``: always batched.
-#: Measured with ``benchmarks/kernel_choice.py`` on GPT matrices of each width, 2 threads
-#: (``benchmarks/RESULTS.md``, "Newton–Schulz kernel choice"): with AMX batched bf16 NS took
-#: 0.63-0.79x the looped time at every width from 128 to 768 (oneDNN multiplies ``X X^T`` with
-#: its transposed operand at 0.93 TFLOP/s in ``mm``, at full speed in ``bmm``); on AVX-512-BF16
-#: and AVX2 (float32) batched won below 512 (0.83-0.97x) and the two tied from 512 on (0.99-1.03x),
-#: where an AMD EPYC had run 768-wide NS 5-15% faster looped (one thread; RESULTS.md).
+#: Measured 2026-12-03 with ``benchmarks/cpu_kinds.py -- kernel_choice`` (GPT matrices of widths
+#: 128-1024, quintic, 5 steps, 2 threads, each kind simulated on an AMX Xeon; ``benchmarks/RESULTS.md``,
+#: "Newton–Schulz kernel choice per CPU kind"), batched time / looped time: with AMX (bf16)
+#: 0.59-0.85 at every width, so always batched; with AVX-512-BF16 (bf16) 0.83-0.95 below 512 and
+#: 0.99-1.03 from 512 on (a tie); with AVX2 (float32) 0.84-0.88 below 512 and 0.96-0.98 from 512 on
+#: (within this run's noise, while a real AVX2 AMD EPYC had run 768-wide NS 5-15% faster looped,
+#: one thread): both keep 512.
 LOOP_MIN_SIDE: dict[str, float] = {
     "avx2": 512,
     "avx512": 512,
