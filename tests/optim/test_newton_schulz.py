@@ -88,6 +88,24 @@ def test_input_never_modified_and_dtype_kept():
         assert out.dtype == dtype and out.shape == G.shape
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel", ["looped", "batched"])
+def test_results_outlive_the_reused_workspace(dtype, kernel):
+    # On CPU the iteration's buffers are reused from call to call; a result handed out must be its
+    # own tensor (in the input dtype == compute dtype case too): a later call of the same shape
+    # leaves it unchanged, and it is still the orthogonalisation of its input (within the dtype's
+    # Newton–Schulz band around the exact polar factor: a result overwritten by the second call's
+    # matrix would be ~1.4 away, relative).
+    G1, G2 = torch.randn(3, 16, 40).to(dtype), torch.randn(3, 16, 40).to(dtype)
+    first = orthogonalize(G1, "polar_express", dtype=dtype, kernel=kernel)
+    snapshot = first.clone()
+    second = orthogonalize(G2, "polar_express", dtype=dtype, kernel=kernel)
+    assert torch.equal(first, snapshot) and first.data_ptr() != second.data_ptr()
+    U, _, Vh = torch.linalg.svd(G1.double(), full_matrices=False)
+    exact = U @ Vh
+    assert (first.double() - exact).norm() / exact.norm() < 0.3
+
+
 def test_batched_equals_looped():
     G = torch.randn(5, 24, 40)
     batched = orthogonalize(G, "polar_express", dtype=torch.float32)
