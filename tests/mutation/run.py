@@ -420,6 +420,13 @@ MUTATIONS: list[Mutation] = [
         *T_CBS,
     ),
     M("mean_gradient_weights_t", CBS, "total = 1 - beta ** (t + 1 if nesterov else t)", "total = 1 - beta**t", *T_CBS),
+    M(
+        "misalignment_uses_gradient",
+        MISALIGN,
+        'cache.matrices("update", n, direction, view)',
+        'cache.matrices("update", n, p.grad, view)',
+        "tests/callbacks/test_callbacks.py",
+    ),
     # ---- BatchSizeWarmup (callbacks/batch_size_warmup.py)
     M("warmup_safety_default_1", WARMUP, "safety: float = 0.5,", "safety: float = 1.0,", *T_CBS),
     M("warmup_safety_ignored", WARMUP, "target = min(self.safety * estimate,", "target = min(estimate,", *T_CBS),
