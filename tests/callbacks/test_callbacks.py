@@ -161,10 +161,11 @@ class _WeightsAroundStep(pl.Callback):
     """Records each monitored weight just before and just after every optimizer step."""
 
     def __init__(self) -> None:
-        self.before, self.after = [], []
+        self.before, self.after, self.grads = [], [], []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.before.append({n: p.detach().clone() for n, p in pl_module.named_parameters() if n in HIDDEN})
+        self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if n in HIDDEN})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.after.append({n: p.detach().clone() for n, p in pl_module.named_parameters() if n in HIDDEN})
@@ -188,6 +189,21 @@ def test_misalignment_monitor_predicts_the_update_muon_applies(tmp_path):
             assert logged == pytest.approx(delta_p(W.double(), applied.double()).item(), rel=1e-4)
             # with momentum the update is not the gradient's direction: the comparison can fail
             assert logged != pytest.approx(scalars[f"polar_misalignment/grad_delta_p/{name}"][step], rel=1e-3)
+    # update_sin_theta: the top-4 frames of the direction Muon orthogonalises, written out from the
+    # gradients (EMA buf <- beta buf + (1 - beta) g, Nesterov (1 - beta) g + beta buf), vs the weight's
+    group = next(g for g in model.trainer.optimizers[0].param_groups if g.get("use_muon"))
+    beta, nesterov = group["momentum"], group["nesterov"]
+    for name in HIDDEN:
+        buf = torch.zeros_like(weights.grads[0][name], dtype=torch.float64)
+        for step in range(3):
+            g = weights.grads[step][name].double()
+            buf = beta * buf + (1 - beta) * g
+            direction = (1 - beta) * g + beta * buf if nesterov else buf
+            want = sin_theta(weights.before[step][name].double(), direction, 4).item()
+            logged = scalars[f"polar_misalignment/update_sin_theta/{name}"][step]
+            assert logged == pytest.approx(want, abs=1e-3)  # fp32 top-4 frames: as grad_sin_theta above
+            if step > 0:  # and it is not the gradient's
+                assert logged != pytest.approx(scalars[f"polar_misalignment/grad_sin_theta/{name}"][step], abs=1e-3)
 
 
 def test_stable_rank_power_iteration_alone(tmp_path):

@@ -51,7 +51,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PKG = "lightning_muon"
-COPY = ("lightning_muon", "tests", "examples", "benchmarks", "pyproject.toml")
+COPY = (
+    "lightning_muon",
+    "tests",
+    "examples",
+    "benchmarks",
+    "docs",
+    "pyproject.toml",
+)  # docs: tests read the paper report
 IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "runs", "lightning_logs", ".pytest_cache")
 LOCK = Path("/tmp/cpu.lock")
 PYTEST_ARGS = ("-m", "not slow")
