@@ -510,3 +510,31 @@ def test_fsdp2_two_processes_gather_and_log_once(tmp_path):
             float((s**2).sum() / s[0] ** 2), rel=1e-4
         )
         assert f"per_layer/polar_misalignment/update_delta_p/{name}" in ea.Tags()["scalars"]
+
+
+def test_spectra_figure_colours_layers_by_depth_with_a_colour_bar_and_a_role_legend():
+    pytest.importorskip("matplotlib")
+    from matplotlib import colormaps
+
+    from lightning_muon.callbacks.spectral_entropy import spectra_figure
+
+    g = torch.Generator().manual_seed(0)
+    spectra = {  # 3 blocks x 2 roles, plus an all-zero matrix (left out) and a layer without a block index
+        f"h.{i}.{role}.weight": torch.linalg.svdvals(torch.randn(8, 6, generator=g))
+        for i in range(3)
+        for role in ("attn", "mlp")
+    }
+    spectra["h.1.zero.weight"] = torch.zeros(6)
+    fig = spectra_figure(spectra, step=7)
+    ax, bar = fig.axes  # the plot and its colour bar
+    lines = ax.get_lines()
+    assert len(lines) == 6
+    viridis = colormaps["viridis"]
+    for line, key in zip(lines, [k for k in spectra if "zero" not in k]):
+        depth = int(key.split(".")[1])
+        assert line.get_color() == pytest.approx(viridis(depth / 2))  # depth 0..2 over the whole colour map
+        s = spectra[key]
+        assert list(line.get_ydata()) == pytest.approx((s / s[0]).tolist())
+        assert line.get_linestyle() == ("-" if ".attn." in key else "--")
+    assert bar.get_ylabel() == "depth (block index)"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["h.*.attn.weight", "h.*.mlp.weight"]
