@@ -58,7 +58,7 @@ _LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: page groups tags by the part before the first ``/``, so the detail gets a group of its own
 LAYER_GROUP = "per_layer/"
 #: the custom-scalars chart opening the page: the training and validation losses, whatever their names
-LOSS_CHART = {"loss": r"(^|/|_)loss($|/|_)"}
+LOSS_CHART = {"loss": r"^(.*[/_])?loss($|[/_])"}
 
 
 def layer_role(name: str) -> str:

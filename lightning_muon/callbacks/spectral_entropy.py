@@ -120,7 +120,9 @@ def spectra_figure(spectra: dict[str, Tensor], step: int):
     depth = {k: layer_depth(k, i) for i, k in enumerate(kept)}
     roles = list(dict.fromkeys(layer_role(k) for k in kept))
     low, high = min(depth.values(), default=0), max(depth.values(), default=0)
-    norm, cmap = Normalize(low, max(high, low + 1)), colormaps["viridis"]
+    discrete = high - low < 12  # one colour band per block, ticks on the blocks
+    cmap = colormaps["viridis"].resampled(high - low + 1) if discrete else colormaps["viridis"]
+    norm = Normalize(low - 0.5, high + 0.5) if discrete else Normalize(low, high)
     fig = Figure(figsize=(7.5, 4.5), dpi=100)  # no pyplot: no GUI backend is touched
     ax = fig.add_subplot()
     for key, s in kept.items():
@@ -131,8 +133,8 @@ def spectra_figure(spectra: dict[str, Tensor], step: int):
     ax.grid(True, alpha=0.3)
     bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, pad=0.02)
     bar.set_label("depth (block index)")
-    if high - low < 12:
-        bar.set_ticks(range(low, max(high, low + 1) + 1))
+    if discrete:
+        bar.set_ticks(range(low, high + 1))
     if 1 < len(roles) <= len(_DASHES):
         handles = [Line2D([], [], color="0.3", linestyle=_DASHES[i]) for i in range(len(roles))]
         ax.legend(handles, roles, fontsize=6, title="role", title_fontsize=7, loc="lower left")

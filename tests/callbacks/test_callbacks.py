@@ -158,16 +158,19 @@ def test_all_monitors_log_correct_values_to_tensorboard(tmp_path):
     charts = {(cat.title, c.title): c.multiline.tag[0] for cat in layout.category for c in cat.chart}
     headline = {k: v for k, v in charts.items() if not k[0].endswith("per layer")}
     detail = {k: v for k, v in charts.items() if k[0].endswith("per layer")}
+    # TensorBoard matches a chart's regex at the start of the tag (re.match)
     for tag in scalars:  # every per-layer tag on exactly one per-layer chart, on no headline chart
-        on_detail = [k for k, regex in detail.items() if re.search(regex, tag)]
-        on_headline = [k for k, regex in headline.items() if re.search(regex, tag)]
+        on_detail = [k for k, regex in detail.items() if re.match(regex, tag)]
+        on_headline = [k for k, regex in headline.items() if re.match(regex, tag)]
         if tag.startswith("per_layer/"):
             assert len(on_detail) == 1 and not on_headline, (tag, on_detail, on_headline)
         else:
             assert not on_detail, tag
     for tag in ("stable_rank/mean", "spectral_entropy/max", "polar_misalignment/grad_delta_p/vs_chance"):
-        assert any(re.search(regex, tag) for regex in headline.values()), tag
-    assert re.search(headline[("loss", "loss")], "train/loss") and re.search(headline[("loss", "loss")], "val_loss")
+        assert any(re.match(regex, tag) for regex in headline.values()), tag
+    loss = headline[("loss", "loss")]
+    assert all(re.match(loss, t) for t in ("train/loss", "val_loss", "loss", "Loss/train".lower()))
+    assert not any(re.match(loss, t) for t in scalars)  # none of the monitors' tags
     # the global batch the optimizer saw: micro-batch x accumulate_grad_batches
     assert scalars["critical_batch_size/global_batch"] == {0: 2 * MICRO, 2: 2 * MICRO}
 

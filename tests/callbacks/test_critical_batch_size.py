@@ -510,9 +510,9 @@ def test_tensorboard_layout_puts_the_batch_next_to_the_estimates(tmp_path):
     import re
 
     for tag in ("critical_batch_size/global_batch", "critical_batch_size/b_simple", "critical_batch_size/b_crit"):
-        assert re.search(regex, tag)
+        assert re.match(regex, tag)
     for tag in ("per_layer/critical_batch_size/b_simple/fc1.weight", "critical_batch_size/b_crit/mean"):
-        assert not re.search(regex, tag)
+        assert not re.match(regex, tag)
     # the monitor's own global batch is the one BatchSizeWarmup set (logged after the step) at each logging step
     warmup = {e.step: e.value for e in ea.Scalars("batch_size/global")}
     logged = {e.step: e.value for e in ea.Scalars("critical_batch_size/global_batch")}
