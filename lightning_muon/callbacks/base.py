@@ -13,8 +13,9 @@ all-reduced, not yet clipped), it calls :meth:`SpectralMonitor.compute` and logs
 
 A new monitor:
 
-* sets ``prefix`` (tags start with it, e.g. ``"my_metric/"``) and optionally ``charts``
-  (custom-scalars chart title -> tag regex);
+* sets ``prefix`` (headline tags start with it, e.g. ``"my_metric/"``; per-matrix ones with
+  ``layer_prefix``, ``"per_layer/my_metric/"``) and optionally ``charts`` (custom-scalars chart
+  title -> tag regex, for the headline) and ``layer_metrics`` (the per-layer charts);
 * validates its own arguments in ``__init__`` (``ValueError`` at construction) and calls
   ``super().__init__(every_n_steps, include, exclude)``;
 * overrides :meth:`MonitorCallback.cache_requests` to declare what it will ask of the cache
