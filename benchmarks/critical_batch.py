@@ -11,8 +11,9 @@ Three phases, each rerunnable alone from the JSON the previous one wrote:
   ``configure_optimizers()``, the package's data, one thread per process.
 * ``predict``: at the reference batch size and its tuned learning rate, train the same module in a
   real Lightning ``Trainer`` with ``CriticalBatchSizeMonitor()`` at its defaults (only how often
-  it measures is set) until the same target, and record what it logs: ``b_simple`` and Muon's
-  ``b_crit`` (mean over layers), at the early and at the final target.
+  it measures is set) until the same target, and record what it logs: ``b_simple``, Muon's
+  model-level ``b_crit`` and ``b_crit / momentum_factor`` (the momentum-free value), at the early
+  and at the final target.
 * ``report``: fit ``S = S_min (1 + B_noise / B)`` to the steps-to-target of each (task,
   optimizer, target) (``benchmarks/critical_batch_fit.py``), read ``B_crit = E_min / S_min``, and
   print the table of measured vs predicted; save the plot (steps vs examples with the fitted
@@ -70,6 +71,13 @@ from benchmarks.critical_batch_fit import StepsFit, fit_steps, steps_to_target
 
 OPTIMIZERS = ("muon", "adamw")
 PHASES = ("measure", "predict", "report", "all")
+
+# The monitor's tags this benchmark records and reads (CriticalBatchSizeMonitor's names; the only
+# place to change if they are renamed: the predict phase keeps every tag under TAG_PREFIX).
+TAG_PREFIX = "critical_batch_size/"
+B_SIMPLE = TAG_PREFIX + "b_simple"
+B_CRIT = TAG_PREFIX + "b_crit"  # model level: the per-matrix values weighted by nuclear norm
+MOMENTUM_FACTOR = TAG_PREFIX + "momentum_factor/"  # + the Muon group's name
 
 
 # ----------------------------------------------------------------------------- the tasks
@@ -429,7 +437,7 @@ def predict_one(task: Task, optimizer: str, k: int, seed: int, ns_dtype: str, th
             pass
 
         def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-            row = {t: float(v) for t, v in metrics.items() if t.startswith("critical_batch_size/")}
+            row = {t: float(v) for t, v in metrics.items() if t.startswith(TAG_PREFIX)}
             if row:
                 self.logged.setdefault(int(step), {}).update(row)
 
@@ -479,7 +487,7 @@ def _predict_unit(job: tuple) -> tuple[str, str, dict[str, Any]]:
     task, optimizer, k, seed, ns_dtype, threads = job
     result = predict_one(task, optimizer, k, seed, ns_dtype, threads)
     print(
-        f"  predict {task.name} {optimizer}: {len(result['logged'])} logging steps, {result['wall_s']:.0f} s",
+        f"  predict {task.name} {optimizer}: {len(result['logged']['steps'])} logging steps, {result['wall_s']:.0f} s",
         flush=True,
     )
     return task.name, optimizer, result
@@ -530,7 +538,11 @@ class Row:
     fit: StepsFit | None = None
     b_simple: float = float("nan")
     b_simple_range: list[float] = field(default_factory=lambda: [math.nan, math.nan])  # last fifth of the steps
-    b_crit: float = float("nan")
+    b_crit: float = float("nan")  # the model-level b_crit (nuclear-norm weighted over the matrices)
+    b_crit_range: list[float] = field(default_factory=lambda: [math.nan, math.nan])
+    b_crit_free: float = float("nan")  # b_crit / momentum_factor: the momentum-free value
+    b_crit_free_range: list[float] = field(default_factory=lambda: [math.nan, math.nan])
+    momentum_factor: float = float("nan")  # the logged factor at that step (1 under AdamW)
     step: float = float("nan")  # the reference run's step at this loss
 
 
@@ -551,12 +563,32 @@ def logged_series(result: dict[str, Any], tag: str) -> list[tuple[int, float]]:
     return list(zip(result["logged"]["steps"], values))
 
 
-def _logged_at(result: dict[str, Any], step: float, tag: str) -> tuple[float, float, float]:
-    """The monitor's last logged value of ``tag`` at or before ``step``, and the range of its finite
-    values over the logging steps in the last fifth of the way there (how much it moves)."""
-    series = [(s, v) for s, v in logged_series(result, tag) if s <= step]
-    last = series[-1][1] if series else math.nan
-    window = [v for s, v in series if s >= 0.8 * step and math.isfinite(v)]
+def momentum_factor_series(result: dict[str, Any]) -> list[tuple[int, float]]:
+    """``(step, factor)``: the ``momentum_factor/<group>`` the monitor logged at each step, when
+    every group logged the same value (NaN otherwise: several Muon groups with different momenta
+    have no single factor to divide the model-level ``b_crit`` by)."""
+    tags = [t for t in result["logged"]["values"] if t.startswith(MOMENTUM_FACTOR)]
+    series = []
+    for k, step in enumerate(result["logged"]["steps"]):
+        values = {v for t in tags if math.isfinite(v := result["logged"]["values"][t][k])}
+        series.append((step, values.pop() if len(values) == 1 else math.nan))
+    return series
+
+
+def momentum_free_series(result: dict[str, Any]) -> list[tuple[int, float]]:
+    """``(step, b_crit / momentum_factor)``: the model-level ``b_crit`` without the momentum's noise
+    reduction, at each logging step (NaN where either is missing)."""
+    factors = dict(momentum_factor_series(result))
+    return [(s, v / factors[s] if factors[s] > 0 else math.nan) for s, v in logged_series(result, B_CRIT)]
+
+
+def _value_at(series: list[tuple[int, float]], step: float) -> tuple[float, float, float]:
+    """The last finite value of ``series`` at or before ``step`` (a tag missing at a step was not
+    logged there: the value a user saw is the previous one), and the range of its finite values
+    over the logging steps in the last fifth of the way there (how much it moves)."""
+    finite = [(s, v) for s, v in series if s <= step and math.isfinite(v)]
+    last = finite[-1][1] if finite else math.nan
+    window = [v for s, v in finite if s >= 0.8 * step]
     return last, min(window, default=math.nan), max(window, default=math.nan)
 
 
@@ -585,8 +617,10 @@ def analyse(results: dict[str, Any]) -> list[Row]:
                     reached = steps_to_target(steps, losses, target)
                     if reached is not None:
                         row.step = reached
-                        row.b_simple, *row.b_simple_range = _logged_at(pred, reached, "critical_batch_size/b_simple")
-                        row.b_crit, *_ = _logged_at(pred, reached, "critical_batch_size/b_crit/mean")
+                        row.b_simple, *row.b_simple_range = _value_at(logged_series(pred, B_SIMPLE), reached)
+                        row.b_crit, *row.b_crit_range = _value_at(logged_series(pred, B_CRIT), reached)
+                        row.b_crit_free, *row.b_crit_free_range = _value_at(momentum_free_series(pred), reached)
+                        row.momentum_factor, *_ = _value_at(momentum_factor_series(pred), reached)
                 rows.append(row)
     return rows
 
@@ -597,11 +631,17 @@ def _fmt(x: float, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
+def _range(values: list[float]) -> str:
+    return f"[{_fmt(values[0])}, {_fmt(values[1])}]"
+
+
 def table(rows: list[Row]) -> str:
+    """The measured fit next to the monitor's ``b_simple``, model-level ``b_crit`` and
+    ``b_crit / momentum_factor`` (each with its range over the last fifth of the logging steps)."""
     head = (
         "| task | optimizer | target loss | batch sizes reached | S_min | E_min | measured B_crit [90% interval] "
-        "| fit rms | monitor step | b_simple [range, last fifth] | b_simple / B_crit | b_crit (mean) "
-        "| b_crit / B_crit |"
+        "| fit rms | monitor step | b_simple [range, last fifth] | b_simple / B_crit | b_crit [range] "
+        "| b_crit / B_crit | momentum factor | b_crit / factor [range] | (b_crit / factor) / B_crit |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -614,9 +654,10 @@ def table(rows: list[Row]) -> str:
         lines.append(
             f"| {r.task} | {r.optimizer} | {r.which} {r.target:g} | {reached} | {_fmt(f.s_min if f else math.nan)} "
             f"| {_fmt(f.e_min if f else math.nan)} | {_fmt(measured)} {interval} | {_fmt(f.rms if f else math.nan, 2)} "
-            f"| {_fmt(r.step)} | {_fmt(r.b_simple)} [{_fmt(r.b_simple_range[0])}, {_fmt(r.b_simple_range[1])}] "
-            f"| {_fmt(r.b_simple / measured, 2)} | {_fmt(r.b_crit)} "
-            f"| {_fmt(r.b_crit / measured, 2)} |"
+            f"| {_fmt(r.step)} | {_fmt(r.b_simple)} {_range(r.b_simple_range)} "
+            f"| {_fmt(r.b_simple / measured, 2)} | {_fmt(r.b_crit)} {_range(r.b_crit_range)} "
+            f"| {_fmt(r.b_crit / measured, 2)} | {_fmt(r.momentum_factor)} "
+            f"| {_fmt(r.b_crit_free)} {_range(r.b_crit_free_range)} | {_fmt(r.b_crit_free / measured, 2)} |"
         )
     return "\n".join(lines)
 
@@ -648,13 +689,15 @@ def plot(rows: list[Row], path: str) -> None:
         ax.set_title(f"{name}: S vs E, fit S = S_min(1 + B_crit/B) (star: B = B_crit)", fontsize=9)
         ax.legend(fontsize=7)
     ax = axes[-1]
-    markers = {"b_simple": "o", "b_crit": "s"}
+    markers = {"b_simple": "o", "b_crit": "s", "b_crit_free": "^"}
     measured = []
     for r in rows:
         if not (r.fit and math.isfinite(r.fit.b_crit)):
             continue
         measured.append(r.fit.b_crit)
-        for key in ("b_simple", "b_crit"):
+        for key in markers:
+            if key == "b_crit_free" and r.momentum_factor == 1:  # no momentum in the direction (AdamW): = b_crit
+                continue
             pred = getattr(r, key)
             if math.isfinite(pred) and pred > 0:
                 lo, hi = (min(v, 1e12) for v in r.fit.interval)
@@ -678,7 +721,8 @@ def plot(rows: list[Row], path: str) -> None:
     proxies = [
         Line2D([], [], color="0.85", lw=6, label="estimate = measured, within 2x"),
         Line2D([], [], marker="o", ls="", color="k", label="b_simple"),
-        Line2D([], [], marker="s", ls="", color="k", label="b_crit (mean over layers)"),
+        Line2D([], [], marker="s", ls="", color="k", label="b_crit (model level)"),
+        Line2D([], [], marker="^", ls="", color="k", label="b_crit / momentum_factor (Muon)"),
         *(Line2D([], [], marker="o", ls="", color=c, label=o) for o, c in colors.items()),
         Line2D([], [], marker="o", ls="", color="k", mfc="none", label=", ".join(tasks[1:]) or "-"),
         Line2D([], [], marker="o", ls="", color="k", alpha=0.45, label="early target"),
@@ -768,7 +812,15 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if args.phase in ("predict", "all"):
         t1 = time.perf_counter()
         predict(args, results["tasks"])
-        results["meta"]["predict"] = {"date": datetime.date.today().isoformat(), "machine": machine()}
+        results["meta"].pop(
+            "predict_wall_s", None
+        )  # an earlier predict's (files from before meta["predict"]["wall_s"])
+        results["meta"]["predict"] = {
+            "date": datetime.date.today().isoformat(),
+            "machine": machine(),
+            "command": command,
+            "wall_s": round(time.perf_counter() - t1),
+        }
         path.write_text(json.dumps(results))
         print(f"predict: {time.perf_counter() - t1:.0f} s", flush=True)
     rows = report(results["tasks"], args.plot)

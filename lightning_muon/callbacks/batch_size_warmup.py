@@ -58,7 +58,9 @@ class BatchSizeWarmup(Callback):
         safety: the target global batch is ``safety * estimate``.
         min_interval: optimizer steps between two changes, at least.
         lr_rule: ``"none"``, ``"sqrt"`` or ``"linear"`` learning-rate scaling with the batch.
-        source: the estimate followed: ``"b_simple"`` or ``"b_crit"``.
+        source: the estimate followed: ``"b_simple"`` (default: the closest to the critical batch
+            size measured by training in ``benchmarks/critical_batch.py``: within 2x in 5 of 8 cases) or
+            Muon's ``"b_crit"`` (6-44x low there: the batch would hardly grow).
         min_measurements: the monitor's measurements before the first change.
 
     Raises:

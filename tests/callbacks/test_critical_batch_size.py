@@ -143,15 +143,21 @@ def test_per_example_step0_matches_vmap_grad(tmp_path, setting):
             G.double(), sigma2.double(), momentum=0.95, nesterov=True, batch_size=MICRO * n_micro
         )
         # noise-dominated at 8-16 examples (r = 0 or 1 above the noise edge): no b_crit when r = 0
-        logged = [r[f"critical_batch_size/b_crit/{name}"] for r in rows if r.get(f"critical_batch_size/b_crit/{name}")]
+        logged = [
+            r[f"per_layer/critical_batch_size/b_crit/{name}"]
+            for r in rows
+            if r.get(f"per_layer/critical_batch_size/b_crit/{name}")
+        ]
         if est.rank.item() == 0:
             assert logged == []
         else:
             assert float(logged[0]) == pytest.approx(est.b_crit.item(), rel=1e-3)
             weighted[name] = (est.b_crit.item(), est.nuclear_norm.item())
-        assert _logged(rows, f"critical_batch_size/sigma2/{name}") == pytest.approx(est.sigma2.item(), rel=1e-4)
-        assert _logged(rows, f"critical_batch_size/rank/{name}") == est.rank.item()
-        tag = f"critical_batch_size/sensitivity/{name}"
+        assert _logged(rows, f"per_layer/critical_batch_size/sigma2/{name}") == pytest.approx(
+            est.sigma2.item(), rel=1e-4
+        )
+        assert _logged(rows, f"per_layer/critical_batch_size/rank/{name}") == est.rank.item()
+        tag = f"per_layer/critical_batch_size/sensitivity/{name}"
         sensitivity = [float(r[tag]) for r in rows if r.get(tag) not in (None, "")]
         # fp32 monitor vs float64 reference from fp32 pieces: rel 1e-4
         assert sensitivity == pytest.approx([est.sensitivity.item()] if est.sensitivity.isfinite() else [], rel=1e-4)
@@ -185,7 +191,7 @@ def test_hooks_only_on_measured_steps(tmp_path):
     assert monitor.ema_steps == 4  # steps 0, 2, 4, 6
     assert int(monitor.ema_counts.min()) == 4
     rows = _rows(tmp_path)
-    assert sorted({int(r["step"]) for r in rows if r.get("critical_batch_size/sigma2/fc1.weight")}) == [0, 4]
+    assert sorted({int(r["step"]) for r in rows if r.get("per_layer/critical_batch_size/sigma2/fc1.weight")}) == [0, 4]
 
 
 class Regression(pl.LightningModule):
@@ -516,14 +522,18 @@ def test_tensorboard_layout_puts_the_batch_next_to_the_estimates(tmp_path):
     ea.Reload()
     layout = layout_pb2.Layout.FromString(ea.Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0])
     charts = {c.title: c.multiline.tag for cat in layout.category for c in cat.chart}
-    regex = charts["global batch vs B_simple and B_crit"][0]
+    regex = charts["global batch vs B_simple and B_crit (examples)"][0]
     import re
 
-    for tag in ("batch_size/global", "critical_batch_size/b_simple", "critical_batch_size/b_crit"):
-        assert re.search(regex, tag)
-    for tag in ("critical_batch_size/b_simple/fc1.weight", "critical_batch_size/b_crit/mean"):
-        assert not re.search(regex, tag)
-    assert "batch_size/global" in ea.Tags()["scalars"]
+    for tag in ("critical_batch_size/global_batch", "critical_batch_size/b_simple", "critical_batch_size/b_crit"):
+        assert re.match(regex, tag)
+    for tag in ("per_layer/critical_batch_size/b_simple/fc1.weight", "critical_batch_size/b_crit/mean"):
+        assert not re.match(regex, tag)
+    # the monitor's own global batch is the one BatchSizeWarmup set (logged after the step) at each logging step
+    warmup = {e.step: e.value for e in ea.Scalars("batch_size/global")}
+    logged = {e.step: e.value for e in ea.Scalars("critical_batch_size/global_batch")}
+    assert sorted(logged) == [0, 2, 4]
+    assert logged == {step: warmup[step + 1] for step in logged}
 
 
 # ----------------------------------------------------------------------------- BatchSizeWarmup

@@ -120,9 +120,21 @@ def test_quick_run_end_to_end(tmp_path):
             assert np.allclose([a[s] for s in common], [b[s] for s in common], rtol=1e-5, atol=0)
             # What the monitor logged is kept by step; the GPT's matrices are all nn.Linear, so
             # its per-example B_simple is measured and positive at some logging step.
-            values = [v for _, v in critical_batch.logged_series(predicted, "critical_batch_size/b_simple")]
+            values = [v for _, v in critical_batch.logged_series(predicted, critical_batch.B_SIMPLE)]
             if name == "gpt":
                 assert any(math.isfinite(v) and v > 0 for v in values)
+            # The tags the analysis reads exist under these names: the model-level b_crit (not only
+            # its per-matrix aggregates) and the Muon group's momentum factor, which is the closed
+            # form of Muon's stationary Nesterov noise at beta = 0.95 (docs/muon-theory.md 3.3:
+            # (1 - b)(1 + 2b - 2b^3)/(1 + b) = 0.0304) and 1 under AdamW (no momentum in the direction).
+            logged = predicted["logged"]["values"]
+            assert any(math.isfinite(v) and v > 0 for v in logged[critical_batch.B_CRIT])
+            factors = [logged[t] for t in logged if t.startswith(critical_batch.MOMENTUM_FACTOR)]
+            beta = 0.95
+            expected = (1 - beta) * (1 + 2 * beta - 2 * beta**3) / (1 + beta) if optimizer == "muon" else 1.0
+            assert factors and all(
+                v == pytest.approx(expected, rel=1e-4) for f in factors for v in f if math.isfinite(v)
+            )
     # Rows: (task, optimizer) x (early, final target). A curve crosses the early (higher) loss
     # no later than the final one, so at every batch size the early target takes fewer steps.
     assert len(rows) == 8
@@ -135,6 +147,21 @@ def test_quick_run_end_to_end(tmp_path):
         )
         steps_final = dict(final.points)
         assert all(steps <= steps_final[b] for b, steps in early.points if b in steps_final)
+    # Each row's b_crit is the model-level tag's last finite value at or before the step where the
+    # monitored run reached the target, read from the raw logged table here; its momentum-free
+    # value divides it by the logged factor.
+    gpt_rows = [r for r in rows if r.task == "gpt" and math.isfinite(r.step)]
+    assert gpt_rows
+    for r in gpt_rows:
+        logged = results["gpt"]["predict"][r.optimizer]["logged"]
+        seen = [
+            v
+            for s, v in zip(logged["steps"], logged["values"][critical_batch.B_CRIT])
+            if s <= r.step and math.isfinite(v)
+        ]
+        assert seen and r.b_crit == seen[-1]
+        assert r.b_crit_free == pytest.approx(r.b_crit / r.momentum_factor, rel=1e-12)
+        assert (r.momentum_factor < 0.05) == (r.optimizer == "muon")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
