@@ -13,8 +13,9 @@ all-reduced, not yet clipped), it calls :meth:`SpectralMonitor.compute` and logs
 
 A new monitor:
 
-* sets ``prefix`` (tags start with it, e.g. ``"my_metric/"``) and optionally ``charts``
-  (custom-scalars chart title -> tag regex);
+* sets ``prefix`` (headline tags start with it, e.g. ``"my_metric/"``; per-matrix ones with
+  ``layer_prefix``, ``"per_layer/my_metric/"``) and optionally ``charts`` (custom-scalars chart
+  title -> tag regex, for the headline) and ``layer_metrics`` (the per-layer charts);
 * validates its own arguments in ``__init__`` (``ValueError`` at construction) and calls
   ``super().__init__(every_n_steps, include, exclude)``;
 * overrides :meth:`MonitorCallback.cache_requests` to declare what it will ask of the cache
@@ -27,6 +28,7 @@ A new monitor:
 from __future__ import annotations
 
 import math
+import re
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
@@ -52,6 +54,50 @@ from .cache import CacheRequest, SpectralCache, declare, drop_cache, step_cache,
 
 # Custom-scalars categories per TensorBoard writer, merged so that monitors can be combined.
 _LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+#: top-level tag group of every per-matrix value (``per_layer/<monitor>/...``): TensorBoard's Scalars
+#: page groups tags by the part before the first ``/``, so the detail gets a group of its own
+LAYER_GROUP = "per_layer/"
+#: the custom-scalars chart opening the page: the training and validation losses, whatever their names
+LOSS_CHART = {"loss": r"^(.*[/_])?loss($|[/_])"}
+
+
+def layer_role(name: str) -> str:
+    """``name`` with its numeric components (block indices) as ``*``: the role of a layer across depth.
+
+    Example:
+        >>> layer_role("model.h.3.attn.c_attn.weight/q"), layer_role("net.0.weight")
+        ('model.h.*.attn.c_attn.weight/q', 'net.*.weight')
+    """
+    return ".".join("*" if part.isdigit() else part for part in name.split("."))
+
+
+def layer_depth(name: str, default: int) -> int:
+    """The first numeric component of ``name`` (its block index), else ``default``.
+
+    Example:
+        >>> layer_depth("model.h.3.mlp.c_fc.weight", 0), layer_depth("head.weight", 7)
+        (3, 7)
+    """
+    return next((int(part) for part in name.split("/")[0].split(".") if part.isdigit()), default)
+
+
+def role_charts(prefix: str, names: Iterable[str], metrics: Sequence[str] = ("",)) -> dict[str, str]:
+    r"""Custom-scalars charts of per-layer tags ``<prefix><metric>/<name>[/<label>]``: one chart per
+    metric and layer role (:func:`layer_role`), so that each draws one line per block, not every layer.
+
+    Example:
+        >>> role_charts("per_layer/stable_rank/", ["h.0.fc.weight", "h.1.fc.weight"])
+        {'h.*.fc.weight': '^per_layer/stable_rank/h\\.\\d+\\.fc\\.weight(/|$)'}
+    """
+    roles = dict.fromkeys(layer_role(n) for n in names)
+    charts = {}
+    for metric in metrics:
+        head = prefix + (f"{metric}/" if metric else "")
+        for role in roles:
+            pattern = r"\.".join(r"\d+" if part == "*" else re.escape(part) for part in role.split("."))
+            charts[f"{metric}: {role}" if metric else role] = f"^{re.escape(head)}{pattern}(/|$)"
+    return charts
 
 
 def select_layers(
@@ -167,8 +213,11 @@ class MonitorCallback(Callback):
 
     #: tags start with this (e.g. ``"stable_rank/"``); its stem names the custom-scalars category
     prefix: str = ""
-    #: chart title -> tag regex, for the custom-scalars layout (one category per monitor)
+    #: chart title -> tag regex, for the custom-scalars layout (one category per monitor: the headline)
     charts: dict[str, str] = {}
+    #: the metrics logged per layer under :attr:`layer_prefix` (``""``: one, ``<layer_prefix><name>``);
+    #: their charts (:meth:`layer_charts`) form a second category, closed when the page opens
+    layer_metrics: tuple[str, ...] = ()
     #: attributes saved in checkpoints (see :meth:`load_state_dict`)
     state_attributes: tuple[str, ...] = ()
     #: of those, the ones an older checkpoint may lack (no warning; the subclass derives them)
@@ -195,6 +244,24 @@ class MonitorCallback(Callback):
     @override
     def state_key(self) -> str:
         return self._generate_state_key(every_n_steps=self.every_n_steps, include=self.include, exclude=self.exclude)
+
+    @property
+    def layer_prefix(self) -> str:
+        """Where the per-layer tags go: ``per_layer/<prefix>`` (e.g. ``per_layer/stable_rank/``), a
+        top-level group of its own on TensorBoard's Scalars page, apart from the headline numbers."""
+        return LAYER_GROUP + self.prefix
+
+    def layer_charts(self) -> dict[str, str]:
+        """Custom-scalars charts of the per-layer tags: one per metric of :attr:`layer_metrics` and
+        layer role (:func:`role_charts`), or one for all when the layers are not known yet."""
+        if not self.layer_metrics:
+            return {}
+        if not self.layers:
+            return {
+                m or "per layer": f"^{re.escape(self.layer_prefix + (m + '/' if m else ''))}"
+                for m in self.layer_metrics
+            }
+        return role_charts(self.layer_prefix, self.layers, self.layer_metrics)
 
     # -------------------------------------------------------------- what a subclass provides
     def cache_requests(self) -> list[CacheRequest]:
@@ -230,9 +297,7 @@ class MonitorCallback(Callback):
         if any(True for _ in pl_module.parameters()):  # else: layers made in configure_model
             self.layers = self.select(pl_module)
             declare(trainer, self, self.cache_requests())
-        tb = tensorboard(trainer)
-        if tb is not None and trainer.is_global_zero:
-            self._write_layout(tb)
+        self._write_layout(trainer)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -240,6 +305,7 @@ class MonitorCallback(Callback):
         if not self.layers:
             self.layers = self.select(pl_module)
             declare(trainer, self, self.cache_requests())
+            self._write_layout(trainer)  # the per-layer charts, now that the layers are known
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -249,12 +315,22 @@ class MonitorCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         withdraw(trainer, self)
 
-    def _write_layout(self, tb: TensorBoardLogger) -> None:
+    def _write_layout(self, trainer: pl.Trainer) -> None:
+        """Add this monitor's categories to the TensorBoard custom-scalars layout (rank 0).
+
+        The page opens on the loss (:data:`LOSS_CHART`), then every monitor's headline category,
+        then the per-layer categories (``<stem> per layer``), closed until clicked.
+        """
+        tb = tensorboard(trainer)
+        if tb is None or not trainer.is_global_zero:
+            return
         writer = tb.experiment
-        layout = _LAYOUTS.setdefault(writer, {})
-        category = self.prefix.rstrip("/")
-        layout[category] = {title: ["Multiline", [regex]] for title, regex in self.charts.items()}
-        writer.add_custom_scalars(dict(layout))
+        headline, detail = _LAYOUTS.setdefault(writer, ({"loss": LOSS_CHART}, {}))
+        stem = self.prefix.rstrip("/")
+        headline[stem] = self.charts
+        if self.layer_metrics:
+            detail[f"{stem} per layer"] = self.layer_charts()
+        _add_layout(writer, headline, detail)
 
     # -------------------------------------------------------------- per step
     def is_logging_step(self, step: int) -> bool:
@@ -477,6 +553,32 @@ class AttentionCallback(MonitorCallback):
                 obs.reset()
                 self.on_step_maxima(trainer, pl_module, self._step, maxima)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+def _add_layout(writer: Any, headline: dict[str, dict[str, str]], detail: dict[str, dict[str, str]]) -> None:
+    """Write the custom-scalars layout: ``headline`` categories open, ``detail`` ones closed."""
+    layout = {
+        category: {title: ["Multiline", [regex]] for title, regex in charts.items()}
+        for category, charts in {**headline, **detail}.items()
+        if charts
+    }
+    try:
+        from tensorboard.plugins.custom_scalar import layout_pb2
+        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import custom_scalars
+    except ImportError:  # pragma: no cover - tensorboardX's writer: every category open
+        writer.add_custom_scalars(layout)
+        return
+    if not isinstance(writer, SummaryWriter):  # pragma: no cover - tensorboardX's writer
+        writer.add_custom_scalars(layout)
+        return
+    summary = custom_scalars(layout)
+    tensor = summary.value[0].tensor
+    proto = layout_pb2.Layout.FromString(tensor.string_val[0])
+    for category in proto.category:
+        category.closed = category.title in detail
+    tensor.string_val[0] = proto.SerializeToString()
+    writer._get_file_writer().add_summary(summary)
 
 
 def _all_reduce_max(trainer: pl.Trainer):

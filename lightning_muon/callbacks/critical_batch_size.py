@@ -89,7 +89,8 @@ class CriticalBatchSizeMonitor(MonitorCallback):
     **Units.** Examples are the rows of the batch: a sequence is one example, its tokens are summed
     over. When the LightningModule knows its sequence length (:func:`tokens_per_example`: a
     ``tokens_per_example`` attribute, or ``block_size``/``seq_len``/... in its hparams) the
-    model-level estimates are also logged in tokens (``b_simple_tokens``, ``b_crit_tokens``).
+    model-level estimates and the global batch are also logged in tokens (``b_simple_tokens``,
+    ``b_crit_tokens``, ``global_batch_tokens``).
 
     **Cost.** Hooks are registered only for the micro-batches of a measured step (every
     ``sample_every_n_steps`` steps, default ``every_n_steps``) and removed after it. Per-example
@@ -98,25 +99,28 @@ class CriticalBatchSizeMonitor(MonitorCallback):
 
     Each measured step gives the two unbiased pieces (small- and large-batch squared norms, reduced
     across processes: every rank holds the same values); they are smoothed by bias-corrected EMAs
-    (decay ``ema`` per measurement) and their ratio is taken at logging steps. Logged (tags under
-    ``critical_batch_size/``; a value that is undefined at a step is left out, never NaN):
+    (decay ``ema`` per measurement) and their ratio is taken at logging steps. Logged (headline
+    tags under ``critical_batch_size/``, per-layer ones under ``per_layer/critical_batch_size/``;
+    a value that is undefined at a step is left out, never NaN):
 
-    * ``b_simple``, ``grad_sq``, ``trace_sigma`` over all measured layers, and
+    * ``global_batch``: the batch the optimizer sees at this step, in examples (micro-batch x
+      ``accumulate_grad_batches`` x processes), to read the estimates against.
+    * ``b_simple``, ``grad_sq``, ``trace_sigma`` over all measured layers, and per layer
       ``b_simple/<name>``: McCandlish et al.'s B_simple = tr(Sigma) / |G|^2, in examples. It is the
       SGD-geometry estimate: the batch size beyond which SGD's steps stop getting better with more
       data. It means something once training has left the initial transient and |G|^2 is well
       above its noise; while either smoothed piece is <= 0 (noise-dominated, or a layer whose
       gradient is exactly zero) ``b_simple`` is not logged (``grad_sq`` and ``trace_sigma`` are,
       as measured).
-    * ``b_crit`` (model level) and ``b_crit/<key>`` per matrix of the optimizer's view of each
+    * ``b_crit`` (model level) and per layer ``b_crit/<key>`` per matrix of the optimizer's view of each
       parameter (``<key>``: the name, or ``<name>/<label>`` for each expert of a stack or each
       q/k/v block or head, as in :class:`StableRankMonitor`), with ``b_crit/{mean,min,max}``, in
       examples: Muon's critical batch size, the batch at which gradient noise halves the progress
       of Muon's step (:func:`lightning_muon.muon_critical_batch_size`, saturating form; derivation
       in ``docs/muon-theory.md``). Per matrix ``b_crit = momentum_factor * sigma2 * sensitivity``,
-      with the inputs ``rank/<key>`` (singular values above the noise edge), ``sensitivity/<key>``,
-      ``sigma2/<name>`` (= tr(Sigma_layer) / numel: the noise is taken uniform over a parameter's
-      matrices) and ``momentum_factor/<group>`` (:func:`lightning_muon.momentum_noise_factor`,
+      with the per-layer inputs ``rank/<key>`` (singular values above the noise edge),
+      ``sensitivity/<key>``, ``sigma2/<name>`` (= tr(Sigma_layer) / numel: the noise is taken uniform over a parameter's
+      matrices) and the headline ``momentum_factor/<group>`` (:func:`lightning_muon.momentum_noise_factor`,
       stationary, Nesterov or EMA as the group says; 1 for non-Muon optimizers). The mean gradient
       is the direction Muon orthogonalises (its momentum, Nesterov or not, divided by the sum of
       its weights; the gradient for other optimizers), whose noise at step ``t`` is the momentum
@@ -163,18 +167,13 @@ class CriticalBatchSizeMonitor(MonitorCallback):
 
     prefix = "critical_batch_size/"
     charts = {
-        "B_simple (SGD noise scale)": r"^critical_batch_size/b_simple",
-        "Muon B_crit": r"^critical_batch_size/b_crit(/|$)",
-        "global batch vs B_simple and B_crit": (
-            r"^(batch_size/global|critical_batch_size/b_simple|critical_batch_size/b_crit)$"
-        ),
-        "in tokens": r"^critical_batch_size/(b_simple|b_crit)_tokens$",
+        "global batch vs B_simple and B_crit (examples)": r"^critical_batch_size/(global_batch|b_simple|b_crit)$",
+        "in tokens": r"^critical_batch_size/(global_batch|b_simple|b_crit)_tokens$",
+        "Muon B_crit over matrices: mean, min, max": r"^critical_batch_size/b_crit/(mean|min|max)$",
         "inputs: |G|^2, tr Sigma": r"^critical_batch_size/(grad_sq|trace_sigma)$",
-        "inputs: rank above the noise edge": r"^critical_batch_size/rank/",
-        "inputs: sigma^2": r"^critical_batch_size/sigma2/",
-        "inputs: sensitivity": r"^critical_batch_size/sensitivity/",
         "inputs: momentum factor": r"^critical_batch_size/momentum_factor/",
     }
+    layer_metrics = ("b_simple", "b_crit", "rank", "sensitivity", "sigma2")
     state_attributes = ("ema_small", "ema_big", "ema_steps", "b_small", "b_big", "ema_counts")
     optional_state = ("ema_counts",)  # checkpoints from before per-slot counts: derived from ema_steps
 
@@ -536,21 +535,26 @@ class CriticalBatchSizeMonitor(MonitorCallback):
         if not b < B:
             return {}
         small, big, valid = self._smoothed()
-        p = self.prefix
+        p, q = self.prefix, self.layer_prefix
         total = noise_scale(small[valid].sum(), big[valid].sum(), b, B)
         per_slot = noise_scale(small, big, b, B)
+        # the batch the optimizer sees now (examples): micro-batch x accumulation x processes
+        global_batch = B if self.mode == "two_batch" else B * trainer.accumulate_grad_batches * trainer.world_size
         metrics = {  # the two unbiased pieces as they are (either can be negative), the ratio if both > 0
             f"{p}b_simple": _ratio(total),
             f"{p}grad_sq": float(total.grad_sq),
             f"{p}trace_sigma": float(total.trace_sigma),
+            f"{p}global_batch": float(global_batch),
         }
+        tokens = tokens_per_example(trainer.lightning_module)
+        if tokens is not None:
+            metrics[f"{p}global_batch_tokens"] = float(global_batch) * tokens
         for i, n in enumerate(self.slots):
             if valid[i]:
-                metrics[f"{p}b_simple/{n}"] = _ratio(NoiseScale(*(x[i] for x in per_slot)))
+                metrics[f"{q}b_simple/{n}"] = _ratio(NoiseScale(*(x[i] for x in per_slot)))
         if self.mode == "layernorm":
-            return metrics
+            return _with_tokens(metrics, p, tokens)
         # Muon's B_crit per matrix: the direction the optimizer orthogonalises, the per-example noise per entry
-        global_batch = B if self.mode == "two_batch" else B * trainer.accumulate_grad_batches * trainer.world_size
         groups = {id(q): g for g in optimizer.param_groups for q in g["params"]}
         views = self.matrix_views(trainer.lightning_module, optimizer, params)
         names = [n for i, n in enumerate(self.slots) if valid[i] and params[n].grad is not None]
@@ -567,7 +571,7 @@ class CriticalBatchSizeMonitor(MonitorCallback):
             for key in view_keys(n, views[n], tuple(params[n].shape)):
                 shape = tuple(cache.matrix("mean_gradient", key).shape)
                 buckets.setdefault((shape, beta, nesterov), []).append((key, n))
-            metrics[f"{p}sigma2/{n}"] = float(per_slot.trace_sigma[index[n]]) / params[n].numel()
+            metrics[f"{q}sigma2/{n}"] = float(per_slot.trace_sigma[index[n]]) / params[n].numel()
             group = groups.get(id(params[n]), {})
             if group.get("use_muon"):
                 metrics[f"{p}momentum_factor/{group.get('name', 'muon')}"] = momentum_noise_factor(beta, nesterov)
@@ -587,22 +591,17 @@ class CriticalBatchSizeMonitor(MonitorCallback):
                 singular_values_=torch.stack([spectra[key] for key in keys]),
             )
             for j, key in enumerate(keys):
-                metrics[f"{p}rank/{key}"] = float(est.rank[j])
-                metrics[f"{p}sensitivity/{key}"] = _num(est.sensitivity[j])
+                metrics[f"{q}rank/{key}"] = float(est.rank[j])
+                metrics[f"{q}sensitivity/{key}"] = _num(est.sensitivity[j])
                 value = _num(est.b_crit[j])
                 if math.isfinite(value) and sigma2[j] > 0:
-                    b_crit[f"{p}b_crit/{key}"], weight[key] = value, float(est.nuclear_norm[j])
+                    b_crit[f"{q}b_crit/{key}"], weight[key] = value, float(est.nuclear_norm[j])
         metrics.update(b_crit)
         metrics.update(aggregates(f"{p}b_crit", b_crit))
         total = sum(weight.values())
         if total > 0:
-            metrics[f"{p}b_crit"] = sum(weight[k] * b_crit[f"{p}b_crit/{k}"] for k in weight) / total
-        tokens = tokens_per_example(trainer.lightning_module)
-        if tokens is not None:
-            for tag in ("b_simple", "b_crit"):
-                if math.isfinite(metrics.get(f"{p}{tag}", math.nan)):
-                    metrics[f"{p}{tag}_tokens"] = metrics[f"{p}{tag}"] * tokens
-        return metrics
+            metrics[f"{p}b_crit"] = sum(weight[k] * b_crit[f"{q}b_crit/{k}"] for k in weight) / total
+        return _with_tokens(metrics, p, tokens)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -723,6 +722,15 @@ def _sq_norm(grad: Tensor | None, like: Tensor) -> Tensor:
     if grad is None:
         return like.new_tensor(float("nan"))
     return torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square().to(like.device)
+
+
+def _with_tokens(metrics: dict[str, float], prefix: str, tokens: int | None) -> dict[str, float]:
+    """``metrics`` with ``b_simple_tokens`` and ``b_crit_tokens`` (the estimates x ``tokens``), if known."""
+    if tokens is not None:
+        for tag in ("b_simple", "b_crit"):
+            if math.isfinite(metrics.get(f"{prefix}{tag}", math.nan)):
+                metrics[f"{prefix}{tag}_tokens"] = metrics[f"{prefix}{tag}"] * tokens
+    return metrics
 
 
 def _num(x: Tensor | float) -> float:

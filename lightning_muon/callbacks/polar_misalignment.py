@@ -25,9 +25,9 @@ class PolarMisalignmentMonitor(SpectralMonitor):
 
     Four metrics per matrix of the optimizer's view of a parameter (each expert of a stack, each
     q/k/v block or head of a split projection, a conv kernel's ``(out, rest)``; see
-    :meth:`MonitorCallback.matrix_views`), each under ``polar_misalignment/<metric>/<key>``
-    (``<key>``: the parameter name, or ``<name>/<label>`` as in :class:`StableRankMonitor`) with
-    ``.../<metric>/{mean,min,max}``:
+    :meth:`MonitorCallback.matrix_views`), each under ``per_layer/polar_misalignment/<metric>/<key>``
+    (``<key>``: the parameter name, or ``<name>/<label>`` as in :class:`StableRankMonitor`), with
+    the headline ``polar_misalignment/<metric>/{mean,min,max}``:
 
     * ``grad_sin_theta``, ``update_sin_theta``: ``||sin Theta||_F`` between the top-``k``
       singular frames of W and of G (or of the update direction: the momentum/Nesterov matrix Muon
@@ -73,9 +73,13 @@ class PolarMisalignmentMonitor(SpectralMonitor):
 
     prefix = "polar_misalignment/"
     charts = {
-        m: rf"^polar_misalignment/({m}/|chance/{m.split('_', 1)[1]}/)"  # the chance levels on each chart
-        for m in METRICS
+        "vs chance (1: no more aligned than unrelated matrices)": r"^polar_misalignment/\w+/vs_chance$",
+        **{  # the chance levels on each metric's chart
+            f"{m}: mean, min, max, chance": rf"^polar_misalignment/({m}/(mean|min|max)$|chance/{m.split('_', 1)[1]}/)"
+            for m in METRICS
+        },
     }
+    layer_metrics = METRICS
 
     def __init__(
         self,
@@ -131,7 +135,7 @@ class PolarMisalignmentMonitor(SpectralMonitor):
             frames = cache.frames(kind, keys, self.k)
             for key in keys:
                 (Uw, Vw), (Ux, Vx) = weight_frames[key], frames[key]
-                metrics[f"{self.prefix}{kind}_sin_theta/{key}"] = float(
+                metrics[f"{self.layer_prefix}{kind}_sin_theta/{key}"] = float(
                     torch.maximum(frames_sin_theta(Uw, Ux), frames_sin_theta(Vw, Vx))
                 )
         for key in keys:
@@ -140,11 +144,11 @@ class PolarMisalignmentMonitor(SpectralMonitor):
             muon = group.get("use_muon") and "ns_method" in group
             ns = {"method": group["ns_method"], "steps": group["ns_steps"]} if muon else {}
             P = orthogonalize(cache.matrix("grad", key), **ns, dtype=torch.float32)
-            metrics[f"{self.prefix}grad_delta_p/{key}"] = float(delta_p(W, P))
+            metrics[f"{self.layer_prefix}grad_delta_p/{key}"] = float(delta_p(W, P))
             U = polar.get(key, P)  # the applied update, or (another optimizer) polar(G)
-            metrics[f"{self.prefix}update_delta_p/{key}"] = float(delta_p(W, U))
+            metrics[f"{self.layer_prefix}update_delta_p/{key}"] = float(delta_p(W, U))
         for m in METRICS:
-            per_key = {k: metrics[f"{self.prefix}{m}/{k}"] for k in keys}
+            per_key = {k: metrics[f"{self.layer_prefix}{m}/{k}"] for k in keys}
             metrics.update(aggregates(f"{self.prefix}{m}", per_key))
             level = 0 if m.endswith("sin_theta") else 1
             ratios = [v / chance[k][level] for k, v in per_key.items() if chance[k][level] > 0]

@@ -13,7 +13,7 @@ from typing_extensions import override
 
 from ..diagnostics.spectral import spectrum_entropy
 from ..validation import check_bool
-from .base import SpectralMonitor, aggregates, tensorboard
+from .base import SpectralMonitor, aggregates, layer_depth, layer_role, tensorboard
 from .cache import CacheRequest, SpectralCache
 
 
@@ -22,12 +22,13 @@ class SpectralEntropyMonitor(SpectralMonitor):
 
     1 is a flat spectrum (all directions equally used, what Muon's updates push towards), 0 rank
     one. Each matrix of the optimizer's view of a parameter (each expert, each q/k/v block or head,
-    a conv kernel's ``(out, rest)``) is one value: ``spectral_entropy/<param name>`` or
-    ``spectral_entropy/<param name>/<label>`` (labels as in :class:`StableRankMonitor`), and
-    ``spectral_entropy/{mean,min,max}``; an all-zero matrix logs nothing. With a
+    a conv kernel's ``(out, rest)``) is one value: ``per_layer/spectral_entropy/<param name>`` or
+    ``per_layer/spectral_entropy/<param name>/<label>`` (labels as in :class:`StableRankMonitor`),
+    and the headline ``spectral_entropy/{mean,min,max}``; an all-zero matrix logs nothing. With a
     TensorBoardLogger and ``log_spectra=True`` also a histogram of singular values per matrix
-    (``singular_values/<key>``) and a figure of the normalised spectra ``s_i / s_1``
-    against ``i / k`` across layers (``spectral_entropy/spectra``; needs matplotlib).
+    (``singular_values/<key>``) and a figure of the normalised spectra ``s_i / s_1`` against
+    ``i / k`` across layers (``spectral_entropy/spectra``; needs matplotlib), coloured by depth
+    (the block index in the name, with a colour bar) and dashed by role (legend).
 
     Cost per logging step: one Gram eigendecomposition per matrix (batched by shape), shared with
     the other monitors.
@@ -51,10 +52,8 @@ class SpectralEntropyMonitor(SpectralMonitor):
     """
 
     prefix = "spectral_entropy/"
-    charts = {
-        "per layer": r"^spectral_entropy/(?!mean$|min$|max$)",
-        "mean, min, max": r"^spectral_entropy/(mean|min|max)$",
-    }
+    charts = {"mean, min, max over layers": r"^spectral_entropy/(mean|min|max)$"}
+    layer_metrics = ("",)
 
     def __init__(
         self,
@@ -88,7 +87,7 @@ class SpectralEntropyMonitor(SpectralMonitor):
         if not trainer.is_global_zero:
             return {}
         spectra = cache.spectra("weight", keys)
-        values = {f"{self.prefix}{k}": float(spectrum_entropy(s)) for k, s in spectra.items() if s[0] > 0}
+        values = {f"{self.layer_prefix}{k}": float(spectrum_entropy(s)) for k, s in spectra.items() if s[0] > 0}
         tb = tensorboard(trainer)
         if tb is not None and self.log_spectra:
             self._tensorboard_extras(tb.experiment, spectra, trainer.global_step)
@@ -99,17 +98,45 @@ class SpectralEntropyMonitor(SpectralMonitor):
             writer.add_histogram(f"singular_values/{name}", s.detach().cpu(), step)
         if not self._figure:  # pragma: no cover - matplotlib is optional
             return
-        from matplotlib.figure import Figure
+        writer.add_figure(f"{self.prefix}spectra", spectra_figure(spectra, step), step, close=False)
 
-        fig = Figure(figsize=(6, 4), dpi=100)  # no pyplot: no GUI backend is touched
-        ax = fig.add_subplot()
-        for name, s in spectra.items():
-            s = s.detach().cpu()
-            if s[0] > 0:
-                ax.plot(torch.arange(1, len(s) + 1) / len(s), s / s[0], label=name, linewidth=1)
-        ax.set(yscale="log", xlabel="i / min(m, n)", ylabel="s_i / s_1", title=f"normalised spectra, step {step}")
-        ax.grid(True, alpha=0.3)
-        if len(spectra) <= 12:
-            ax.legend(fontsize=6)
-        fig.tight_layout()
-        writer.add_figure(f"{self.prefix}spectra", fig, step, close=False)
+
+#: line styles of the layer roles in the spectra figure (a legend names them)
+_DASHES = ("-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 3)), (0, (8, 2, 2, 2)))
+
+
+def spectra_figure(spectra: dict[str, Tensor], step: int):
+    """A matplotlib figure of the normalised spectra ``s_i / s_1`` against ``i / k``, one line per
+    matrix: coloured by depth (:func:`~lightning_muon.callbacks.base.layer_depth`, the block index
+    in its name, else its order), with a colour bar, and dashed by role (the name with its block
+    index as ``*``), with a legend when there are at most 8 roles. All-zero matrices are left out."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    kept = {k: s.detach().float().cpu() for k, s in spectra.items() if s[0] > 0}
+    depth = {k: layer_depth(k, i) for i, k in enumerate(kept)}
+    roles = list(dict.fromkeys(layer_role(k) for k in kept))
+    low, high = min(depth.values(), default=0), max(depth.values(), default=0)
+    discrete = high - low < 12  # one colour band per block, ticks on the blocks
+    cmap = colormaps["viridis"].resampled(high - low + 1) if discrete else colormaps["viridis"]
+    norm = Normalize(low - 0.5, high + 0.5) if discrete else Normalize(low, high)
+    fig = Figure(figsize=(7.5, 4.5), dpi=100)  # no pyplot: no GUI backend is touched
+    ax = fig.add_subplot()
+    for key, s in kept.items():
+        style = _DASHES[roles.index(layer_role(key)) % len(_DASHES)]
+        x = torch.arange(1, len(s) + 1) / len(s)
+        ax.plot(x, s / s[0], color=cmap(norm(depth[key])), linestyle=style, linewidth=1.2)
+    ax.set(yscale="log", xlabel="i / min(m, n)", ylabel="s_i / s_1", title=f"normalised spectra, step {step}")
+    ax.grid(True, alpha=0.3)
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, pad=0.02)
+    bar.set_label("depth (block index)")
+    if discrete:
+        bar.set_ticks(range(low, high + 1))
+    if 1 < len(roles) <= len(_DASHES):
+        handles = [Line2D([], [], color="0.3", linestyle=_DASHES[i]) for i in range(len(roles))]
+        ax.legend(handles, roles, fontsize=6, title="role", title_fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig

@@ -19,9 +19,10 @@ class StableRankMonitor(SpectralMonitor):
 
     How many directions carry the weight's energy; Muon keeps it higher than AdamW. Each matrix of
     the optimizer's view of a parameter is one value (:meth:`MonitorCallback.matrix_views`): tags
-    ``stable_rank/<param name>`` for a single matrix, ``stable_rank/<param name>/<label>`` for each
-    expert of a stack (``experts.w1/3``) or block of a split q/k/v (``c_attn.weight/q``,
-    ``c_attn.weight/q.h2`` per head), and ``stable_rank/{mean,min,max}`` over them. An all-zero
+    ``per_layer/stable_rank/<param name>`` for a single matrix, ``per_layer/stable_rank/<param
+    name>/<label>`` for each expert of a stack (``experts.w1/3``) or block of a split q/k/v
+    (``c_attn.weight/q``, ``c_attn.weight/q.h2`` per head), and the headline
+    ``stable_rank/{mean,min,max}`` over them. An all-zero
     matrix (e.g. a zero-initialised projection) has no stable rank and logs nothing. sigma_1 comes from the
     spectrum when another monitor (e.g. :class:`SpectralEntropyMonitor`) asks the shared cache for
     it at this step, else from power iteration warm-started from the previous logging step's
@@ -47,7 +48,8 @@ class StableRankMonitor(SpectralMonitor):
     """
 
     prefix = "stable_rank/"
-    charts = {"per layer": r"^stable_rank/(?!mean$|min$|max$)", "mean, min, max": r"^stable_rank/(mean|min|max)$"}
+    charts = {"mean, min, max over layers": r"^stable_rank/(mean|min|max)$"}
+    layer_metrics = ("",)
     state_attributes = ("vectors",)
 
     def __init__(
@@ -81,5 +83,5 @@ class StableRankMonitor(SpectralMonitor):
             return {}
         mats = {key: M for key, M in mats.items() if bool(M.any())}  # all-zero: undefined, not logged
         sigma = cache.sigma_max("weight", mats, self.vectors, self.num_iters)
-        values = {f"{self.prefix}{key}": float(M.square().sum() / sigma[key].square()) for key, M in mats.items()}
+        values = {f"{self.layer_prefix}{key}": float(M.square().sum() / sigma[key].square()) for key, M in mats.items()}
         return {**values, **aggregates(self.prefix.rstrip("/"), values)}

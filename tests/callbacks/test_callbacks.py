@@ -10,6 +10,7 @@ import csv
 import faulthandler
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -115,56 +116,74 @@ def test_all_monitors_log_correct_values_to_tensorboard(tmp_path):
         s = torch.linalg.svdvals(W0[name].double())
         p = s / s.sum()
         # Tolerances: fp32 Gram eigenvalues (1e-4 relative) and float32 logging.
-        assert scalars[f"spectral_entropy/{name}"][0] == pytest.approx(
+        assert scalars[f"per_layer/spectral_entropy/{name}"][0] == pytest.approx(
             float(-(p * p.log()).sum() / math.log(len(s))), rel=1e-4
         )
-        assert scalars[f"stable_rank/{name}"][0] == pytest.approx(float((s**2).sum() / s[0] ** 2), rel=1e-4)
-        assert set(scalars[f"stable_rank/{name}"]) == {0, 2}  # every_n_steps=2 within 3 steps
+        assert scalars[f"per_layer/stable_rank/{name}"][0] == pytest.approx(float((s**2).sum() / s[0] ** 2), rel=1e-4)
+        assert set(scalars[f"per_layer/stable_rank/{name}"]) == {0, 2}  # every_n_steps=2 within 3 steps
         W, G = W0[name], G0[name]
-        assert scalars[f"polar_misalignment/grad_sin_theta/{name}"][0] == pytest.approx(
+        assert scalars[f"per_layer/polar_misalignment/grad_sin_theta/{name}"][0] == pytest.approx(
             sin_theta(W.double(), G.double(), 4).item(), abs=1e-3
         )
         U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
-        assert scalars[f"polar_misalignment/grad_delta_p/{name}"][0] == pytest.approx(
+        assert scalars[f"per_layer/polar_misalignment/grad_delta_p/{name}"][0] == pytest.approx(
             delta_p(W.double(), U @ Vh).item(), rel=1e-4
         )
         # Step 0: the momentum buffer is empty, so Muon's update is a multiple of G.
-        assert scalars[f"polar_misalignment/update_delta_p/{name}"][0] == pytest.approx(
-            scalars[f"polar_misalignment/grad_delta_p/{name}"][0], rel=1e-4
+        assert scalars[f"per_layer/polar_misalignment/update_delta_p/{name}"][0] == pytest.approx(
+            scalars[f"per_layer/polar_misalignment/grad_delta_p/{name}"][0], rel=1e-4
         )
         # B_simple per layer from the two micro-batch gradients and their mean (EMA of one step).
         small = (micro_sq[0][name] + micro_sq[1][name]) / 2
         expect = noise_scale(small, G.square().sum().item(), MICRO, 2 * MICRO).b_simple.item()
-        assert scalars[f"critical_batch_size/b_simple/{name}"][0] == pytest.approx(expect, rel=1e-4)
+        assert scalars[f"per_layer/critical_batch_size/b_simple/{name}"][0] == pytest.approx(expect, rel=1e-4)
         for tag in ("b_crit", "rank", "sigma2", "sensitivity"):
-            assert f"critical_batch_size/{tag}/{name}" in scalars
+            assert f"per_layer/critical_batch_size/{tag}/{name}" in scalars
     for tag in ("spectral_entropy", "stable_rank", "polar_misalignment/grad_sin_theta", "critical_batch_size/b_crit"):
-        values = [scalars[f"{tag}/{n}"][0] for n in HIDDEN if not math.isnan(scalars[f"{tag}/{n}"][0])]
+        per_layer = [scalars[f"per_layer/{tag}/{n}"][0] for n in HIDDEN]
+        values = [v for v in per_layer if not math.isnan(v)]
         assert scalars[f"{tag}/mean"][0] == pytest.approx(sum(values) / len(values), rel=1e-5)
         assert scalars[f"{tag}/max"][0] == pytest.approx(max(values), rel=1e-6)
-    assert "stable_rank/head.weight" not in scalars  # the head is AdamW-routed: not a default layer
+    assert "per_layer/stable_rank/head.weight" not in scalars  # the head is AdamW-routed: not a default layer
     assert {f"singular_values/{n}" for n in HIDDEN} <= set(ea.Tags()["histograms"])
     assert "spectral_entropy/spectra" in ea.Tags()["images"]
     assert "custom_scalars__config__" in ea.Tags()["tensors"]
     from tensorboard.plugins.custom_scalar import layout_pb2
 
     layout = layout_pb2.Layout.FromString(ea.Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0])
-    assert {c.title for c in layout.category} == {
-        "spectral_entropy",
-        "stable_rank",
-        "polar_misalignment",
-        "critical_batch_size",
-    }
+    stems = ["stable_rank", "spectral_entropy", "polar_misalignment", "critical_batch_size"]  # callback order
+    # the loss first, then the headline categories (open), then the per-layer ones (closed)
+    assert [c.title for c in layout.category] == ["loss", *stems, *(f"{t} per layer" for t in stems)]
+    assert [c.closed for c in layout.category] == [False] * 5 + [True] * 4
+    charts = {(cat.title, c.title): c.multiline.tag[0] for cat in layout.category for c in cat.chart}
+    headline = {k: v for k, v in charts.items() if not k[0].endswith("per layer")}
+    detail = {k: v for k, v in charts.items() if k[0].endswith("per layer")}
+    # TensorBoard matches a chart's regex at the start of the tag (re.match)
+    for tag in scalars:  # every per-layer tag on exactly one per-layer chart, on no headline chart
+        on_detail = [k for k, regex in detail.items() if re.match(regex, tag)]
+        on_headline = [k for k, regex in headline.items() if re.match(regex, tag)]
+        if tag.startswith("per_layer/"):
+            assert len(on_detail) == 1 and not on_headline, (tag, on_detail, on_headline)
+        else:
+            assert not on_detail, tag
+    for tag in ("stable_rank/mean", "spectral_entropy/max", "polar_misalignment/grad_delta_p/vs_chance"):
+        assert any(re.match(regex, tag) for regex in headline.values()), tag
+    loss = headline[("loss", "loss")]
+    assert all(re.match(loss, t) for t in ("train/loss", "val_loss", "loss", "Loss/train".lower()))
+    assert not any(re.match(loss, t) for t in scalars)  # none of the monitors' tags
+    # the global batch the optimizer saw: micro-batch x accumulate_grad_batches
+    assert scalars["critical_batch_size/global_batch"] == {0: 2 * MICRO, 2: 2 * MICRO}
 
 
 class _WeightsAroundStep(pl.Callback):
     """Records each monitored weight just before and just after every optimizer step."""
 
     def __init__(self) -> None:
-        self.before, self.after = [], []
+        self.before, self.after, self.grads = [], [], []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.before.append({n: p.detach().clone() for n, p in pl_module.named_parameters() if n in HIDDEN})
+        self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if n in HIDDEN})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.after.append({n: p.detach().clone() for n, p in pl_module.named_parameters() if n in HIDDEN})
@@ -184,10 +203,27 @@ def test_misalignment_monitor_predicts_the_update_muon_applies(tmp_path):
             # weight_decay=0: W_next = W - adjusted_lr * O, O the orthogonalised direction (exact SVD)
             applied = (W - W_next) / adjusted_lr(model.lr, W.shape, "match_rms_adamw")
             torch.testing.assert_close(applied, orthogonalize(applied, "svd"), atol=1e-4, rtol=0)  # fp32 weights
-            logged = scalars[f"polar_misalignment/update_delta_p/{name}"][step]
+            logged = scalars[f"per_layer/polar_misalignment/update_delta_p/{name}"][step]
             assert logged == pytest.approx(delta_p(W.double(), applied.double()).item(), rel=1e-4)
             # with momentum the update is not the gradient's direction: the comparison can fail
-            assert logged != pytest.approx(scalars[f"polar_misalignment/grad_delta_p/{name}"][step], rel=1e-3)
+            assert logged != pytest.approx(scalars[f"per_layer/polar_misalignment/grad_delta_p/{name}"][step], rel=1e-3)
+    # update_sin_theta: the top-4 frames of the direction Muon orthogonalises, written out from the
+    # gradients (EMA buf <- beta buf + (1 - beta) g, Nesterov (1 - beta) g + beta buf), vs the weight's
+    group = next(g for g in model.trainer.optimizers[0].param_groups if g.get("use_muon"))
+    beta, nesterov = group["momentum"], group["nesterov"]
+    for name in HIDDEN:
+        buf = torch.zeros_like(weights.grads[0][name], dtype=torch.float64)
+        for step in range(3):
+            g = weights.grads[step][name].double()
+            buf = beta * buf + (1 - beta) * g
+            direction = (1 - beta) * g + beta * buf if nesterov else buf
+            want = sin_theta(weights.before[step][name].double(), direction, 4).item()
+            logged = scalars[f"per_layer/polar_misalignment/update_sin_theta/{name}"][step]
+            assert logged == pytest.approx(want, abs=1e-3)  # fp32 top-4 frames: as grad_sin_theta above
+            if step > 0:  # and it is not the gradient's
+                assert logged != pytest.approx(
+                    scalars[f"per_layer/polar_misalignment/grad_sin_theta/{name}"][step], abs=1e-3
+                )
 
 
 def test_stable_rank_power_iteration_alone(tmp_path):
@@ -202,7 +238,7 @@ def test_stable_rank_power_iteration_alone(tmp_path):
         rows = list(csv.DictReader(f))
     for name in HIDDEN:
         s = torch.linalg.svdvals(W0[name].double())
-        logged = float(next(r[f"stable_rank/{name}"] for r in rows if r.get(f"stable_rank/{name}")))
+        logged = float(next(r[f"per_layer/stable_rank/{name}"] for r in rows if r.get(f"per_layer/stable_rank/{name}")))
         # Cold start, 80 power steps on 16-wide Gaussian-init matrices: sigma_1 to 1e-3.
         assert logged == pytest.approx(float((s**2).sum() / s[0] ** 2), rel=2e-3)
         assert monitor.vectors[name].shape == (W0[name].shape[1],)  # kept for the warm start
@@ -288,7 +324,7 @@ def test_stable_rank_shares_the_spectrum_whatever_the_callback_order(tmp_path, e
     assert stable.vectors == {}  # sigma_1 read off the declared spectrum: no power iteration ran
     for name in HIDDEN:
         s = torch.linalg.svdvals(W0[name].double())
-        logged = trainer.callback_metrics[f"stable_rank/{name}"].item()
+        logged = trainer.callback_metrics[f"per_layer/stable_rank/{name}"].item()
         assert logged == pytest.approx(float((s**2).sum() / s[0] ** 2), rel=1e-4)  # exact spectrum, fp32
 
 
@@ -455,10 +491,10 @@ def test_ddp_two_processes_log_once_with_local_vs_reduced_noise_scale(tmp_path):
     ea = _events(tmp_path / "run")
     tags = ea.Tags()["scalars"]
     for prefix in (
-        "spectral_entropy/",
-        "stable_rank/",
-        "polar_misalignment/grad_delta_p/",
-        "critical_batch_size/sigma2/",  # (b_simple/<name> is left out while its estimate is not positive)
+        "per_layer/spectral_entropy/",
+        "per_layer/stable_rank/",
+        "per_layer/polar_misalignment/grad_delta_p/",
+        "per_layer/critical_batch_size/sigma2/",  # (b_simple/<name> is left out while its estimate is not positive)
     ):
         for name in HIDDEN:
             assert [e.step for e in ea.Scalars(prefix + name)] == [0, 2]  # logged once per logging step
@@ -488,8 +524,38 @@ def test_fsdp2_two_processes_gather_and_log_once(tmp_path):
     W0 = initial_weights()
     ea = _events(tmp_path / "run")
     for name in HIDDEN:
-        assert [e.step for e in ea.Scalars(f"stable_rank/{name}")] == [0, 2]  # once, from rank 0
+        assert [e.step for e in ea.Scalars(f"per_layer/stable_rank/{name}")] == [0, 2]  # once, from rank 0
         s = torch.linalg.svdvals(W0[name].double())
         # The gathered (full) weight at step 0 is the initial one; fp32 Gram eigenvalues.
-        assert ea.Scalars(f"stable_rank/{name}")[0].value == pytest.approx(float((s**2).sum() / s[0] ** 2), rel=1e-4)
-        assert f"polar_misalignment/update_delta_p/{name}" in ea.Tags()["scalars"]
+        assert ea.Scalars(f"per_layer/stable_rank/{name}")[0].value == pytest.approx(
+            float((s**2).sum() / s[0] ** 2), rel=1e-4
+        )
+        assert f"per_layer/polar_misalignment/update_delta_p/{name}" in ea.Tags()["scalars"]
+
+
+def test_spectra_figure_colours_layers_by_depth_with_a_colour_bar_and_a_role_legend():
+    pytest.importorskip("matplotlib")
+    from matplotlib import colormaps
+
+    from lightning_muon.callbacks.spectral_entropy import spectra_figure
+
+    g = torch.Generator().manual_seed(0)
+    spectra = {  # 3 blocks x 2 roles, plus an all-zero matrix (left out) and a layer without a block index
+        f"h.{i}.{role}.weight": torch.linalg.svdvals(torch.randn(8, 6, generator=g))
+        for i in range(3)
+        for role in ("attn", "mlp")
+    }
+    spectra["h.1.zero.weight"] = torch.zeros(6)
+    fig = spectra_figure(spectra, step=7)
+    ax, bar = fig.axes  # the plot and its colour bar
+    lines = ax.get_lines()
+    assert len(lines) == 6
+    viridis = colormaps["viridis"]
+    for line, key in zip(lines, [k for k in spectra if "zero" not in k]):
+        depth = int(key.split(".")[1])
+        assert line.get_color() == pytest.approx(viridis(depth / 2))  # depth 0..2 over the whole colour map
+        s = spectra[key]
+        assert list(line.get_ydata()) == pytest.approx((s / s[0]).tolist())
+        assert line.get_linestyle() == ("-" if ".attn." in key else "--")
+    assert bar.get_ylabel() == "depth (block index)"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["h.*.attn.weight", "h.*.mlp.weight"]

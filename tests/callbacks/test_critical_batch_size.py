@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 import warnings
 
 import lightning.pytorch as pl
@@ -128,25 +129,44 @@ def test_per_example_step0_matches_vmap_grad(tmp_path, setting):
     assert _logged(rows, "critical_batch_size/trace_sigma") == pytest.approx(total.trace_sigma.item(), rel=1e-4)
     small, big, valid = monitor._smoothed()  # per layer, one measurement: the raw squared norms
     assert valid.all() and monitor.b_small == 1 and monitor.b_big == MICRO
+    weighted = {}  # name -> (b_crit, its nuclear-norm weight) where rank > 0
     for i, name in enumerate(monitor.slots):
         ref_small, ref_big = _reference(ref_model, batches, [name])
         assert small[i].item() == pytest.approx(ref_small, rel=1e-4)
         assert big[i].item() == pytest.approx(ref_big, rel=1e-4)
-        if setting == "default":  # Muon's B_crit with the group's momentum (0.95, Nesterov), from the same pieces
-            x, y = batches[0]
-            G = _per_example_grads(ref_model, x, y)[name].mean(0)  # step 0: the direction is the gradient
-            sigma2 = noise_scale(ref_small, ref_big, 1, MICRO).trace_sigma / G.numel()
-            est = muon_critical_batch_size(G.double(), sigma2.double(), momentum=0.95, nesterov=True, batch_size=MICRO)
-            # noise-dominated at 8 examples (r = 0 or 1 above the noise edge): no b_crit when r = 0
-            logged = [
-                r[f"critical_batch_size/b_crit/{name}"] for r in rows if r.get(f"critical_batch_size/b_crit/{name}")
-            ]
-            if est.rank.item() == 0:
-                assert logged == []
-            else:
-                assert float(logged[0]) == pytest.approx(est.b_crit.item(), rel=1e-3)
-            assert _logged(rows, f"critical_batch_size/sigma2/{name}") == pytest.approx(est.sigma2.item(), rel=1e-4)
-            assert _logged(rows, f"critical_batch_size/rank/{name}") == est.rank.item()
+        # Muon's B_crit with the group's momentum (0.95, Nesterov), from the same pieces, at the
+        # optimizer's batch: micro-batch x accumulation (8 or 16 examples; one process)
+        x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+        G = _per_example_grads(ref_model, x, y)[name].mean(0)  # step 0: the direction is the gradient
+        sigma2 = noise_scale(ref_small, ref_big, 1, MICRO).trace_sigma / G.numel()
+        est = muon_critical_batch_size(
+            G.double(), sigma2.double(), momentum=0.95, nesterov=True, batch_size=MICRO * n_micro
+        )
+        # noise-dominated at 8-16 examples (r = 0 or 1 above the noise edge): no b_crit when r = 0
+        logged = [
+            r[f"per_layer/critical_batch_size/b_crit/{name}"]
+            for r in rows
+            if r.get(f"per_layer/critical_batch_size/b_crit/{name}")
+        ]
+        if est.rank.item() == 0:
+            assert logged == []
+        else:
+            assert float(logged[0]) == pytest.approx(est.b_crit.item(), rel=1e-3)
+            weighted[name] = (est.b_crit.item(), est.nuclear_norm.item())
+        assert _logged(rows, f"per_layer/critical_batch_size/sigma2/{name}") == pytest.approx(
+            est.sigma2.item(), rel=1e-4
+        )
+        assert _logged(rows, f"per_layer/critical_batch_size/rank/{name}") == est.rank.item()
+        tag = f"per_layer/critical_batch_size/sensitivity/{name}"
+        sensitivity = [float(r[tag]) for r in rows if r.get(tag) not in (None, "")]
+        # fp32 monitor vs float64 reference from fp32 pieces: rel 1e-4
+        assert sensitivity == pytest.approx([est.sensitivity.item()] if est.sensitivity.isfinite() else [], rel=1e-4)
+    # The model-level b_crit (what BatchSizeWarmup(source="b_crit") follows): the mean over matrices
+    # weighted by the nuclear norm of the singular values each one used (accumulate: two layers with rank > 0)
+    total = sum(w for _, w in weighted.values())
+    want = sum(b * w for b, w in weighted.values()) / total if weighted else math.nan
+    assert monitor.last["b_crit"] == pytest.approx(want, rel=1e-3, nan_ok=True)
+    assert len(weighted) == (2 if setting == "accumulate" else 1)
     assert all(not m._forward_hooks for m in model.modules())  # hooks gone after the measured step
 
 
@@ -171,7 +191,7 @@ def test_hooks_only_on_measured_steps(tmp_path):
     assert monitor.ema_steps == 4  # steps 0, 2, 4, 6
     assert int(monitor.ema_counts.min()) == 4
     rows = _rows(tmp_path)
-    assert sorted({int(r["step"]) for r in rows if r.get("critical_batch_size/sigma2/fc1.weight")}) == [0, 4]
+    assert sorted({int(r["step"]) for r in rows if r.get("per_layer/critical_batch_size/sigma2/fc1.weight")}) == [0, 4]
 
 
 class Regression(pl.LightningModule):
@@ -502,14 +522,18 @@ def test_tensorboard_layout_puts_the_batch_next_to_the_estimates(tmp_path):
     ea.Reload()
     layout = layout_pb2.Layout.FromString(ea.Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0])
     charts = {c.title: c.multiline.tag for cat in layout.category for c in cat.chart}
-    regex = charts["global batch vs B_simple and B_crit"][0]
+    regex = charts["global batch vs B_simple and B_crit (examples)"][0]
     import re
 
-    for tag in ("batch_size/global", "critical_batch_size/b_simple", "critical_batch_size/b_crit"):
-        assert re.search(regex, tag)
-    for tag in ("critical_batch_size/b_simple/fc1.weight", "critical_batch_size/b_crit/mean"):
-        assert not re.search(regex, tag)
-    assert "batch_size/global" in ea.Tags()["scalars"]
+    for tag in ("critical_batch_size/global_batch", "critical_batch_size/b_simple", "critical_batch_size/b_crit"):
+        assert re.match(regex, tag)
+    for tag in ("per_layer/critical_batch_size/b_simple/fc1.weight", "critical_batch_size/b_crit/mean"):
+        assert not re.match(regex, tag)
+    # the monitor's own global batch is the one BatchSizeWarmup set (logged after the step) at each logging step
+    warmup = {e.step: e.value for e in ea.Scalars("batch_size/global")}
+    logged = {e.step: e.value for e in ea.Scalars("critical_batch_size/global_batch")}
+    assert sorted(logged) == [0, 2, 4]
+    assert logged == {step: warmup[step + 1] for step in logged}
 
 
 # ----------------------------------------------------------------------------- BatchSizeWarmup
@@ -667,3 +691,49 @@ def test_warmup_benchmark_prints_the_table_and_saves_a_plot(tmp_path, capsys):
     assert "| fixed small (8)" in out and "| fixed large (16)" in out and "| warmup (8 -> <= 16)" in out
     assert "|            16.0 |" in out and "|             8.0 |" in out  # optimizer steps: 16 small, 8 large
     assert plot.stat().st_size > 0
+
+
+# ------------------------------------------------------- BatchSizeWarmup's decision rule, step by step
+def _decider(estimates, measurements, micro=16, **kw):
+    """A warmup wired to a stand-in monitor (its smoothed estimates and measurement count)."""
+    warmup = BatchSizeWarmup(max_batch_size=1 << 20, **kw)
+    warmup._monitor = types.SimpleNamespace(last=dict(estimates), ema_steps=measurements)
+    warmup.micro_batch, warmup.accumulate = micro, 1
+    return warmup
+
+
+def _largest_doubling(micro, target):
+    """Reference: the largest A = 2^k with micro * A <= target (A = 1 at least)."""
+    return max([1] + [2**k for k in range(30) if micro * 2**k <= target])
+
+
+@pytest.mark.parametrize(
+    "kw, source_value",
+    [({}, 1000.0), ({"safety": 1.0}, 1000.0), ({"safety": 0.25}, 1000.0), ({"source": "b_crit"}, 300.0)],
+)
+def test_warmup_target_is_the_largest_doubling_below_safety_times_the_estimate(kw, source_value):
+    # The default safety is 0.5; source="b_crit" follows the monitor's model-level b_crit (not b_simple).
+    trainer = types.SimpleNamespace(world_size=1)
+    warmup = _decider({"b_simple": 1000.0, "b_crit": 300.0}, measurements=3, **kw)
+    safety = kw.get("safety", 0.5)
+    assert warmup.estimate() == source_value
+    assert warmup.proposal(trainer) == _largest_doubling(16, safety * source_value)
+    # two processes: the global batch is micro x accumulation x world
+    assert warmup.proposal(types.SimpleNamespace(world_size=2)) == _largest_doubling(32, safety * source_value)
+
+
+def test_warmup_waits_exactly_min_measurements_and_min_interval():
+    trainer = types.SimpleNamespace(world_size=1, global_step=0, accumulate_grad_batches=1)
+    trainer.optimizers, trainer.lr_scheduler_configs = [], []
+    warmup = _decider({"b_simple": 1000.0}, measurements=2, min_measurements=3, min_interval=5)
+    assert warmup.proposal(trainer) == 1  # 2 measurements: too few
+    warmup._monitor.ema_steps = 3
+    assert warmup.proposal(trainer) == 16  # the 3rd: 16 x 16 = 256 <= 0.5 x 1000
+    warmup.pending = 16
+    for step in range(5):  # steps 0..4: fewer than min_interval since the start (last change at 0)
+        trainer.global_step = step
+        warmup._maybe_apply(trainer, ready=0)
+        assert warmup.accumulate == 1 and trainer.accumulate_grad_batches == 1
+    trainer.global_step = 5  # exactly min_interval steps later: applied
+    warmup._maybe_apply(trainer, ready=0)
+    assert warmup.accumulate == 16 and trainer.accumulate_grad_batches == 16 and warmup.history[-1] == (5, 16)

@@ -27,7 +27,7 @@ from lightning_muon.callbacks import CriticalBatchSizeMonitor
 K, D_IN, NOISE, BETA = 8, 32, 0.5, 0.9
 MICRO, ACCUMULATE = 64, 2
 SINGULAR = (4.0, 3.0, 2.0, 1.0)  # of D = W - W*: rank 4
-TAG = "critical_batch_size/{}/proj.weight"
+TAG = "per_layer/critical_batch_size/{}/proj.weight"
 
 
 class MemoryLogger(Logger):

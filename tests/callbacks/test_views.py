@@ -117,20 +117,22 @@ def test_spectral_monitors_see_each_expert_head_and_conv_view(tmp_path):
     grads = {f"experts/{e}": G0["experts"][e] for e in range(E)}
     grads.update({f"c_attn.weight/{label}": G for label, G in _blocks(G0["c_attn.weight"]).items()})
     grads["conv.weight"] = G0["conv.weight"].reshape(H, -1)
-    stable = {key: metrics[f"stable_rank/{key}"][0] for key in expected}
+    stable = {key: metrics[f"per_layer/stable_rank/{key}"][0] for key in expected}
     for key, W in expected.items():
         # fp32 Gram eigenvalues (stable rank from the shared spectrum): rel 1e-4
         assert stable[key] == pytest.approx(_stable_rank(W), rel=1e-4), key
         U, _, Vh = torch.linalg.svd(grads[key], full_matrices=False)
-        assert metrics[f"polar_misalignment/grad_delta_p/{key}"][0] == pytest.approx(
+        assert metrics[f"per_layer/polar_misalignment/grad_delta_p/{key}"][0] == pytest.approx(
             float(delta_p(W, U @ Vh)), rel=1e-4
         )
     # the old reading of the bank as one (E, rest) matrix gives at most E = 4
     assert _stable_rank(W0["experts"].reshape(E, -1)) <= E < 10 < min(stable[f"experts/{e}"] for e in range(E))
-    assert "stable_rank/experts" not in metrics and "stable_rank/c_attn.weight" not in metrics
+    assert "per_layer/stable_rank/experts" not in metrics and "per_layer/stable_rank/c_attn.weight" not in metrics
     assert metrics["stable_rank/mean"][0] == pytest.approx(sum(stable.values()) / len(stable), rel=1e-5)
     # chance levels next to delta_P: per shape, and the mean ratio over the matrices
-    ratios = [metrics[f"polar_misalignment/grad_delta_p/{k}"][0] / delta_p_chance(*grads[k].shape) for k in grads]
+    ratios = [
+        metrics[f"per_layer/polar_misalignment/grad_delta_p/{k}"][0] / delta_p_chance(*grads[k].shape) for k in grads
+    ]
     assert metrics["polar_misalignment/chance/delta_p/24x12"][0] == pytest.approx(delta_p_chance(24, 12), rel=1e-6)
     assert metrics["polar_misalignment/grad_delta_p/vs_chance"][0] == pytest.approx(sum(ratios) / len(ratios), rel=1e-4)
 
@@ -145,7 +147,7 @@ def test_critical_batch_size_per_expert_in_examples_and_tokens(tmp_path):
     factor = momentum_noise_factor(0.95, nesterov=True)
     b, B = MICRO, 2 * MICRO
     sigma2 = (small["experts"] - float(G0["experts"].square().sum())) / (1 / b - 1 / B) / G0["experts"].numel()
-    assert metrics["critical_batch_size/sigma2/experts"][0] == pytest.approx(sigma2, rel=1e-3)
+    assert metrics["per_layer/critical_batch_size/sigma2/experts"][0] == pytest.approx(sigma2, rel=1e-3)
     G_qkv = G0["c_attn.weight"]
     sigma2_qkv = (small["c_attn.weight"] - float(G_qkv.square().sum())) / (1 / b - 1 / B) / G_qkv.numel()
     blocks = {f"experts/{e}": (G0["experts"][e], sigma2) for e in range(E)}
@@ -153,12 +155,12 @@ def test_critical_batch_size_per_expert_in_examples_and_tokens(tmp_path):
     found = 0
     for key, (G, s2) in blocks.items():
         expected, r = _reference_b_crit(G.numpy(), s2, B, factor)
-        assert metrics[f"critical_batch_size/rank/{key}"][0] == r, key
+        assert metrics[f"per_layer/critical_batch_size/rank/{key}"][0] == r, key
         if r == 0:  # nothing above the noise edge: no estimate, not NaN
-            assert f"critical_batch_size/b_crit/{key}" not in metrics
+            assert f"per_layer/critical_batch_size/b_crit/{key}" not in metrics
         else:
             found += 1
-            assert metrics[f"critical_batch_size/b_crit/{key}"][0] == pytest.approx(expected, rel=2e-3), key
+            assert metrics[f"per_layer/critical_batch_size/b_crit/{key}"][0] == pytest.approx(expected, rel=2e-3), key
     assert found >= 4
     # tokens: the module's block_size (8 tokens per sequence); b_simple is left out while not positive
     assert "critical_batch_size/b_crit" in metrics
@@ -212,16 +214,16 @@ def test_zero_gradients_and_zero_weights_log_nothing_never_nan(tmp_path):
     assert all(math.isfinite(float(v)) for v in trainer.callback_metrics.values())
     # a: zero gradient at step 0 (its gain is 0 until AdamW moves it)
     for tag in (
-        "polar_misalignment/grad_delta_p/a.weight",
-        "critical_batch_size/b_crit/a.weight",
-        "critical_batch_size/b_simple/a.weight",
+        "per_layer/polar_misalignment/grad_delta_p/a.weight",
+        "per_layer/critical_batch_size/b_crit/a.weight",
+        "per_layer/critical_batch_size/b_simple/a.weight",
     ):
         assert 0 not in metrics.get(tag, {}), tag
-    assert 0 in metrics["stable_rank/a.weight"]  # its weight is fine
+    assert 0 in metrics["per_layer/stable_rank/a.weight"]  # its weight is fine
     # b: zero weight at step 0, updated by Muon after it
-    assert 0 not in metrics.get("stable_rank/b.weight", {}) and 1 in metrics["stable_rank/b.weight"]
-    assert 0 not in metrics.get("spectral_entropy/b.weight", {})
+    assert 0 not in metrics.get("per_layer/stable_rank/b.weight", {}) and 1 in metrics["per_layer/stable_rank/b.weight"]
+    assert 0 not in metrics.get("per_layer/spectral_entropy/b.weight", {})
     # the aggregates are over the defined values
     assert metrics["stable_rank/mean"][0] == pytest.approx(
-        (metrics["stable_rank/a.weight"][0] + metrics["stable_rank/skip.weight"][0]) / 2, rel=1e-6
+        (metrics["per_layer/stable_rank/a.weight"][0] + metrics["per_layer/stable_rank/skip.weight"][0]) / 2, rel=1e-6
     )

@@ -283,3 +283,52 @@ def test_conv_and_embedding_bad_inputs():
         conv_grad_norms(torch.ones(2, 3, 5), torch.ones(2, 4), 3)
     with pytest.raises(ValueError, match="integers"):
         embedding_grad_norms(torch.ones(2, 3), torch.ones(2, 3, 4))
+
+
+@pytest.mark.parametrize("method", ["materialize", "ghost"])
+def test_linear_norms_in_small_chunks_match_per_example_gradients(monkeypatch, method):
+    # A wide layer is computed a few examples at a time (_CHUNK elements per temporary): every chunk's
+    # examples, and the whole batch's gradient, must count. Reference: the per-example gradients
+    # G_i^T A_i written out in float64 (rtol 1e-12: only summation order differs).
+    import lightning_muon.diagnostics.per_example as pe
+
+    torch.manual_seed(5)
+    B, T, d_in, d_out = 7, 3, 10, 8
+    A, G = torch.randn(B, T, d_in, dtype=torch.float64), torch.randn(B, T, d_out, dtype=torch.float64)
+    c = torch.einsum("bto,bti->boi", G, A)  # example i's weight gradient
+    per_chunk = d_in * d_out if method == "materialize" else T * T
+    monkeypatch.setattr(pe, "_CHUNK", 2 * per_chunk)  # 2 examples per chunk: 4 chunks, the last one short
+    got = pe.linear_grad_norms(A, G, method)
+    torch.testing.assert_close(got.per_example_sq, c.square().sum((1, 2)), rtol=1e-12, atol=0)
+    torch.testing.assert_close(got.batch_sq, c.sum(0).square().sum(), rtol=1e-12, atol=0)
+
+
+class TokenNorm(nn.Module):
+    """A LayerNorm over the last two dims (tokens, features), then a Linear head."""
+
+    def __init__(self, T=5, d=6, out=3):
+        super().__init__()
+        self.ln = nn.LayerNorm((T, d))
+        self.head = nn.Linear(d, out)
+        with torch.no_grad():  # non-trivial gain and bias
+            self.ln.weight.add_(0.3 * torch.randn_like(self.ln.weight))
+            self.ln.bias.add_(0.2 * torch.randn_like(self.ln.bias))
+
+    def forward(self, x):
+        return self.head(self.ln(x))
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 6), (4, 2, 5, 6)])  # (B, T, d) and (B, S, T, d) examples
+def test_layernorm_over_two_dims_matches_vmap_grad(shape):
+    torch.manual_seed(6)
+    model = TokenNorm().double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    y = torch.randn(*shape[:-1], 3, dtype=torch.float64)
+    seen = _captured(model, x, y)
+    per_example = _brute_force(model, x, y)
+    A, G = seen["ln"]
+    got = norm_grad_norms(A, G, normalized_ndim=2, eps=model.ln.eps)
+    expect = sum(per_example[k].reshape(x.shape[0], -1).square().sum(1) for k in ("ln.weight", "ln.bias"))
+    torch.testing.assert_close(got.per_example_sq, expect, rtol=1e-10, atol=0)
+    batch = model.ln.weight.grad.square().sum() + model.ln.bias.grad.square().sum()
+    torch.testing.assert_close(got.batch_sq, batch, rtol=1e-10, atol=0)

@@ -232,3 +232,18 @@ def test_critical_batch_size_paper_method_against_double_loop():
     S_full = sum(1 / (a + c) ** 2 for i, a in enumerate(svals) for j, c in enumerate(svals) if i != j)
     assert full.rank.item() == 4
     assert full.sensitivity.item() == pytest.approx(2 * S_full / 4, rel=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (96, 48), (32, 128)])
+def test_stable_rank_default_iterations_are_accurate_on_gaussian_matrices(shape):
+    # Gaussian matrices: s_2 / s_1 close to 1, the slow case for power iteration (which only
+    # underestimates s_1, so the stable rank comes out high). Reference: exact SVD in float64.
+    # Mean relative error over 64 matrices, measured over 10 seeds: 0.4-1.0% at the default 30
+    # iterations, 3-6% at 10, 17-21% at 3; tolerance 2e-2. (A single matrix can be 11% off.)
+    torch.manual_seed(11)
+    W = torch.randn(64, *shape)
+    s = torch.linalg.svdvals(W.double())
+    want = (s**2).sum(-1) / s[:, 0] ** 2
+    rel = (stable_rank(W).double() - want) / want
+    assert rel.min() > -1e-4  # never below the exact value (fp32 round-off aside)
+    assert rel.mean() < 2e-2

@@ -80,12 +80,12 @@ def test_cli_demo_config_runs_and_writes_tensorboard(tmp_path):
     k = 32  # the smaller side of every hidden matrix of this 1-layer, n_embd=32 model
     ranges = {"spectral_entropy": (0, 1), "stable_rank": (1, k), "polar_misalignment/grad_delta_p": (0, 1)}
     for prefix, (lo, hi) in ranges.items():
-        layers = [t for t in tags if t.startswith(prefix + "/model.h.")]
+        layers = [t for t in tags if t.startswith(f"per_layer/{prefix}/model.h.")]
         assert len(layers) == 4, (prefix, tags)  # c_attn, attn.c_proj, c_fc, mlp.c_proj
         values = [acc.Scalars(t)[0].value for t in layers]
         assert all(lo <= v <= hi for v in values), (prefix, values)
         assert acc.Scalars(prefix + "/mean")[0].value == pytest.approx(sum(values) / len(values), rel=1e-5)
-    assert any(t.startswith("critical_batch_size/b_simple/model.h.") for t in tags)
+    assert any(t.startswith("per_layer/critical_batch_size/b_simple/model.h.") for t in tags)
 
 
 def test_adamw_switch_uses_same_groups():

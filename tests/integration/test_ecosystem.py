@@ -110,7 +110,7 @@ def test_monitor_metrics_reach_callback_metrics_with_the_logged_values(tmp_path)
     for step, value in record.at_batch_end:  # after the batch of step s, the value logged at the last logging step < s
         last = max((s for s in logged if s < step), default=None)
         assert value == (None if last is None else pytest.approx(logged[last], rel=1e-6)), (step, value)
-    assert {"spectral_entropy/mean", "stable_rank/net.2.weight"} <= set(trainer.callback_metrics)
+    assert {"spectral_entropy/mean", "per_layer/stable_rank/net.2.weight"} <= set(trainer.callback_metrics)
 
 
 def test_early_stopping_and_model_checkpoint_on_a_monitor_metric(tmp_path):
@@ -349,7 +349,7 @@ def test_gradient_accumulation_scheduler_with_the_monitors(tmp_path):
             torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), weights[name], rtol=1e-5, atol=1e-6)
-    for tag in ("stable_rank/mean", "spectral_entropy/mean", "polar_misalignment/grad_delta_p/net.2.weight"):
+    for tag in ("stable_rank/mean", "spectral_entropy/mean", "per_layer/polar_misalignment/grad_delta_p/net.2.weight"):
         assert sorted(_csv_metrics(tmp_path / "run", tag)) == list(range(7)), tag  # logged at every step
 
 

@@ -318,3 +318,18 @@ def test_distributed_steps_with_gram_in_16_bit_match_one_process(tmp_path, mode,
         rank = torch.load(f, weights_only=False)
         for a, b in zip(params, rank["params"]):
             torch.testing.assert_close(b, a.detach(), rtol=0, atol=1e-6)  # float32 round-off
+
+
+@pytest.mark.parametrize(
+    "m, n, expected",
+    [
+        (256, 768, True),  # aspect exactly 3, smaller side exactly 256: Gram
+        (768, 256, True),  # tall: the same rule on (min, max)
+        (256, 767, False),  # aspect just below 3
+        (255, 765, False),  # aspect 3, smaller side just below 256
+    ],
+)
+def test_gram_default_boundary_is_inclusive(m, n, expected):
+    # The documented rule: max(m, n) >= 3 min(m, n) and min(m, n) >= 256 (both inclusive), CPU float32/64
+    assert default_gram("cpu", torch.float32, m, n) is expected
+    assert default_gram("cpu", torch.float64, m, n) is expected

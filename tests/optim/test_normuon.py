@@ -278,3 +278,21 @@ def test_the_old_normuon_keywords_still_work_with_a_warning():
     with pytest.warns(DeprecationWarning, match=r"normuon_beta2/normuon_eps are deprecated; pass variant_options"):
         opt = Muon([{"params": [W], "use_muon": True}], variant="normuon", normuon_beta2=0.8, normuon_eps=1e-6)
     assert opt.param_groups[0]["variant_options"] == {"beta2": 0.8, "eps": 1e-6}
+
+
+def test_default_built_normuon_is_the_paper_rule_with_beta2_095():
+    # No variant_options: the paper's defaults (beta2 = 0.95, eps = 1e-8) with Muon's defaults
+    # (momentum 0.95, Nesterov, weight decay 0.01, RMS matching); tolerance as above (float64, SVD).
+    # The first step does not depend on beta2 (v is proportional to it, the norm cancels): four steps.
+    g = torch.Generator().manual_seed(3)
+    W0 = torch.randn(8, 12, generator=g, dtype=torch.float64)
+    row_scale = torch.logspace(-2, 1, 8, dtype=torch.float64)[:, None]
+    grads = [torch.randn(8, 12, generator=g, dtype=torch.float64) * row_scale for _ in range(4)]
+    W = nn.Parameter(W0.clone())
+    opt = Muon([{"params": [W], "use_muon": True}], lr=0.03, ns_method="svd", ns_dtype="float64", variant="normuon")
+    for G in grads:
+        W.grad = G.clone()
+        opt.step()
+    want_W, _, want_v = _paper_steps(W0, grads, 0.03, 0.01, 0.95, 0.95, 1e-8, True)
+    torch.testing.assert_close(W.detach(), want_W, rtol=0, atol=1e-10)
+    torch.testing.assert_close(opt.state[W]["neuron_second_moment"], want_v, rtol=0, atol=1e-12)

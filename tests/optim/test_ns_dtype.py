@@ -288,3 +288,26 @@ def test_mixed_hardware_ranks_agree_on_float32(tmp_path):
         for r in ranks:
             for a, b in zip(r["params"], params):
                 torch.testing.assert_close(a, b.detach(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "mine, other, expected",
+    [
+        (torch.bfloat16, torch.float16, torch.float16),  # bf16 rank + fp16 rank: both fp16
+        (torch.float16, torch.bfloat16, torch.float16),
+        (torch.bfloat16, torch.float32, torch.float32),
+        (torch.float32, torch.bfloat16, torch.float32),
+        (torch.float16, torch.float16, torch.float16),
+    ],
+)
+def test_agree_keeps_the_most_conservative_over_two_ranks(monkeypatch, mine, other, expected):
+    # One process standing for two: the all_reduce(MAX) sees the other rank's code for its dtype.
+    # Reference: the documented order bf16 < fp16 < fp32 < fp64, written here.
+    def all_reduce(code, op, group):
+        assert op == precision.dist.ReduceOp.MAX
+        code.copy_(torch.maximum(code, torch.tensor([precision._CONSERVATIVE.index(other)], dtype=code.dtype)))
+
+    monkeypatch.setattr(precision.dist, "get_world_size", lambda group: 2)
+    monkeypatch.setattr(precision.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(precision, "rank", lambda: 1)
+    assert precision.agree_ns_dtype(mine, "cpu", object()) == expected

@@ -420,3 +420,21 @@ def test_matrix_view_for_defaults() -> None:
     assert str(matrix_view_for((4, 4), None)) == "matrix"
     assert str(matrix_view_for((4, 2, 3), None)) == "flatten"
     assert str(matrix_view_for((4, 2, 3), "stack")) == "stack"
+
+
+def test_nanogpt_style_per_head_split_reads_n_head() -> None:
+    class CausalSelfAttention(nn.Module):  # nanoGPT: c_attn rows (q/k/v, head, head_dim), n_head, no layout
+        def __init__(self) -> None:
+            super().__init__()
+            self.n_head = 2
+            self.c_attn = nn.Linear(8, 24)
+            self.c_proj = nn.Linear(8, 8)
+
+    model = nn.ModuleDict({"attn": CausalSelfAttention(), "head": nn.Linear(8, 3)})
+    routes = route_parameters(model, split_qkv="per_head", warn=False)
+    view = _views(routes)["attn.c_attn.weight"]
+    assert view == "split=3,heads=2,per_head"
+    # reference: 3 parts x 2 heads, each a (24 / 6) x 8 block of rows (q head 0, q head 1, k head 0, ...)
+    W = model["attn"].c_attn.weight.detach()
+    blocks = MatrixView.parse(view).to_matrices(W[None])
+    torch.testing.assert_close(blocks, W.reshape(6, 4, 8), rtol=0, atol=0)
