@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -71,6 +72,11 @@ def setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, int]:
         torch.set_num_threads(args.threads)
     mm_size = args.mm_size or (2048 if device.type == "cpu" else 8192)
     return device, resolve_ns_dtype(device, args.dtype), mm_size
+
+
+def command_line() -> str:
+    """How this benchmark was started, for the printed header: ``python -m ... args``."""
+    return " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv])
 
 
 def run_header(device: torch.device, ns_dtype: str = "auto") -> str:

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import sys
 
 import torch
 
-from benchmarks._timing import add_common_args, interleaved_medians, markdown_table, run_header, setup
+from benchmarks._timing import add_common_args, command_line, interleaved_medians, markdown_table, run_header, setup
 from lightning_muon import GRAM_METHODS, ns_flops, orthogonalize
 
 SHAPES = ["768x3072", "3072x768", "1024x4096", "4096x1024", "768x768", "1024x1024"]
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     print(run_header(device, args.dtype))
     print(f"NS in {dtype} (Gram NS runs float16 when asked for bfloat16)")
     print(f"median of {args.repeats} after {args.warmup} warmup, interleaved; {args.steps} steps")
-    print(f"command: {' '.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}\n")
+    print(f"command: {command_line()}\n")
     gen = torch.Generator().manual_seed(args.seed)
     rows = []
     for m, n in args.shapes:

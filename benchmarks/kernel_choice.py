@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import sys
 
 import torch
 
-from benchmarks._timing import add_common_args, interleaved_medians, markdown_table, run_header, setup
+from benchmarks._timing import add_common_args, command_line, interleaved_medians, markdown_table, run_header, setup
 from lightning_muon import orthogonalize
 from lightning_muon.optim.newton_schulz import default_kernel
 
@@ -35,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# Newton–Schulz kernel choice, {datetime.date.today()}")
     print(run_header(device, args.dtype))
     print(f"NS in {dtype}, quintic, 5 steps; median of {args.repeats} after {args.warmup} warmup, interleaved")
-    print(f"command: {' '.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}\n")
+    print(f"command: {command_line()}\n")
     rows = []
     for d in args.widths:
         shapes = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)]

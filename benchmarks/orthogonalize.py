@@ -19,12 +19,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import sys
 from collections.abc import Callable
 
 import torch
 
-from benchmarks._timing import add_common_args, interleaved_medians, markdown_table, matmul_probe, run_header, setup
+from benchmarks._timing import (
+    add_common_args,
+    command_line,
+    interleaved_medians,
+    markdown_table,
+    matmul_probe,
+    run_header,
+    setup,
+)
 from lightning_muon import ns_flops, orthogonalize
 
 NS_STEPS = 5
@@ -134,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# orthogonalize benchmark, {datetime.date.today()}")
     print(run_header(device, args.dtype))
     print(f"NS and torch.mm in {dtype}; median of {args.repeats} after {args.warmup} warmup, interleaved")
-    print(f"command: {' '.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}\n")
+    print(f"command: {command_line()}\n")
     rows = []
     for name in args.sets:
         shapes = matrix_set(name, 4 if name == "vit-small" else gpt_layers)

@@ -34,13 +34,12 @@ import contextlib
 import datetime
 import importlib.util
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator
 
 import torch
 
-from benchmarks._timing import markdown_table, run_header, synchronize
+from benchmarks._timing import command_line, markdown_table, run_header, synchronize
 from benchmarks.step import GPTParams
 from lightning_muon import Muon, muon_param_groups, orthogonalize
 
@@ -287,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params; median of <= {args.repeats} "
         f"after {args.warmup} warmup, <= {args.max_seconds:g} s per candidate"
     )
-    print(f"command: {' '.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}\n")
+    print(f"command: {command_line()}\n")
     header = [
         "optimizer",
         "step ms (wall)",

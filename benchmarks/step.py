@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import sys
 
 import torch
 from torch import nn
 
 from benchmarks._timing import (
     add_common_args,
+    command_line,
     interleaved_medians,
     markdown_table,
     matmul_probe,
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{n_params / 1e6:.1f} M params ({len(matrices)} Muon matrices); "
         f"median of {args.repeats} after {max(1, args.warmup)} warmup, interleaved"
     )
-    print(f"command: {' '.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}")
+    print(f"command: {command_line()}")
     print(
         f"torch.mm {mm_size}^2 in {dtype}: {peak / 1e12:.3f} TFLOP/s; "
         f"NS of the Muon matrices at that rate: {ns_floor * 1e3:.1f} ms\n"
