@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
@@ -138,7 +139,16 @@ def _cpu_flags() -> dict[str, object]:
 
 
 def _host_flags() -> dict[str, object]:
-    """This CPU's feature flags as torch's cpuinfo reports them (``torch.cpu.get_capabilities``)."""
+    """This CPU's feature flags as torch's cpuinfo reports them (``torch.cpu.get_capabilities``).
+
+    Read once per process (a constant of the host, and the Newton–Schulz kernel choice asks at every
+    call); returns a copy.
+    """
+    return dict(_read_host_flags())
+
+
+@functools.cache
+def _read_host_flags() -> dict[str, object]:
     get = getattr(torch.cpu, "get_capabilities", None)
     if get is not None:
         flags = dict(get())
