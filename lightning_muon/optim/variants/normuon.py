@@ -23,7 +23,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -138,7 +139,7 @@ class NorMuon(Variant):
                 seen = it.update.mT if it.view.transposed else it.update  # the (out, in) matrix Muon sees
                 sums[k] = seen.reshape(*rows, -1).to(_wide(it.update.dtype)).square().sum(-1)
         if sharded:
-            pieces = [(it.param, it.update, _rows_of(it.view, tuple(it.param.shape))) for _, it in sharded]
+            pieces = [(it.param, it.update, partial(it.view.row_of, tuple(it.param.shape))) for _, it in sharded]
             sums.update(zip([k for k, _ in sharded], sum_rows_over_mesh(pieces)))
         out = []
         for k, it in enumerate(items):
@@ -154,13 +155,6 @@ class NorMuon(Variant):
                 factor = row.reshape(-1, 1).expand(-1, cols).reshape(it.update.shape)
             out.append(it.update.to(factor.dtype) * factor)
         return out
-
-
-def _rows_of(view: MatrixView, shape: tuple[int, ...]) -> int | Callable[[Tensor], Tensor]:
-    """What :func:`~lightning_muon.parallel.sum_rows_over_mesh` needs to find each element's row."""
-    if view.transposed:
-        return lambda index: view.row_of(shape, index)
-    return view.matrices(shape)[-1]
 
 
 register_variant(NorMuon())
